@@ -1,0 +1,9 @@
+"""fasttrdpo: fused kernels for TR-DPO.
+
+Public API (a contract; see README): token_logprobs, paired_token_logprobs, linear_token_logprobs,
+paired_linear_token_logprobs, blend_, RefModelUpdater; fasttrdpo.loss for the losses.
+"""
+from ._backend import last_backend
+
+__version__ = "0.1.0"
+__all__ = ["last_backend", "__version__"]

@@ -1,0 +1,89 @@
+"""Independent float64 references and derived tolerances shared by the tests.
+
+Tolerances (DESIGN.md §4). The kernels compute in fp32 from inputs stored in any float dtype; the
+references below compute in float64 from the *same stored values*, so storage rounding is not an error
+and only fp32 arithmetic is. With u = 2**-24 (fp32 unit roundoff), a per-token log-prob
+logp = z_y - (m + log Σ exp(z - m)) carries
+  * the rounding of z_y, m and the final subtractions: a few u·(|lse| + max|z|);
+  * the relative error of the exp-sum (Σ of positive terms, at most n sequential additions plus one
+    rounding per exp), which becomes an absolute error in the log: (n_add + 4)·u;
+  * when logits are formed in fp32 from hidden·weight (lm_head level), every logit is off by at most
+    γ_H·Σ_k|h_k·W_vk| (γ_H = H·u/(1 − H·u), the classical dot-product bound); lse and z_y each move
+    by at most that, so it enters twice.
+The bound is worst-case (it holds for any summation order the kernels pick); observed errors are far
+below it, so a failure means a real bug (a wrong index or mask gives O(1) errors), not noise.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+U32 = 2.0 ** -24
+
+
+def transform_logits64(z: torch.Tensor, logit_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+    z = z.double() * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+def ref_token_logprobs(logits, labels, ignore_index=-100, logit_scale=1.0, softcap=None):
+    """float64 log_softmax(transform(logits)).gather(labels), 0.0 where ignored."""
+    z = transform_logits64(logits, logit_scale, softcap)
+    logp = torch.log_softmax(z, dim=-1)
+    mask = labels != ignore_index
+    safe = torch.where(mask, labels, torch.zeros_like(labels))
+    out = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, out, torch.zeros_like(out))
+
+
+def ref_linear_logits(hidden, weight, bias=None, logit_scale=1.0, softcap=None):
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    return transform_logits64(z, logit_scale, softcap)
+
+
+def ref_linear_token_logprobs(hidden, weight, labels, bias=None, ignore_index=-100, logit_scale=1.0, softcap=None):
+    z = ref_linear_logits(hidden, weight, bias, logit_scale, softcap)
+    return ref_token_logprobs(z, labels, ignore_index)
+
+
+def logprob_tolerance(z64: torch.Tensor, n_add: int | None = None, dot_err: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Per-token absolute bound on |fp32 logp - float64 logp| given the float64 logits z64 [..., V].
+
+    n_add: sequential additions in the exp-sum (default V, the worst case for any order).
+    dot_err: per-token bound on the error of each fp32-formed logit (see `dot_error_bound`).
+    """
+    V = z64.shape[-1]
+    n_add = V if n_add is None else n_add
+    lse = torch.logsumexp(z64, dim=-1).abs()
+    zmax = z64.abs().amax(dim=-1)
+    return U32 * (8.0 * (lse + zmax) + (n_add + 4)) + 2.0 * torch.as_tensor(dot_err, dtype=torch.float64)
+
+
+def dot_error_bound(hidden, weight, bias=None, logit_scale=1.0) -> torch.Tensor:
+    """Per-token max over v of γ_H·Σ_k|h_k W_vk| (+ one rounding of the bias add and the scale)."""
+    H = hidden.shape[-1]
+    gamma = H * U32 / (1 - H * U32)
+    absdot = hidden.double().abs() @ weight.double().abs().T
+    if bias is not None:
+        absdot = absdot + bias.double().abs()
+    return (gamma + 2 * U32) * abs(logit_scale) * absdot.amax(dim=-1)
+
+
+def assert_close_tol(actual: torch.Tensor, expected: torch.Tensor, tol, what: str = "") -> None:
+    """|actual - expected| <= tol elementwise (tol broadcastable), with a readable failure."""
+    err = (actual.double() - expected.double()).abs()
+    tol = torch.as_tensor(tol, dtype=torch.float64).expand_as(err)
+    bad = ~(err <= tol)
+    if bool(bad.any()):
+        i = int(bad.flatten().nonzero()[0])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{err.numel()} elements exceed tolerance; first at flat index {i}: "
+            f"actual={actual.flatten()[i].item()!r} expected={expected.flatten()[i].item()!r} "
+            f"err={err.flatten()[i].item():.3e} tol={tol.flatten()[i].item():.3e}; max err/tol="
+            f"{(err / tol.clamp_min(1e-300)).max().item():.3g}"
+        )
