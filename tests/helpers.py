@@ -87,3 +87,37 @@ def assert_close_tol(actual: torch.Tensor, expected: torch.Tensor, tol, what: st
             f"err={err.flatten()[i].item():.3e} tol={tol.flatten()[i].item():.3e}; max err/tol="
             f"{(err / tol.clamp_min(1e-300)).max().item():.3g}"
         )
+
+
+# --- reference-model blend (blend_, RefModelUpdater) -------------------------------------------------
+# Unit roundoff and smallest subnormal spacing of each storage dtype.
+UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+SUBNORMAL_SPACING = {torch.float32: 2.0 ** -149, torch.bfloat16: 2.0 ** -133, torch.float16: 2.0 ** -24}
+
+
+def ref_blend64(ref: torch.Tensor, policy: torch.Tensor, alpha: float) -> torch.Tensor:
+    """float64 `ref + alpha * (policy - ref)` from the stored values (not yet rounded)."""
+    r, p = ref.double(), policy.double()
+    return r + alpha * (p - r)
+
+
+def blend_tolerance(ref: torch.Tensor, policy: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Elementwise bound on |blend_ result - round_ref_dtype(exact)|, exact = r + α(p − r).
+
+    fp32 evaluation s of r + α(p − r) (α rounded to fp32, one rounding each for the subtraction, the
+    product and the sum; an FMA only removes one) satisfies, with u = 2^-24 and γ3 = 3u/(1 − 3u),
+        |s − exact| ≤ B = γ3·|α(p − r)| + u·(|r| + (1 + γ3)·|α(p − r)|).
+    B is written with |r| and |α(p − r)|, not |exact|: when the result cancels to near zero the
+    error is still relative to the operands (a bound in |result| breaks there). Then the kernel
+    rounds s into the ref dtype and the reference rounds `exact`; the two roundings can land on
+    neighbouring values (a midpoint between them), so
+        |round(s) − round(exact)| ≤ B + u_ref·(2·|exact| + B) + η_ref
+    (u_ref the unit roundoff of the ref dtype, η_ref its subnormal spacing).
+    """
+    u = UNIT_ROUNDOFF[torch.float32]
+    g3 = 3 * u / (1 - 3 * u)
+    r, p = ref.double(), policy.double()
+    step = (alpha * (p - r)).abs()
+    exact = (r + alpha * (p - r)).abs()
+    b = g3 * step + u * (r.abs() + (1 + g3) * step)
+    return b + UNIT_ROUNDOFF[ref.dtype] * (2 * exact + b) + SUBNORMAL_SPACING[ref.dtype]

@@ -1,1 +1,2 @@
 """Autograd ops and their backend dispatch (Triton on CUDA, eager PyTorch elsewhere, C++ on request)."""
+from .blend import blend_  # noqa: E402,F401

@@ -1,0 +1,253 @@
+"""`blend_`: in-place reference update `ref <- ref + alpha * (policy - ref)` over many tensors.
+
+Contract (DESIGN.md §4): that formula, in fp32, rounded to nearest even into the ref dtype; alpha = 0
+returns without writing; alpha = 1 is a cast-copy of the policy (exact). Every pair is validated
+before anything is written; with check_finite=True a policy holding NaN/inf raises.
+
+Backends (explicit `backend=` > FASTTRDPO_BACKEND > auto, see fasttrdpo._backend):
+  triton  one launch of kernels/blend.py per (device, ref dtype, policy dtype) group: a table of
+          device addresses, no copies. A model usually has one group, so one launch in all.
+  eager   foreach ops per group. `_foreach_lerp_` computes `r + w·(p − r)` in fp32 only for w < 0.5
+          (it switches to `p − (p − r)·(1 − w)` above, whose error is not bounded by |r| and
+          |α(p − r)| when the result cancels), so it is used only for same-dtype pairs with α < 0.5;
+          otherwise the explicit fp32 formula runs over chunks of bounded size.
+  cpp     fasttrdpo._cpp.blend_ (csrc/), CPU only, once built.
+The backends agree within the bound of fp32 arithmetic plus one rounding (FMA or not changes the
+last bit), not bit for bit; alpha = 0 and alpha = 1 are bit-exact on all of them.
+
+DTensors (FSDP2 `fully_shard`): a pair of DTensors with the same mesh and placements is blended
+through their local shards (`to_local()` shares storage), with no communication.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .._backend import resolve_backend
+
+# Kept in step with kernels/blend.py SUPPORTED_PAIRS (ref dtype, policy dtype).
+SUPPORTED_PAIRS = (
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+)
+_EAGER_CHUNK_ELEMS = 1 << 24  # fp32 temporaries of the explicit eager formula stay below ~3 x 64 MiB
+
+
+def _pairs_text() -> str:
+    return ", ".join(f"{str(r).replace('torch.', '')} ref / {str(p).replace('torch.', '')} policy"
+                     for r, p in SUPPORTED_PAIRS)
+
+
+def _as_list(name: str, tensors) -> list:
+    if isinstance(tensors, torch.Tensor):
+        raise TypeError(f"{name} must be a sequence of tensors, got a single Tensor (wrap it in a list)")
+    if isinstance(tensors, (dict, torch.nn.Module)):
+        raise TypeError(f"{name} must be a sequence of tensors, got {type(tensors).__name__}; "
+                        "to pair parameters by name use fasttrdpo.RefModelUpdater")
+    try:
+        return list(tensors)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of tensors, got {type(tensors).__name__}") from None
+
+
+def check_alpha(alpha) -> float:
+    if isinstance(alpha, torch.Tensor):
+        if alpha.numel() != 1:
+            raise ValueError(f"alpha must be a number in [0, 1], got a tensor of shape {tuple(alpha.shape)}")
+        alpha = alpha.item()
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a real number in [0, 1], got {type(alpha).__name__}")
+    alpha = float(alpha)
+    if not (0.0 <= alpha <= 1.0):  # also rejects NaN
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
+    return alpha
+
+
+def _local(name: str, i: int, ref, policy):
+    """Unwrap a DTensor pair into its local shards (same mesh and placements required)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except Exception:  # pragma: no cover - torch without distributed
+        return ref, policy
+    ref_d, pol_d = isinstance(ref, DTensor), isinstance(policy, DTensor)
+    if not (ref_d or pol_d):
+        return ref, policy
+    if ref_d != pol_d:
+        raise ValueError(
+            f"pair {i}{name}: ref is {'a DTensor' if ref_d else 'a plain tensor'} but policy is "
+            f"{'a DTensor' if pol_d else 'a plain tensor'}; shard both models the same way")
+    if ref.device_mesh != policy.device_mesh or tuple(ref.placements) != tuple(policy.placements):
+        raise ValueError(
+            f"pair {i}{name}: ref and policy DTensors are sharded differently (ref {ref.placements} on "
+            f"{ref.device_mesh}, policy {policy.placements} on {policy.device_mesh})")
+    if tuple(ref.shape) != tuple(policy.shape):
+        raise ValueError(f"pair {i}{name}: ref has shape {tuple(ref.shape)} but policy has {tuple(policy.shape)}")
+    return ref.to_local(), policy.to_local()
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, last byte + 1) that a tensor touches (strides are non-negative for parameters)."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    extent = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) + 1
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
+def _check_no_aliasing(refs, policies, names) -> None:
+    """A ref may not overlap another ref or any policy: the blend would read what it just wrote."""
+    spans = []
+    for i, r in enumerate(refs):
+        spans.append((*_span(r), r.device, True, i))
+    for i, p in enumerate(policies):
+        spans.append((*_span(p), p.device, False, i))
+    by_device: dict = {}
+    for s in spans:
+        if s[1] > s[0]:
+            by_device.setdefault(str(s[2]), []).append(s)
+    for items in by_device.values():
+        items.sort(key=lambda s: (s[0], s[1]))
+        end_any = end_ref = -1
+        owner_any = owner_ref = None
+        for start, end, _, is_ref, i in items:
+            if is_ref and start < end_any:
+                other = owner_any
+            elif not is_ref and start < end_ref:
+                other = owner_ref
+            else:
+                other = None
+            if other is not None:
+                a = f"ref {i}{names(i)}" if is_ref else f"policy {i}{names(i)}"
+                b = f"{'ref' if other[0] else 'policy'} {other[1]}{names(other[1])}"
+                raise ValueError(f"ref_tensors must not share memory with each other or with policy_tensors: "
+                                 f"{a} overlaps {b}")
+            if end > end_any:
+                end_any, owner_any = end, (is_ref, i)
+            if is_ref and end > end_ref:
+                end_ref, owner_ref = end, (True, i)
+
+
+def _check_finite(policies, names) -> None:
+    """One reduction per device and one host sync: the inf-norm of a tensor is finite iff it is."""
+    by_device: dict = {}
+    for i, p in enumerate(policies):
+        if p.numel():
+            by_device.setdefault(p.device, []).append(i)
+    for idx in by_device.values():
+        norms = torch._foreach_norm([policies[i] for i in idx], ord=math.inf)
+        finite = torch.isfinite(torch.stack([n.float() for n in norms]))
+        if not bool(finite.all()):
+            j = idx[int((~finite).nonzero()[0])]
+            bad = policies[j]
+            kind = "NaN" if bool(torch.isnan(bad).any()) else "inf"
+            raise ValueError(
+                f"policy_tensors[{j}]{names(j)} holds {kind}: refusing to blend it into the reference "
+                "(pass check_finite=False to skip this check)")
+
+
+def blend_(ref_tensors, policy_tensors, alpha, *, check_finite: bool = True, backend: str = "auto",
+           names: Sequence[str] | None = None) -> None:
+    """In place, for every pair: ref <- ref + alpha * (policy - ref) (fp32, round to nearest even).
+
+    Call it with keywords (`blend_(ref_tensors=..., policy_tensors=..., alpha=...)`): a swap would
+    overwrite the policy. `names` (optional, one per pair) only makes error messages readable.
+    Raises before writing anything on: alpha outside [0, 1]; lists that do not pair up; a shape,
+    device or unsupported dtype mismatch; refs that alias each other or a policy; with
+    check_finite=True a policy holding NaN/inf. Requesting a backend that cannot run raises too.
+    """
+    refs = _as_list("ref_tensors", ref_tensors)
+    policies = _as_list("policy_tensors", policy_tensors)
+    if names is not None and len(names) != len(refs):
+        raise ValueError(f"names must give one name per pair: {len(names)} names for {len(refs)} pairs")
+    label = (lambda i: f" ({names[i]})") if names is not None else (lambda i: "")
+    alpha = check_alpha(alpha)
+    if len(refs) != len(policies):
+        raise ValueError(f"ref_tensors and policy_tensors must pair up: got {len(refs)} ref tensors and "
+                         f"{len(policies)} policy tensors")
+    local_refs, local_pols = [], []
+    for i, (r, p) in enumerate(zip(refs, policies)):
+        for what, t in (("ref_tensors", r), ("policy_tensors", p)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{what}[{i}]{label(i)} must be a torch.Tensor, got {type(t).__name__}")
+        r, p = _local(label(i), i, r, p)
+        if (r.dtype, p.dtype) not in SUPPORTED_PAIRS:
+            raise TypeError(f"pair {i}{label(i)}: ref dtype {r.dtype} with policy dtype {p.dtype} is not "
+                            f"supported; supported: {_pairs_text()}")
+        if tuple(r.shape) != tuple(p.shape):
+            raise ValueError(f"pair {i}{label(i)}: ref_tensors[{i}] has shape {tuple(r.shape)} but "
+                             f"policy_tensors[{i}] has shape {tuple(p.shape)}")
+        if r.device != p.device:
+            raise ValueError(f"pair {i}{label(i)}: ref_tensors[{i}] is on {r.device} but policy_tensors[{i}] "
+                             f"is on {p.device}")
+        local_refs.append(r)
+        local_pols.append(p.detach())
+    _check_no_aliasing(local_refs, local_pols, label)
+    if check_finite:
+        _check_finite(local_pols, label)
+
+    groups: dict = {}
+    for i, (r, p) in enumerate(zip(local_refs, local_pols)):
+        if r.numel():
+            groups.setdefault((r.device, r.dtype, p.dtype), []).append(i)
+    # Resolve every group's backend before the first write: a backend that cannot run raises here.
+    plan = [(resolve_backend("blend_", backend, dev), idx) for (dev, _, _), idx in groups.items()]
+    if alpha == 0.0:
+        return
+    with torch.no_grad():
+        for chosen, idx in plan:
+            rs = [local_refs[i] for i in idx]
+            ps = [local_pols[i] for i in idx]
+            if chosen == "eager":
+                _blend_eager(rs, ps, alpha)
+            else:
+                _blend_contiguous(rs, ps, alpha, chosen)
+
+
+def _blend_contiguous(refs, policies, alpha: float, backend: str) -> None:
+    """triton/cpp work on contiguous memory: non-contiguous refs go through a staging copy."""
+    staged = [(r, r if r.is_contiguous() else r.contiguous()) for r in refs]
+    rs = [s for _, s in staged]
+    ps = [p.contiguous() for p in policies]
+    if backend == "triton":
+        from fasttrdpo.kernels.blend import launch_blend
+
+        launch_blend(rs, ps, alpha)
+    elif alpha == 1.0:  # cpp: the cast-copy is a copy whatever the backend; copy_ rounds to nearest even
+        torch._foreach_copy_(rs, ps)
+    else:
+        from .. import _cpp
+
+        _cpp.blend_(rs, ps, alpha)
+    for original, s in staged:
+        if s is not original:
+            original.copy_(s)
+
+
+def _blend_eager(refs, policies, alpha: float) -> None:
+    if alpha == 1.0:
+        torch._foreach_copy_(refs, policies)
+        return
+    if refs[0].dtype == policies[0].dtype and alpha < 0.5:
+        # lerp with weight < 0.5 is r + w·(p − r) in the fp32 opmath, rounded once into the dtype.
+        torch._foreach_lerp_(refs, policies, alpha)
+        return
+    ref_is_fp32 = refs[0].dtype == torch.float32
+    start = 0
+    while start < len(refs):
+        stop, elems = start, 0
+        while stop < len(refs) and (stop == start or elems + refs[stop].numel() <= _EAGER_CHUNK_ELEMS):
+            elems += refs[stop].numel()
+            stop += 1
+        rs, ps = refs[start:stop], policies[start:stop]
+        r32 = rs if ref_is_fp32 else [r.float() for r in rs]
+        p32 = [p.float() for p in ps]
+        diff = torch._foreach_sub(p32, r32)
+        torch._foreach_mul_(diff, alpha)
+        torch._foreach_add_(r32, diff)  # fp32 refs are updated in place right here
+        if not ref_is_fp32:
+            torch._foreach_copy_(rs, r32)  # fp32 -> bf16/fp16 copy rounds to nearest even
+        start = stop
