@@ -4,7 +4,8 @@ Public API (a contract; see README): token_logprobs, paired_token_logprobs, line
 paired_linear_token_logprobs, blend_, RefModelUpdater; fasttrdpo.loss for the losses.
 """
 from ._backend import last_backend
+from ._cpp import build_cpp
 from .ops.blend import blend_
 
 __version__ = "0.1.0"
-__all__ = ["last_backend", "__version__", "blend_"]
+__all__ = ["last_backend", "__version__", "blend_", "build_cpp"]

@@ -1,0 +1,109 @@
+// Multi-tensor reference blend on CPU: for every pair, ref ← ref + α·(policy − ref).
+//
+// That exact formula in fp32 (three roundings: the difference, the product, the sum; no fused
+// multiply-add — the loader compiles with -ffp-contract=off), then one round-to-nearest-even into
+// the reference dtype. α = 1 is a cast-copy of the policy (exact), α = 0 writes nothing.
+// All tensors of the list are cut into chunks of kChunk elements and the chunks of every tensor
+// share one parallel loop, so small tensors (biases, norms) do not serialize the pass.
+// Memory traffic per element: read policy, read ref, write ref (6 B for bf16/bf16, 8 B for an fp32
+// policy into a bf16 reference), the floor for this update.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "vec_io.h"
+
+namespace fasttrdpo {
+namespace {
+
+constexpr int64_t kChunk = int64_t{1} << 15;
+
+template <typename R, typename P>
+void blend_range(R* ref, const P* pol, int64_t n, float alpha) {
+  VecF ra, rb, pa, pb;
+  int64_t i = 0;
+  if (alpha == 1.f) {  // cast-copy: exact whatever the magnitudes
+    for (; i + kStep <= n; i += kStep) {
+      load_step(pol + i, pa, pb);
+      store_step(ref + i, pa, pb);
+    }
+    for (; i < n; ++i) ref[i] = from_f32<R>(to_f32(pol[i]));
+    return;
+  }
+  const VecF va(alpha);
+  for (; i + kStep <= n; i += kStep) {
+    load_step(pol + i, pa, pb);
+    load_step(ref + i, ra, rb);
+    store_step(ref + i, ra + va * (pa - ra), rb + va * (pb - rb));
+  }
+  for (; i < n; ++i) {
+    const float r = to_f32(ref[i]);
+    ref[i] = from_f32<R>(r + alpha * (to_f32(pol[i]) - r));
+  }
+}
+
+template <typename R>
+void blend_dispatch_policy(const at::Tensor& ref, const at::Tensor& pol, int64_t begin, int64_t end, float alpha) {
+  R* r = ref.data_ptr<R>() + begin;
+  const int64_t n = end - begin;
+  switch (pol.scalar_type()) {
+    case at::kFloat: return blend_range(r, pol.const_data_ptr<float>() + begin, n, alpha);
+    case at::kBFloat16: return blend_range(r, pol.const_data_ptr<c10::BFloat16>() + begin, n, alpha);
+    case at::kHalf: return blend_range(r, pol.const_data_ptr<c10::Half>() + begin, n, alpha);
+    default: TORCH_CHECK(false, "unreachable policy dtype ", pol.scalar_type());
+  }
+}
+
+void blend_chunk(const at::Tensor& ref, const at::Tensor& pol, int64_t begin, int64_t end, float alpha) {
+  switch (ref.scalar_type()) {
+    case at::kFloat: return blend_dispatch_policy<float>(ref, pol, begin, end, alpha);
+    case at::kBFloat16: return blend_dispatch_policy<c10::BFloat16>(ref, pol, begin, end, alpha);
+    case at::kHalf: return blend_dispatch_policy<c10::Half>(ref, pol, begin, end, alpha);
+    default: TORCH_CHECK(false, "unreachable reference dtype ", ref.scalar_type());
+  }
+}
+
+bool is_float_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+void blend_(at::TensorList refs, at::TensorList policies, double alpha) {
+  TORCH_CHECK(refs.size() == policies.size(), "blend_: ", refs.size(), " reference tensors but ", policies.size(),
+              " policy tensors");
+  TORCH_CHECK(alpha >= 0.0 && alpha <= 1.0, "blend_: alpha must lie in [0, 1], got ", alpha);
+  // Check every pair before writing anything.
+  for (size_t k = 0; k < refs.size(); ++k) {
+    const at::Tensor &r = refs[k], &p = policies[k];
+    TORCH_CHECK(r.device().is_cpu() && p.device().is_cpu(), "blend_: pair ", k, " must hold CPU tensors");
+    TORCH_CHECK(r.sizes() == p.sizes(), "blend_: pair ", k, " shapes differ: ref ", r.sizes(), " policy ", p.sizes());
+    TORCH_CHECK(is_float_dtype(r.scalar_type()) && is_float_dtype(p.scalar_type()), "blend_: pair ", k,
+                " must be float32/bfloat16/float16, got ref ", r.scalar_type(), " policy ", p.scalar_type());
+    TORCH_CHECK(r.is_contiguous() && p.is_contiguous(), "blend_: pair ", k, " must be contiguous");
+  }
+  if (alpha == 0.0) return;
+  struct Chunk {
+    int64_t pair, begin, end;
+  };
+  std::vector<Chunk> chunks;
+  for (size_t k = 0; k < refs.size(); ++k)
+    for (int64_t b = 0, n = refs[k].numel(); b < n; b += kChunk)
+      chunks.push_back({static_cast<int64_t>(k), b, std::min(n, b + kChunk)});
+  const float a = static_cast<float>(alpha);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const Chunk& ch = chunks[c];
+      blend_chunk(refs[ch.pair], policies[ch.pair], ch.begin, ch.end, a);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace fasttrdpo
+
+TORCH_LIBRARY_FRAGMENT(fasttrdpo, m) {
+  m.def("blend_(Tensor(a!)[] refs, Tensor[] policies, float alpha) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fasttrdpo, CPU, m) {
+  m.impl("blend_", &fasttrdpo::blend_);
+}
