@@ -1,0 +1,549 @@
+"""Side-by-side throughput and memory of fasttrdpo against TRL, Liger and plain PyTorch.
+
+    python benchmarks/throughput.py            # full run on the default device (CUDA if present)
+    python benchmarks/throughput.py --quick    # sub-minute CPU run on tiny shapes (fewer repeats)
+    python benchmarks/throughput.py --json benchmarks/results/cpu-2026-11-25.json --plot out.png
+
+Cases (see benchmarks/_cases.py and _e2e.py):
+  loss_step    paired policy+reference log-probs at the lm_head level + sigmoid DPO loss, fwd+bwd
+  lmhead_op    the per-token lm_head op alone (issue 2's memory figure) vs log_softmax(h @ W.T).gather
+  logits_step  paired log-probs from logits + DPO loss, fwd+bwd
+  blend        reference update over real models' parameter lists
+  e2e          whole training steps: fasttrdpo trainer vs TRL's DPOTrainer(sync_ref_model=True)
+
+Every (case, shape, implementation) runs in its own child process (forked from a zygote that has only
+imported the libraries): warm-up, then the median of the timed runs; peak memory is the growth over the
+inputs in that process (RSS on CPU, the CUDA allocator on GPU). Ratios are to the best TRL path of the
+same run (the faster / leaner of `trl` and `trl-chunked`). Implementations that cannot run are listed
+as skipped with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+SCHEMA = "fasttrdpo-throughput/1"
+MB = 1024 * 1024
+
+# Numerics agreement between implementations of one case and shape (all fp32 here): outputs are sums
+# over up to V (lse) and H (matmul) fp32 terms taken in different orders; the worst-case bound for such
+# a sum is ~n·eps_fp32·Σ|terms| (n=32000 -> 4e-3 of the magnitude), the typical error √n·eps (2e-5).
+# 1e-3 of each quantity's scale sits between the two: a real bug (a missing term, a wrong sign, a
+# gradient off by a factor) shows up as O(1e-2..1) and is caught.
+NUMERICS_RTOL = 1e-3
+# blend: the formula's two operands and its result are bounded by M = max(|ref|, |policy|); each bf16
+# rounding errs by <= 0.5 ulp(M), and the worst implementation (mul_ then add_) rounds twice: <= 1 ulp(M)
+# (the fp32 intermediate error is 2^-16 of that).
+BLEND_MAX_ULPS = 1.0 + 1e-3
+
+
+# ============================================================================================ plan
+def _pythia14m_shape(quick):
+    if quick:
+        return {"model": "tiny", "hidden": 32, "layers": 2, "vocab": 384, "pairs": 2, "prompt_chars": 24,
+                "completion_chars": 16, "sync_steps": 2}
+    return {"model": "pythia-14m", "hidden": 128, "layers": 6, "vocab": 50304, "pairs": 4, "prompt_chars": 120,
+            "completion_chars": 100, "sync_steps": 2}
+
+
+def plan(args, device_type):
+    """The (case, shapes, implementations) this run measures."""
+    from _cases import CASES, param_list
+
+    quick = args.quick
+    cuda = device_type == "cuda"
+    if quick:
+        loss_shapes = [dict(pairs=2, seq=64, hidden=64, vocab=v) for v in (500, 1000, 2000)]
+        op_shapes = [dict(tokens=256, hidden=64, vocab=2000)]
+        logit_shapes = [dict(pairs=2, seq=64, vocab=2000)]
+        blend_lists = [("pythia-160m", 0.125)]
+    elif cuda:
+        loss_shapes = [dict(pairs=8, seq=1024, hidden=4096, vocab=v) for v in (32000, 64000, 128256)]
+        op_shapes = [dict(tokens=16384, hidden=4096, vocab=128256)]
+        logit_shapes = [dict(pairs=8, seq=1024, vocab=128256)]
+        blend_lists = [("pythia-160m", 1.0), ("pythia-2.8b-layers", 1.0), ("llama-8b-layers", 1.0)]
+    else:
+        # the CPU target N=4096 (8 pairs x 2 rows x 256), H=512, V=32000, plus smaller V for the plot
+        loss_shapes = [dict(pairs=8, seq=256, hidden=512, vocab=v) for v in (8000, 16000, 32000)]
+        op_shapes = [dict(tokens=4096, hidden=256, vocab=32000)]  # issue 2's memory figure
+        logit_shapes = [dict(pairs=8, seq=256, vocab=32000)]
+        blend_lists = [("pythia-160m", 1.0), ("pythia-2.8b-layers", 0.5), ("llama-8b-layers", 0.5)]
+    blend_shapes = []
+    for name, scale in blend_lists:
+        shapes = [list(s) for s in param_list(name, scale)]
+        for pdt, rdt in (("fp32", "bf16"), ("bf16", "bf16")):
+            blend_shapes.append(dict(params=name, scale=scale, tensors=len(shapes),
+                                     elements=sum(math.prod(s) for s in shapes), policy_dtype=pdt, ref_dtype=rdt,
+                                     shapes=shapes))
+    out = [
+        ("loss_step", loss_shapes, CASES["loss_step"].IMPLS),
+        ("lmhead_op", op_shapes, CASES["lmhead_op"].IMPLS),
+        ("logits_step", logit_shapes, CASES["logits_step"].IMPLS),
+        ("blend", blend_shapes, CASES["blend"].IMPLS),
+        ("e2e", [_pythia14m_shape(quick)], ("trl-dpotrainer", "fasttrdpo")),
+    ]
+    if args.cases:
+        wanted = set(args.cases.split(","))
+        out = [c for c in out if c[0] in wanted]
+    tasks, skipped = [], []
+    for case, shapes, impls in out:
+        for shape in shapes:
+            for impl in impls:
+                if args.impls and impl not in args.impls.split(","):
+                    continue
+                task = dict(case=case, impl=impl, shape=shape, device=args.device_str, seed=args.seed,
+                            warmup=args.warmup, repeats=args.repeats, threads=args.threads)
+                if quick and impl == "liger-compiled":
+                    skipped.append(dict(task, status="skipped",
+                                        reason="not run in --quick: torch.compile's first call takes ~12 s on CPU"))
+                    continue
+                tasks.append(task)
+    return tasks, skipped
+
+
+# ============================================================================================ running
+def _child(conn, task):
+    from _cases import run_task
+
+    try:
+        conn.send(run_task(task))
+    finally:
+        conn.close()
+
+
+def run_isolated(ctx, task, timeout):
+    """One task in a fresh child process; a crash or a timeout is reported as an error."""
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_child, args=(child, task))
+    p.start()
+    child.close()
+    res = None
+    try:
+        if parent.poll(timeout):
+            res = parent.recv()
+    except EOFError:
+        res = None
+    p.join(5 if res is not None else 0.1)
+    if p.is_alive():
+        p.kill()
+        p.join()
+    if res is None:
+        why = f"timed out after {timeout:.0f} s" if p.exitcode in (None, -9) else f"child exited with {p.exitcode}"
+        res = {k: task[k] for k in ("case", "impl", "shape")}
+        res.update(status="error", reason=why)
+    return res
+
+
+def _versions():
+    import importlib.metadata as md
+
+    v = {"python": platform.python_version()}
+    for name in ("torch", "triton", "trl", "liger-kernel", "transformers", "numpy", "fasttrdpo"):
+        try:
+            v[name] = md.version(name)
+        except md.PackageNotFoundError:
+            v[name] = None
+    return v
+
+
+def _git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+# Dense peaks (TFLOP/s fp32 SIMT / tf32 / bf16, and HBM TB/s) from the vendors' datasheets
+DEVICE_PEAKS = {
+    "H100 80GB HBM3": {"fp32_tflops": 67.0, "tf32_tflops": 494.7, "bf16_tflops": 989.4, "hbm_tbps": 3.35},
+    "H100 PCIe": {"fp32_tflops": 51.2, "tf32_tflops": 378.0, "bf16_tflops": 756.0, "hbm_tbps": 2.0},
+    "H200": {"fp32_tflops": 67.0, "tf32_tflops": 494.7, "bf16_tflops": 989.4, "hbm_tbps": 4.8},
+}
+
+
+def device_info(device_str):
+    import torch
+
+    info = {"device": device_str, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "cpu_model": _cpu_model(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    if device_str.startswith("cuda"):
+        name = torch.cuda.get_device_name(0)
+        info.update(device_name=name, cuda=torch.version.cuda,
+                    peaks=next((v for k, v in DEVICE_PEAKS.items() if k in name), None))
+    else:
+        info.update(device_name=info["cpu_model"])
+    return info
+
+
+# ============================================================================================ analysis
+def _key(r):
+    return r["case"], json.dumps({k: v for k, v in r["shape"].items() if k != "shapes"}, sort_keys=True)
+
+
+def _rel(a, b, scale):
+    return abs(a - b) / scale if scale > 0 else abs(a - b)
+
+
+def compare_numerics(ref: dict, other: dict) -> float:
+    """Largest difference between two implementations' numerics, relative to each quantity's scale."""
+    worst = 0.0
+    for k, rv in ref.items():
+        ov = other.get(k)
+        if ov is None or rv is None:
+            continue
+        if isinstance(rv, dict):  # gradient summary: norm and the sampled entries (sums cancel: skipped)
+            worst = max(worst, _rel(rv["norm"], ov["norm"], abs(rv["norm"])))
+            scale = max((abs(x) for x in rv["sample"]), default=0.0)
+            worst = max([worst] + [_rel(a, b, scale) for a, b in zip(rv["sample"], ov["sample"])])
+        elif isinstance(rv, list):
+            if len(rv) != len(ov):
+                return math.inf
+            scale = max((abs(x) for x in rv), default=0.0)
+            worst = max([worst] + [_rel(a, b, scale) for a, b in zip(rv, ov)])
+        elif isinstance(rv, (int, float)):
+            worst = max(worst, _rel(rv, ov, max(abs(rv), 1e-6)))
+    return worst
+
+
+_NUMERICS_REFERENCE = {"loss_step": "naive", "lmhead_op": "naive", "logits_step": "naive"}
+
+
+def analyse(results):
+    """Ratios to the best TRL path, agreement of the numerics, per (case, shape)."""
+    from _cases import CASES
+
+    groups = {}
+    for r in results:
+        groups.setdefault(_key(r), []).append(r)
+    for (case, _), rows in groups.items():
+        ok = {r["impl"]: r for r in rows if r.get("status") == "ok"}
+        baselines = CASES[case].BASELINES if case in CASES else ("trl-dpotrainer",)
+        base_ok = [ok[b] for b in baselines if b in ok]
+        metric = "tokens_per_s" if case == "e2e" else "median_s"
+        best_t = None
+        if base_ok:
+            if case == "e2e":
+                best_t = max(b[metric] for b in base_ok)
+            else:
+                best_t = min(b[metric] for b in base_ok)
+        mems = [b["peak_growth_bytes"] for b in base_ok if b.get("peak_growth_bytes") is not None]
+        best_m = min(mems) if mems else None
+        for r in rows:
+            r["baseline"] = {"impls": list(baselines), "measured": [b["impl"] for b in base_ok]}
+            if r.get("status") != "ok":
+                continue
+            rat = {}
+            if best_t:
+                # time ratio < 1 is faster; for e2e it is the throughput ratio (> 1 is faster)
+                rat["time_vs_best_trl" if case != "e2e" else "tokens_per_s_vs_trl"] = r[metric] / best_t
+            if best_m is not None and best_m >= MB and r.get("peak_growth_bytes") is not None:
+                rat["mem_vs_best_trl"] = r["peak_growth_bytes"] / best_m
+            for peer in ("liger", "liger-compiled", "trl-chunked"):
+                if case == "loss_step" and peer in ok and peer != r["impl"]:
+                    rat[f"time_vs_{peer}"] = r["median_s"] / ok[peer]["median_s"]
+                    if ok[peer]["peak_growth_bytes"] >= MB:
+                        rat[f"mem_vs_{peer}"] = r["peak_growth_bytes"] / ok[peer]["peak_growth_bytes"]
+            r["ratios"] = rat
+        # numerics: every implementation against one reference implementation of the same case and shape
+        if case == "blend":
+            for r in ok.values():
+                err = r["numerics"]["max_err_ulps_of_operand_max"]
+                r["numerics_ok"] = err <= BLEND_MAX_ULPS
+                r["numerics_note"] = f"max error {err:.3f} ulp(max(|ref|,|policy|)), bound {BLEND_MAX_ULPS}"
+        elif case in _NUMERICS_REFERENCE:
+            ref = ok.get(_NUMERICS_REFERENCE[case])
+            for r in ok.values():
+                if ref is None:
+                    r["numerics_ok"] = None
+                    r["numerics_note"] = "reference implementation not measured"
+                    continue
+                d = compare_numerics(ref["numerics"], r["numerics"])
+                r["numerics_max_rel_diff"] = d
+                r["numerics_ok"] = d <= NUMERICS_RTOL
+                r["numerics_note"] = f"max relative difference to {ref['impl']}: {d:.2e} (tolerance {NUMERICS_RTOL})"
+        elif case == "e2e":
+            ref = ok.get("trl-dpotrainer")
+            for r in ok.values():
+                r["numerics_ok"] = None
+                if ref is not None and "first_loss" in r and "first_loss" in ref:
+                    d = _rel(ref["first_loss"], r["first_loss"], max(abs(ref["first_loss"]), 1e-6))
+                    r["numerics_max_rel_diff"] = d
+                    # both start from the same weights and batch: the first step's loss is the same function
+                    r["numerics_ok"] = d <= NUMERICS_RTOL
+                    r["numerics_note"] = f"first-step loss vs trl-dpotrainer: rel diff {d:.2e}"
+    return results
+
+
+def _find(results, case, impl, **shape):
+    for r in results:
+        if r["case"] == case and r["impl"] == impl and all(r["shape"].get(k) == v for k, v in shape.items()):
+            return r
+    return None
+
+
+def targets(results, device_type, quick):
+    """The issue's targets, evaluated on this run's numbers (met = None where not measured)."""
+    out = []
+
+    def add(name, value, target, met, note=""):
+        out.append({"name": name, "measured": value, "target": target, "met": met, "note": note})
+
+    if device_type == "cpu" and not quick:
+        shape = dict(pairs=8, seq=256, hidden=512, vocab=32000)
+        r = _find(results, "loss_step", "fasttrdpo-eager", **shape)
+        rat = (r or {}).get("ratios", {}) if (r or {}).get("status") == "ok" else {}
+        for key, tgt in (("mem_vs_best_trl", 0.10), ("time_vs_best_trl", 0.90)):
+            v = rat.get(key)
+            add(f"loss_step N=4096 H=512 V=32000 fasttrdpo-eager {key}", v, f"<= {tgt}",
+                None if v is None else v <= tgt)
+        for peer in ("liger", "liger-compiled"):
+            for kind in ("time", "mem"):
+                v = rat.get(f"{kind}_vs_{peer}")
+                add(f"loss_step N=4096 H=512 V=32000 fasttrdpo-eager {kind}_vs_{peer}", v, "< 1",
+                    None if v is None else v < 1)
+        op = _find(results, "lmhead_op", "fasttrdpo-eager", tokens=4096, hidden=256, vocab=32000)
+        v = (op or {}).get("ratios", {}).get("mem_vs_best_trl") if (op or {}).get("status") == "ok" else None
+        add("lmhead_op N=4096 H=256 V=32000 eager peak memory / naive (issue 2)", v, "<= 0.25",
+            None if v is None else v <= 0.25)
+        for pdt in ("fp32", "bf16"):
+            b = _find(results, "blend", "fasttrdpo", params="pythia-160m", policy_dtype=pdt)
+            v = (b or {}).get("ratios", {}).get("time_vs_best_trl") if (b or {}).get("status") == "ok" else None
+            add(f"blend pythia-160m {pdt}->bf16 speed-up over trl-loop", None if not v else 1 / v, ">= 1.5",
+                None if not v else 1 / v >= 1.5)
+    e = [r for r in results if r["case"] == "e2e" and r["impl"] == "fasttrdpo" and r.get("status") == "ok"]
+    if e and not quick:
+        rat = e[0].get("ratios", {})
+        v = rat.get("tokens_per_s_vs_trl")
+        add("e2e tokens/s vs TRL DPOTrainer(sync_ref_model)", v, ">= 1.5", None if v is None else v >= 1.5)
+        v = rat.get("mem_vs_best_trl")
+        add("e2e peak memory growth vs TRL DPOTrainer", v, "<= 0.5", None if v is None else v <= 0.5)
+    elif not quick:
+        add("e2e tokens/s vs TRL DPOTrainer(sync_ref_model)", None, ">= 1.5", None, "fasttrdpo e2e not measured")
+    if device_type == "cuda":
+        for r in results:
+            if r["case"] == "blend" and r["impl"] == "fasttrdpo" and r.get("status") == "ok":
+                v = r.get("fraction_of_copy")
+                add(f"blend {r['shape']['params']} {r['shape']['policy_dtype']} fraction of same-run copy_", v,
+                    ">= 0.9", None if v is None else v >= 0.9)
+            if r["case"] == "loss_step" and r["impl"] == "fasttrdpo-triton" and r.get("status") == "ok":
+                for peer in ("trl-chunked", "liger", "liger-compiled"):
+                    v = r.get("ratios", {}).get(f"time_vs_{peer}")
+                    add(f"loss_step V={r['shape']['vocab']} triton speed-up over {peer}", None if not v else 1 / v,
+                        ">= 1.3", None if not v else 1 / v >= 1.3)
+    return out
+
+
+# ============================================================================================ output
+def _shape_str(case, s):
+    if case == "loss_step":
+        return f"N={2 * s['pairs'] * s['seq']} H={s['hidden']} V={s['vocab']}"
+    if case == "lmhead_op":
+        return f"N={s['tokens']} H={s['hidden']} V={s['vocab']}"
+    if case == "logits_step":
+        return f"N={2 * s['pairs'] * s['seq']} V={s['vocab']}"
+    if case == "blend":
+        return f"{s['params']}x{s['scale']:g} {s['tensors']}t {s['elements'] / 1e6:.1f}M {s['policy_dtype']}->{s['ref_dtype']}"
+    if case == "e2e":
+        return f"{s['model']} {s['pairs']} pairs/step"
+    return str(s)
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def table(results) -> str:
+    head = ["case", "shape", "impl", "median s", "peak MB", "1st MB", "t/bestTRL", "mem/bestTRL", "extra", "numerics"]
+    rows = [head]
+    for r in results:
+        s = r.get("status")
+        shape = _shape_str(r["case"], r["shape"])
+        if s != "ok":
+            rows.append([r["case"], shape, r["impl"], s.upper(), "", "", "", "", (r.get("reason") or "")[:70], ""])
+            continue
+        rat = r.get("ratios", {})
+        peak = r.get("peak_growth_bytes")
+        first = r.get("first_call_peak_growth_bytes")
+        extra = ""
+        if r["case"] == "blend":
+            extra = f"{r['gbps']:.1f} GB/s ({r['fraction_of_copy']:.2f} of copy_)"
+        elif r["case"] == "e2e":
+            extra = f"{r['tokens_per_s']:.0f} tok/s"
+        elif r.get("tflops") and str(r.get("device", "")).startswith("cuda"):
+            extra = f"{r['tflops']:.1f} TFLOP/s"
+        elif r.get("tflops"):
+            extra = f"{r['tflops'] * 1e3:.0f} GFLOP/s"
+        tr = rat.get("time_vs_best_trl", rat.get("tokens_per_s_vs_trl"))
+        num = {True: "ok", False: "MISMATCH", None: "-"}[r.get("numerics_ok")]
+        rows.append([r["case"], shape, r["impl"], _fmt(r.get("median_s"), ".3f"),
+                     _fmt(None if peak is None else peak / MB, ".0f"), _fmt(None if first is None else first / MB, ".0f"),
+                     _fmt(tr, ".2f"), _fmt(rat.get("mem_vs_best_trl"), ".3f"), extra, num])
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot(results, path):
+    """Time and peak memory of the loss step vs V (one line per implementation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if r["case"] == "loss_step" and r.get("status") == "ok"]
+    if not rows:
+        return None
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for impl in dict.fromkeys(r["impl"] for r in rows):
+        pts = sorted((r["shape"]["vocab"], r["median_s"], r["peak_growth_bytes"] / MB) for r in rows if r["impl"] == impl)
+        vs = [p[0] for p in pts]
+        ax_t.plot(vs, [p[1] for p in pts], marker="o", label=impl)
+        ax_m.plot(vs, [max(p[2], 0.1) for p in pts], marker="o", label=impl)
+    s = rows[0]["shape"]
+    ax_t.set(xlabel="vocabulary V", ylabel="median seconds (fwd+bwd)", title=f"loss step, N={2 * s['pairs'] * s['seq']} H={s['hidden']}")
+    ax_m.set(xlabel="vocabulary V", ylabel="peak memory growth (MiB)", yscale="log", title="peak memory over inputs")
+    ax_t.grid(alpha=0.3)
+    ax_m.grid(alpha=0.3)
+    ax_m.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ============================================================================================ main
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, fewer repeats: a sub-minute CPU run")
+    ap.add_argument("--json", default=None, help="result file (default benchmarks/results/<device>-<date>[-quick].json)")
+    ap.add_argument("--plot", default=None, help="PNG of time and memory vs V (default: beside the JSON)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 5; 3 in --quick)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
+    ap.add_argument("--cases", default=None, help="comma-separated subset of: loss_step,lmhead_op,logits_step,blend,e2e")
+    ap.add_argument("--impls", default=None, help="comma-separated subset of implementations")
+    ap.add_argument("--timeout", type=float, default=1200.0, help="seconds per measurement before it is an error")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-plot", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # the children must run the compiled code paths, not the Triton interpreter the test-suite switches on
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.pop("FASTTRDPO_BACKEND", None)
+    import torch
+    from tqdm import tqdm
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device_str = args.device
+    device_type = torch.device(args.device).type
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 5
+    if args.threads is None:
+        args.threads = torch.get_num_threads()
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    if args.json is None:
+        args.json = os.path.join(HERE, "results", f"{device_type}-{date}{'-quick' if args.quick else ''}.json")
+    if args.plot is None and not args.no_plot:
+        args.plot = os.path.splitext(args.json)[0] + ".png"
+
+    from _measure import loadavg
+
+    tasks, skipped = plan(args, device_type)
+    load_start = loadavg()
+    t_start = time.time()
+    ctx = mp.get_context("forkserver")
+    # the zygote imports the heavy libraries once; each measurement is a fresh fork of it
+    ctx.set_forkserver_preload(["torch", "_measure", "_cases", "trl.trainer.utils", "trl.kernels",
+                                "liger_kernel.chunked_loss", "transformers"])
+    results = []
+    bar = tqdm(tasks, desc="benchmarks", unit="run", file=sys.stderr, dynamic_ncols=True)
+    for task in bar:
+        bar.set_postfix_str(f"{task['case']}:{task['impl']}")
+        r = run_isolated(ctx, task, args.timeout)
+        r["device"] = args.device_str
+        results.append(r)
+    bar.close()
+    results += skipped
+    analyse(results)
+    env = device_info(args.device_str)
+    env.update(versions=_versions(), platform=platform.platform(), git_commit=_git_commit(),
+               loadavg_start=load_start, loadavg_end=loadavg(), wall_s=time.time() - t_start,
+               isolation="one forked child process per (case, shape, implementation), from a zygote that only "
+                         "imported libraries (multiprocessing forkserver)",
+               memory_method=next((r["memory_method"] for r in results if r.get("memory_method")), None))
+    doc = {
+        "schema": SCHEMA,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0] else "throughput.py"] + (argv or sys.argv[1:])),
+        "quick": args.quick,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "repeats_note": ("--quick: median of 3 timed runs (fewer than the 5 of a full run), tiny shapes; not for "
+                         "comparison" if args.quick and args.repeats < 5 else f"median of {args.repeats} timed runs"),
+        "environment": env,
+        "implementations": _descriptions(),
+        "results": results,
+    }
+    doc["targets"] = targets(results, device_type, args.quick)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(doc, f, indent=1)
+    print(table(results))
+    if doc["targets"]:
+        print("\ntargets:")
+        for t in doc["targets"]:
+            mark = {True: "MET ", False: "MISS", None: "n/a "}[t["met"]]
+            print(f"  [{mark}] {t['name']}: {_fmt(t['measured'], '.3f')} (target {t['target']}) {t['note']}")
+    if args.plot:
+        p = plot(results, args.plot)
+        if p:
+            print(f"plot: {os.path.relpath(p)}")
+    print(f"json: {os.path.relpath(args.json)}  (load average start {load_start}, end {env['loadavg_end']})")
+    return doc
+
+
+def _descriptions():
+    from _cases import CASES
+
+    d = {case: dict(cls.DESCRIPTIONS) for case, cls in CASES.items()}
+    d["e2e"] = {"trl-dpotrainer": "trl.DPOTrainer(sync_ref_model=True, ref_model_sync_steps=2), fp32, CPU",
+                "fasttrdpo": "fasttrdpo.trainer.TRDPOTrainer (TRDPOLoss + RefModelUpdater), same model and data"}
+    for case, cls in CASES.items():
+        for peer, why in getattr(cls, "NOT_APPLICABLE", {}).items():
+            d[case][peer] = f"not applicable: {why}"
+    return d
+
+
+if __name__ == "__main__":
+    main()
