@@ -165,7 +165,11 @@ def logprobs_backward(grad_1d: torch.Tensor, logits_2d: torch.Tensor, lse_1d: to
     when `inplace`. Ignored rows get 0, rows with an out-of-range label NaN."""
     ops = _ops()
     if inplace:
-        return ops.logprobs_backward_(grad_1d, logits_2d, lse_1d, labels_1d, int(ignore_index))
+        out = ops.logprobs_backward_(grad_1d, logits_2d, lse_1d, labels_1d, int(ignore_index))
+        # The kernel writes through a raw pointer; tell autograd the buffer changed (a second use of
+        # logits saved for backward then raises instead of reading gradients).
+        torch.autograd.graph.increment_version(logits_2d)
+        return out
     return ops.logprobs_backward(grad_1d, logits_2d, lse_1d, labels_1d, int(ignore_index))
 
 
@@ -177,6 +181,8 @@ def blend_(ref_list, policy_list, alpha: float) -> None:
         return
     with torch.no_grad():
         ops.blend_(refs, pols, float(alpha))
+    if float(alpha) != 0.0:  # α = 0 writes nothing; otherwise autograd must learn the refs changed
+        torch.autograd.graph.increment_version(refs)
 
 
 def build_cpp() -> Path:

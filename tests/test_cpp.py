@@ -290,8 +290,10 @@ def test_backward_in_place_matches_out_of_place(cpp, dtype):
     _, lse, _ = cpp.paired_logprobs_forward(policy, None, labels, -100)
     out = cpp.logprobs_backward(grad, policy, lse, labels, -100, False)
     buf = policy.clone()
+    version = buf._version
     ret = cpp.logprobs_backward(grad, buf, lse, labels, -100, True)
     assert ret.data_ptr() == buf.data_ptr()
+    assert buf._version > version  # autograd knows the buffer was overwritten
     assert torch.equal(torch.nan_to_num(buf, nan=7.0), torch.nan_to_num(out, nan=7.0))
     assert torch.isnan(buf[4]).all() and not torch.isnan(buf[[0, 1, 2, 3, 5, 6, 7, 8]]).any()
 
@@ -369,13 +371,14 @@ def test_blend_alpha_one_is_cast_copy_and_zero_writes_nothing(cpp, ref_dtype, po
     refs, pols = _blend_pairs(ref_dtype, pol_dtype, seed=1)
     pols[0].fill_(float("nan"))  # α = 0 must not even read into the result
     before = [r.clone() for r in refs]
+    versions = [r._version for r in refs]
     cpp.blend_(refs, pols, 0.0)
-    for r, b in zip(refs, before):
-        assert torch.equal(r, b)
+    for r, b, ver in zip(refs, before, versions):
+        assert torch.equal(r, b) and r._version == ver
     refs[2][0] = 1e30 if ref_dtype == torch.float32 else 1e3  # a huge ref value must not leak into a copy
     cpp.blend_(refs, pols, 1.0)
-    for r, p in zip(refs[1:], pols[1:]):
-        assert torch.equal(r, p.to(ref_dtype))
+    for r, p, ver in zip(refs[1:], pols[1:], versions[1:]):
+        assert torch.equal(r, p.to(ref_dtype)) and r._version > ver
     assert torch.isnan(refs[0]).all()
 
 
