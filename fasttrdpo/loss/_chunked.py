@@ -1,0 +1,224 @@
+"""TRDPOLoss's eager path: policy+reference log-probs, the preference loss and its gradient, chunk by chunk.
+
+No [tokens × vocab] tensor beyond one chunk ever exists, and nothing is recomputed:
+- only completion tokens (label ≠ ignore_index) are projected;
+- reference log-probs: under no_grad, in token chunks; only one float per token survives;
+- policy: chunks of *whole pairs*, so that each chunk knows its pairs' Δ and can finish the loss and
+  its gradient at once (Liger-style): the forward already accumulates grad_hidden / grad_weight /
+  grad_bias, and the backward only scales them by grad_output.
+
+Per policy chunk, with z the fp32 logits (formed once into a reused buffer) and c_t = ∂loss/∂logp_t
+(a per-row constant, from a tiny autograd graph of the pair losses, so every loss_type works):
+    ∂loss/∂z_t = c_t·(onehot(y_t) − p_t)
+Instead of scaling that [chunk × V] gradient by c, the buffer becomes p − onehot in place (softmax
+over z, then one scatter of n elements) and c_t is applied on the thin [chunk × H] side:
+    grad_h[t]  = −c_t·((p − onehot) @ W)[t]
+    grad_W    += −(p − onehot)ᵀ(c⊙h)                  (addmm_ into the accumulator)
+so each chunk costs the three matmuls plus two read passes (row max of z and of p) and one in-place
+softmax. log p_y = z_y − max z + log max p is exact without a separate log-sum-exp pass (max p ≥ 1/V
+never underflows). With softcap the transform's derivative is elementwise, so p is multiplied by it
+in place (one more buffer and a few passes; only models with a softcap pay that).
+"""
+from __future__ import annotations
+
+import torch
+
+from .preference import preference_loss
+
+# Size of one chunk's fp32 logits. A chunk holds at least one whole pair, so a single long pair can
+# exceed it (its logits are needed together to finish its loss without recompute).
+DEFAULT_CHUNK_BYTES = 32 << 20
+
+
+def _plan_pair_chunks(row_counts: list[int], n_pairs: int, max_tokens: int) -> list[tuple[int, int]]:
+    """Greedy runs of consecutive pairs whose completion tokens fit max_tokens (one pair at least)."""
+    chunks, start, tokens = [], 0, 0
+    for i in range(n_pairs):
+        pair_tokens = row_counts[i] + row_counts[n_pairs + i]
+        if i > start and tokens + pair_tokens > max_tokens:
+            chunks.append((start, i))
+            start, tokens = i, 0
+        tokens += pair_tokens
+    chunks.append((start, n_pairs))
+    return chunks
+
+
+def _project(h32, weight32, bias32, logit_scale, out):
+    """out = logit_scale·(h @ Wᵀ + b), formed by one matmul into the reused buffer."""
+    if bias32 is not None:
+        torch.addmm(bias32, h32, weight32.T, beta=logit_scale, alpha=logit_scale, out=out)
+    else:
+        torch.mm(h32 if logit_scale == 1.0 else h32 * logit_scale, weight32.T, out=out)
+    return out
+
+
+def _softcap_(z, softcap):
+    """z ← softcap·tanh(z/softcap) in place; returns tanh(z/softcap) as a new tensor (for the derivative)."""
+    z.div_(softcap).tanh_()
+    t = z.clone()
+    z.mul_(softcap)
+    return t
+
+
+def _logprobs_softmax_(z, y):
+    """log p(y) per row from logits z [n, V]; leaves softmax(z) in z (in place)."""
+    zmax = torch.amax(z, dim=1)
+    z_y = z.gather(1, y.unsqueeze(1)).squeeze(1)
+    torch._softmax(z, 1, False, out=z)
+    pmax = torch.amax(z, dim=1)
+    return z_y - zmax + torch.log(pmax)
+
+
+class ChunkedTRDPOFunction(torch.autograd.Function):
+    """(loss, policy_logps[B], ref_logps[B], mean_logit_sums[B]); only loss is differentiable."""
+
+    @staticmethod
+    def forward(ctx, policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels, cfg):
+        beta, loss_type, eps, ignore_index, logit_scale, softcap, chunk_bytes, grad_enabled = cfg
+        B = labels.shape[0]
+        P = B // 2
+        device = labels.device
+        flat_labels = labels.reshape(-1)
+        L = flat_labels.numel() // B
+        H = policy_hidden.shape[-1]
+        V = policy_weight.shape[0]
+        pol_h = policy_hidden.reshape(-1, H)
+        ref_h = ref_hidden.reshape(-1, ref_hidden.shape[-1])
+
+        mask = flat_labels != ignore_index
+        valid = mask.nonzero().squeeze(1)  # sorted: rows in order, so each row's tokens are contiguous
+        rows = torch.div(valid, L, rounding_mode="floor")
+        y = flat_labels[valid]
+        lengths = mask.view(B, L).sum(1)
+        row_counts = lengths.tolist()
+        offsets = [0]
+        for c in row_counts:
+            offsets.append(offsets[-1] + c)
+
+        need_h = grad_enabled and ctx.needs_input_grad[0]
+        need_w = grad_enabled and ctx.needs_input_grad[1]
+        need_b = grad_enabled and policy_bias is not None and ctx.needs_input_grad[2]
+
+        f32 = torch.float32
+        w32 = policy_weight.to(f32)
+        b32 = policy_bias.to(f32) if policy_bias is not None else None
+        rw32 = ref_weight.to(f32)
+        rb32 = ref_bias.to(f32) if ref_bias is not None else None
+
+        max_pair = max((row_counts[i] + row_counts[P + i] for i in range(P)), default=0)
+        chunk_rows = max(1, chunk_bytes // (4 * V), max_pair)
+        buf = torch.empty(chunk_rows, V, dtype=f32, device=device)
+        tbuf = torch.empty(chunk_rows, V, dtype=f32, device=device) if softcap is not None else None
+
+        # Reference log-probs: token chunks, no grad, one float per token kept.
+        n_valid = valid.numel()
+        ref_tok = torch.empty(n_valid, dtype=f32, device=device)
+        for s in range(0, n_valid, chunk_rows):
+            e = min(s + chunk_rows, n_valid)
+            z = _project(ref_h[valid[s:e]].to(f32), rw32, rb32, logit_scale, buf[: e - s])
+            if softcap is not None:
+                _softcap_(z, softcap)
+            ref_tok[s:e] = _logprobs_softmax_(z, y[s:e])
+        ref_logps = torch.zeros(B, dtype=f32, device=device).index_add_(0, rows, ref_tok)
+
+        # Mean logit over the vocabulary, without logits (linear case): mean_v(s·(h·W_v + b_v)) = s·(h·mean_v W + mean b).
+        w_mean = w32.mean(0) if softcap is None else None
+        b_mean = b32.mean() if (softcap is None and b32 is not None) else None
+
+        grad_h = torch.zeros(pol_h.shape, dtype=f32, device=device) if need_h else None
+        grad_w = torch.zeros(V, H, dtype=f32, device=device) if need_w else None
+        grad_b = torch.zeros(V, dtype=f32, device=device) if need_b else None
+        gh_buf = torch.empty(chunk_rows, H, dtype=f32, device=device) if need_h else None
+        arange_n = torch.arange(chunk_rows, device=device)
+
+        policy_logps = torch.empty(B, dtype=f32, device=device)
+        mean_logit_sums = torch.empty(B, dtype=f32, device=device)
+        loss = torch.zeros((), dtype=f32, device=device)
+
+        for p0, p1 in _plan_pair_chunks(row_counts, P, chunk_rows):
+            k = p1 - p0
+            sel = torch.cat([valid[offsets[p0]:offsets[p1]], valid[offsets[P + p0]:offsets[P + p1]]])
+            tok_slice = torch.cat([torch.arange(offsets[p0], offsets[p1], device=device),
+                                   torch.arange(offsets[P + p0], offsets[P + p1], device=device)])
+            chunk_rows_ids = torch.cat([torch.arange(p0, p1, device=device), torch.arange(P + p0, P + p1, device=device)])
+            local_row = torch.repeat_interleave(
+                torch.arange(2 * k, device=device),
+                torch.as_tensor(row_counts[p0:p1] + row_counts[P + p0:P + p1], device=device))
+            n = sel.numel()
+            yc = y[tok_slice]
+            h = pol_h[sel].to(f32)
+
+            z = _project(h, w32, b32, logit_scale, buf[:n])
+            if softcap is None:
+                tok_mean = h @ w_mean
+                if b_mean is not None:
+                    tok_mean = tok_mean + b_mean
+                tok_mean = tok_mean * logit_scale
+            else:
+                t = tbuf[:n]
+                t.copy_(z.div_(softcap).tanh_())
+                z.mul_(softcap)
+                tok_mean = z.mean(1)
+            logp = _logprobs_softmax_(z, yc)
+
+            pol_rows = torch.zeros(2 * k, dtype=f32, device=device).index_add_(0, local_row, logp)
+            policy_logps[chunk_rows_ids] = pol_rows
+            mean_logit_sums[chunk_rows_ids] = torch.zeros(2 * k, dtype=f32, device=device).index_add_(
+                0, local_row, tok_mean)
+
+            # Pair losses of this chunk and ∂loss/∂(row log-prob), by autograd on [k] tensors.
+            with torch.enable_grad():
+                lc = pol_rows[:k].detach().requires_grad_(True)
+                lr = pol_rows[k:].detach().requires_grad_(True)
+                losses, _, _ = preference_loss(
+                    lc, lr, ref_logps[p0:p1], ref_logps[P + p0:P + p1], beta=beta, loss_type=loss_type,
+                    label_smoothing=eps, chosen_lengths=lengths[p0:p1], rejected_lengths=lengths[P + p0:P + p1])
+                chunk_loss = losses.sum() / P
+                if need_h or need_w or need_b:
+                    g_c, g_r = torch.autograd.grad(chunk_loss, (lc, lr))
+            loss += chunk_loss.detach()
+            if not (need_h or need_w or need_b):
+                continue
+
+            c = torch.cat([g_c, g_r])[local_row]  # ∂loss/∂logp_t, per token
+            if softcap is None:
+                c = c * logit_scale  # ∂z/∂(h·W) = logit_scale
+                g_y = 1.0
+            else:
+                # ∂z/∂u = logit_scale·(1 − tanh²), elementwise: p ← p·∂z/∂u, and the onehot term needs it at y
+                t.square_().neg_().add_(1.0).mul_(logit_scale)
+                g_y = t[arange_n[:n], yc]
+                z.mul_(t)
+            # z ← (p − onehot)·∂z/∂u, so that ∂loss/∂u = −c ⊙ z: one tiny scatter instead of extra passes
+            z[arange_n[:n], yc] -= g_y
+            if need_h:
+                grad_h[sel] = torch.mm(z, w32, out=gh_buf[:n]).mul_(c.neg().unsqueeze(1))
+            if need_w:
+                grad_w.addmm_(z.T, h.mul_(c.unsqueeze(1)), alpha=-1.0)  # h is a private fp32 copy
+            if need_b:
+                grad_b.addmv_(z.T, c, alpha=-1.0)
+
+        ctx.grads = (
+            grad_h.view(policy_hidden.shape) if grad_h is not None else None,
+            grad_w,
+            grad_b,
+        )
+        ctx.dtypes = (policy_hidden.dtype, policy_weight.dtype, policy_bias.dtype if policy_bias is not None else None)
+        ctx.mark_non_differentiable(policy_logps, ref_logps, mean_logit_sums)
+        return loss, policy_logps, ref_logps, mean_logit_sums
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        if ctx.grads is None:
+            raise RuntimeError("TRDPOLoss (eager): backward called twice; its gradients are consumed by the first call")
+        grads, ctx.grads = ctx.grads, None
+        out = []
+        scale_needed = grad_loss.device.type != "cpu" or float(grad_loss) != 1.0
+        for g, dtype in zip(grads, ctx.dtypes):
+            if g is None:
+                out.append(None)
+                continue
+            if scale_needed:
+                g.mul_(grad_loss)
+            out.append(g if g.dtype == dtype else g.to(dtype))
+        return out[0], out[1], out[2], None, None, None, None, None
