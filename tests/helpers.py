@@ -121,3 +121,64 @@ def blend_tolerance(ref: torch.Tensor, policy: torch.Tensor, alpha: float) -> to
     exact = (r + alpha * (p - r)).abs()
     b = g3 * step + u * (r.abs() + (1 + g3) * step)
     return b + UNIT_ROUNDOFF[ref.dtype] * (2 * exact + b) + SUBNORMAL_SPACING[ref.dtype]
+
+
+# ---- per-token log-probs from logits: backends under test and the gradient bound ----
+
+def cpp_loadable() -> bool:
+    """True when the C++ extension builds/loads here (building it once, cached)."""
+    try:
+        from fasttrdpo import _cpp
+
+        _cpp.load()
+    except Exception:
+        return False
+    return True
+
+
+def backends() -> list[str]:
+    """Backends the logits-level op tests run on: eager, and triton (the interpreter on CPU tensors,
+    compiled on CUDA). "cpp" joins with one line once its ops are wired in:
+        names += ["cpp"] if cpp_loadable() else []
+    """
+    names = ["eager", "triton"]
+    return names
+
+
+def backend_device(backend: str) -> torch.device:
+    """Where a backend's tests put their tensors: triton runs CUDA tensors when there is a GPU (the
+    interpreter is only switched on without one), everything else runs on CPU."""
+    if backend == "triton" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def logprob_grad_tolerance(z64: torch.Tensor, labels: torch.Tensor, grad_logp: torch.Tensor,
+                           out_dtype: torch.dtype, ignore_index: int = -100) -> torch.Tensor:
+    """Elementwise bound on |stored d logp/dz − float64 g·(onehot − p)| for logits z64 [..., V].
+
+    The kernels compute p' = exp(z − lse') with lse' off by at most T (`logprob_tolerance`, which
+    bounds the lse error as it bounds the log-prob's); the fp32 subtraction z − lse' adds
+    u·(|z| + |lse|) ≤ u·(max|z| + |lse|), so the exponent is off by e ≤ T + u·(max|z| + |lse|) and,
+    with exp's own error ≤ 8u (ex2.approx on GPUs, libm/Sleef on CPU, plus the ·log2(e) rounding),
+        |p' − p| ≤ p·(expm1(e) + 8u·(1 + expm1(e))).
+    onehot − p' and g·(…) are one fp32 rounding each (≤ u·1 and ≤ u·|g|), so the fp32 result is off by
+        E = |g|·(|p' − p| bound + 2u).
+    Storing into out_dtype rounds to nearest even: ≤ u_out·(|ref| + E) + η_out (η the subnormal spacing).
+    Ignored rows are exactly 0 (bound 0).
+    """
+    u = U32
+    zmax = z64.abs().amax(dim=-1, keepdim=True)
+    lse = torch.logsumexp(z64, dim=-1, keepdim=True)
+    T = logprob_tolerance(z64).unsqueeze(-1)
+    e = T + u * (zmax + lse.abs())
+    p = torch.exp(z64 - lse)
+    dp = p * (torch.expm1(e) + 8 * u * (1 + torch.expm1(e)))
+    g = grad_logp.double().abs().unsqueeze(-1)
+    fp32_err = g * (dp + 2 * u)
+    onehot = torch.zeros_like(z64)
+    active = labels != ignore_index
+    onehot.scatter_(-1, torch.where(active, labels, 0).unsqueeze(-1), 1.0)
+    ref = (grad_logp.double().unsqueeze(-1) * (onehot - p)).abs()
+    tol = fp32_err + UNIT_ROUNDOFF[out_dtype] * (ref + fp32_err) + SUBNORMAL_SPACING[out_dtype]
+    return torch.where(active.unsqueeze(-1), tol, torch.zeros_like(tol))

@@ -1,0 +1,352 @@
+"""Per-token log-probs from logits: `token_logprobs` and `paired_token_logprobs` (DESIGN.md §4).
+
+    logp[...] = log_softmax(logits[..., :])[labels[...]]   fp32, 0.0 where labels == ignore_index
+
+The gradient with respect to the policy logits is g·(onehot − softmax); the reference output never
+carries a gradient. Three backends compute the same thing:
+  * "triton": `fasttrdpo.kernels.token_logprobs` (policy and reference rows in one launch; backward
+    optionally in place into the logits buffer);
+  * "eager": fp32 PyTorch, chunked over rows so the fp32 temporaries stay bounded
+    (EAGER_CHUNK_ELEMENTS per temporary) whatever N·V is;
+  * "cpp": the C++ CPU kernels (`fasttrdpo._cpp`).
+
+Both ops are `torch.library` custom ops (`fasttrdpo::logits_logprobs_forward` and the backward ops)
+with fake implementations and a registered autograd formula, so they trace into `torch.compile`
+graphs (fullgraph) as opaque calls. The label range check runs inside the op (one host sync on CUDA),
+so it costs nothing to trace and `validate=False` removes it; a bad label then yields NaN (log-prob
+and gradient row) and is never used as an address.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._backend import resolve_backend
+from .._validate import check_float, check_label_range, check_labels_tensor, check_same_device
+
+EAGER_CHUNK_ELEMENTS = 1 << 22  # logits per chunk in the eager twin: 16 MiB per fp32 temporary
+
+__all__ = ["token_logprobs", "paired_token_logprobs"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout: describe the rows of a [..., V] tensor by at most two strides, so that common views
+# (a [B, T-1, V] slice of [B, T, V] logits, a row-strided 2-D view) reach the kernel without a copy.
+# --------------------------------------------------------------------------------------------------
+
+def _row_layout(t: Tensor):
+    """(inner_size, (stride_outer, stride_inner)) with row r at (r // inner)·s_outer + (r % inner)·s_inner,
+    or None when the last dimension is not contiguous or the leading dims need more than two strides."""
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        return None
+    merged: list[list[int]] = []  # [size, stride], outermost first
+    for size, stride in zip(t.shape[:-1], t.stride()[:-1]):
+        if size == 1:
+            continue
+        if merged and merged[-1][1] == stride * size:
+            merged[-1] = [merged[-1][0] * size, stride]
+        else:
+            merged.append([size, stride])
+    if not merged:
+        return 1, (0, 0)
+    if len(merged) == 1:
+        return 1, (merged[0][1], 0)
+    if len(merged) == 2:
+        return merged[1][0], (merged[0][1], merged[1][1])
+    return None
+
+
+def _kernel_view(t: Tensor):
+    """(tensor, inner_size, strides) usable by the kernels; copies only when the layout needs it."""
+    layout = _row_layout(t)
+    if layout is None:
+        t = t.contiguous()
+        layout = _row_layout(t)
+    return (t, *layout)
+
+
+def _rows_2d(t: Tensor) -> Optional[Tensor]:
+    """A [rows, V] view of t, or None when t's strides do not allow one."""
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Backends. Inputs: logits [..., V], labels [...] (labels' shape = logits' leading shape).
+# Forward returns flat fp32 (logp, lse, ref_logp or None); backward returns / writes grad [..., V].
+# --------------------------------------------------------------------------------------------------
+
+def _contiguous_strides(inner: int, V: int):
+    """Strides of a contiguous [rows, V] tensor in the (inner_size, strides) form of `_row_layout`."""
+    return inner * V, V
+
+
+def _new_outputs(rows: int, paired: bool, device):
+    """Separate fp32 buffers for logp, lse (and ref logp): a custom op's outputs may not alias."""
+    return [torch.empty(rows, dtype=torch.float32, device=device) for _ in range(3 if paired else 2)]
+
+
+def _triton_forward(policy, ref, labels, ignore_index):
+    from fasttrdpo.kernels import token_logprobs as kernels
+
+    V = policy.shape[-1]
+    rows = labels.numel()
+    labels_flat = labels.reshape(-1).contiguous()
+    policy, inner, policy_strides = _kernel_view(policy)
+    ref_strides = None
+    if ref is not None:
+        ref, ref_inner, ref_strides = _kernel_view(ref)
+        if ref_inner != inner:  # both are read on one row grid: express a contiguous one on the other's
+            if ref.is_contiguous():
+                ref_strides = _contiguous_strides(inner, V)
+            else:
+                policy = policy.contiguous()
+                policy_strides = _contiguous_strides(ref_inner, V)
+                inner = ref_inner
+    out = _new_outputs(rows, ref is not None, policy.device)
+    kernels.launch_forward(policy, ref, labels_flat, out[0], out[1], out[2] if ref is not None else None,
+                           rows=rows, inner_size=inner, policy_strides=policy_strides,
+                           ref_strides=ref_strides, ignore_index=ignore_index)
+    return out[0], out[1], (out[2] if ref is not None else None)
+
+
+def _triton_backward(grad_logp, logits, lse, labels, ignore_index, inplace):
+    from fasttrdpo.kernels import token_logprobs as kernels
+
+    V = logits.shape[-1]
+    labels_flat = labels.reshape(-1).contiguous()
+    src, inner, in_strides = _kernel_view(logits)  # src is logits itself unless its layout needs a copy
+    if inplace:  # write over the logits (or over our copy of them, copied back below)
+        out, out_strides = src, in_strides
+    else:
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        out_strides = _contiguous_strides(inner, V)
+    kernels.launch_backward(grad_logp, src, lse, labels_flat, out, rows=labels_flat.numel(), inner_size=inner,
+                            in_strides=in_strides, out_strides=out_strides, ignore_index=ignore_index)
+    if inplace and src is not logits:
+        logits.copy_(src)
+    return logits if inplace else out
+
+
+def _eager_rows_forward(z: Tensor, labels: Tensor, ignore_index: int):
+    """fp32 (logp, lse) of a chunk of rows z [n, V]."""
+    V = z.shape[-1]
+    z = z.float()
+    ignored = labels == ignore_index
+    scan = (labels >= 0) & (labels < V) & ~ignored
+    lse = torch.logsumexp(z, dim=-1)
+    label_logit = z.gather(1, torch.where(scan, labels, 0).unsqueeze(1)).squeeze(1)
+    nan = torch.full_like(lse, float("nan"))
+    zero = torch.zeros_like(lse)
+    logp = torch.where(ignored, zero, torch.where(scan, label_logit - lse, nan))
+    lse = torch.where(ignored, zero, torch.where(scan, lse, nan))
+    return logp, lse
+
+
+def _eager_forward(policy, ref, labels, ignore_index):
+    V = policy.shape[-1]
+    labels_flat = labels.reshape(-1)
+    rows = labels_flat.numel()
+    policy_2d = policy.reshape(-1, V)
+    ref_2d = ref.reshape(-1, V) if ref is not None else None
+    out = _new_outputs(rows, ref is not None, policy.device)
+    step = max(1, EAGER_CHUNK_ELEMENTS // V)
+    for start in range(0, rows, step):
+        chunk = slice(start, start + step)
+        out[0][chunk], out[1][chunk] = _eager_rows_forward(policy_2d[chunk], labels_flat[chunk], ignore_index)
+        if ref is not None:
+            out[2][chunk] = _eager_rows_forward(ref_2d[chunk], labels_flat[chunk], ignore_index)[0]
+    return out[0], out[1], (out[2] if ref is not None else None)
+
+
+def _eager_backward(grad_logp, logits, lse, labels, ignore_index, inplace):
+    V = logits.shape[-1]
+    labels_flat = labels.reshape(-1)
+    src = logits.reshape(-1, V)
+    view = _rows_2d(logits)
+    out = view if inplace and view is not None else torch.empty(src.shape, dtype=logits.dtype, device=logits.device)
+    step = max(1, EAGER_CHUNK_ELEMENTS // V)
+    for start in range(0, labels_flat.numel(), step):
+        chunk = slice(start, start + step)
+        lab = labels_flat[chunk]
+        active = lab != ignore_index
+        scan = active & (lab >= 0) & (lab < V)
+        # onehot − softmax, with the same rounding order as the kernels: (1 − p) at the label.
+        d = -torch.exp(src[chunk].float() - lse[chunk].unsqueeze(1))
+        d.scatter_add_(1, torch.where(scan, lab, 0).unsqueeze(1), scan.float().unsqueeze(1))
+        grad = grad_logp[chunk].unsqueeze(1) * d
+        out[chunk] = torch.where(active.unsqueeze(1), grad, 0.0)  # rounds to nearest even on cast
+    if inplace and view is None:
+        logits.copy_(out.view(logits.shape))
+        return logits
+    return out.view(logits.shape)
+
+
+def _cpp_forward(policy, ref, labels, ignore_index):
+    from .. import _cpp
+
+    V = policy.shape[-1]
+    logp, lse, ref_logp = _cpp.paired_logprobs_forward(
+        policy.reshape(-1, V), ref.reshape(-1, V) if ref is not None else None,
+        labels.reshape(-1).contiguous(), ignore_index)
+    return logp, lse, ref_logp
+
+
+def _cpp_backward(grad_logp, logits, lse, labels, ignore_index, inplace):
+    from .. import _cpp
+
+    V = logits.shape[-1]
+    view = _rows_2d(logits)
+    direct = inplace and view is not None
+    grad = _cpp.logprobs_backward(grad_logp, view if direct else logits.reshape(-1, V), lse,
+                                  labels.reshape(-1).contiguous(), ignore_index, direct)
+    if inplace and not direct:
+        logits.copy_(grad.view(logits.shape))
+        return logits
+    return grad.view(logits.shape)
+
+
+_FORWARD = {"triton": _triton_forward, "eager": _eager_forward, "cpp": _cpp_forward}
+_BACKWARD = {"triton": _triton_backward, "eager": _eager_backward, "cpp": _cpp_backward}
+
+
+def _op_name(paired: bool) -> str:
+    return "paired_token_logprobs" if paired else "token_logprobs"
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom ops (opaque to torch.compile) and their autograd.
+# --------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fasttrdpo::logits_logprobs_forward", mutates_args=())
+def _forward_op(policy: Tensor, ref: Optional[Tensor], labels: Tensor, ignore_index: int, validate: bool,
+                inplace_backward: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(policy logp, policy lse, ref logp) with labels' shape; ref logp is empty when ref is None.
+    `inplace_backward` is only read by the autograd formula."""
+    chosen = resolve_backend(_op_name(ref is not None), backend, policy.device)
+    if validate:
+        check_label_range(labels, policy.shape[-1], ignore_index)
+    logp, lse, ref_logp = _FORWARD[chosen](policy, ref, labels, ignore_index)
+    shape = labels.shape
+    ref_logp = ref_logp.view(shape) if ref_logp is not None else logp.new_empty(0)
+    return logp.view(shape), lse.view(shape), ref_logp
+
+
+@_forward_op.register_fake
+def _(policy, ref, labels, ignore_index, validate, inplace_backward, backend):
+    out = lambda: labels.new_empty(labels.shape, dtype=torch.float32)  # noqa: E731
+    return out(), out(), (out() if ref is not None else labels.new_empty(0, dtype=torch.float32))
+
+
+@torch.library.custom_op("fasttrdpo::logits_logprobs_backward", mutates_args=())
+def _backward_op(grad_logp: Tensor, logits: Tensor, lse: Tensor, labels: Tensor, ignore_index: int,
+                 backend: str) -> Tensor:
+    """g·(onehot − softmax(logits)) in a new contiguous tensor of the logits' shape and dtype."""
+    chosen = resolve_backend("token_logprobs_backward", backend, logits.device)
+    grad = _BACKWARD[chosen](grad_logp.reshape(-1).float().contiguous(), logits, lse.reshape(-1).contiguous(),
+                             labels, ignore_index, False)
+    return grad.contiguous()
+
+
+@_backward_op.register_fake
+def _(grad_logp, logits, lse, labels, ignore_index, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op("fasttrdpo::logits_logprobs_backward_", mutates_args=("logits",))
+def _backward_inplace_op(grad_logp: Tensor, logits: Tensor, lse: Tensor, labels: Tensor, ignore_index: int,
+                         backend: str) -> None:
+    """Same as the backward op, written over `logits`."""
+    chosen = resolve_backend("token_logprobs_backward", backend, logits.device)
+    _BACKWARD[chosen](grad_logp.reshape(-1).float().contiguous(), logits, lse.reshape(-1).contiguous(),
+                      labels, ignore_index, True)
+
+
+@_backward_inplace_op.register_fake
+def _(grad_logp, logits, lse, labels, ignore_index, backend):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    policy, _ref, labels, ignore_index, _validate, inplace_backward, backend = inputs
+    _logp, lse, _ref_logp = output
+    ctx.save_for_backward(policy, lse, labels)
+    ctx.ignore_index = ignore_index
+    ctx.inplace_backward = inplace_backward
+    ctx.backend = backend
+
+
+def _autograd_backward(ctx, grad_logp, _grad_lse, _grad_ref_logp):
+    policy, lse, labels = ctx.saved_tensors
+    if ctx.inplace_backward:
+        _backward_inplace_op(grad_logp, policy, lse, labels, ctx.ignore_index, ctx.backend)
+        grad_policy = policy
+    else:
+        grad_policy = _backward_op(grad_logp, policy, lse, labels, ctx.ignore_index, ctx.backend)
+    # Only the policy logits get a gradient: the reference is never differentiated.
+    return grad_policy, None, None, None, None, None, None
+
+
+_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API.
+# --------------------------------------------------------------------------------------------------
+
+def _check_common(labels, logits_name, logits, ignore_index, inplace_backward, validate):
+    check_float(logits_name, logits)
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{logits_name} has an empty vocabulary dimension: shape {tuple(logits.shape)}")
+    check_labels_tensor(labels, logits.shape[:-1])
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    for name, flag in (("inplace_backward", inplace_backward), ("validate", validate)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+
+
+def _check_backend_arg(backend):
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, *, ignore_index: int = -100, inplace_backward: bool = False,
+                   validate: bool = True, backend: str = "auto") -> Tensor:
+    """Per-token log-probs log_softmax(logits)[labels] in fp32 with labels' shape, 0.0 where ignored.
+
+    logits [..., V] (fp32/bf16/fp16), labels [...] int64. `inplace_backward=True` lets the backward
+    write the gradient g·(onehot − softmax) into the logits buffer (do not reuse the logits after
+    backward). `validate=False` skips the label range check (a host sync on CUDA); a label outside
+    [0, V) other than ignore_index then gives NaN instead of an error.
+    """
+    _check_common(labels, "logits", logits, ignore_index, inplace_backward, validate)
+    check_same_device(logits=logits, labels=labels)
+    _check_backend_arg(backend)
+    logp, _lse, _ = _forward_op(logits, None, labels, ignore_index, validate, inplace_backward, backend)
+    return logp
+
+
+def paired_token_logprobs(policy_logits: Tensor, ref_logits: Tensor, labels: Tensor, *, ignore_index: int = -100,
+                          inplace_backward: bool = False, validate: bool = True,
+                          backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """(policy log-probs, reference log-probs) for the same labels, both rows in one pass.
+
+    Same contract as `token_logprobs` for each model; the reference output never requires grad and
+    only the policy logits receive a gradient. The two logits tensors must share shape and device;
+    their dtypes may differ.
+    """
+    _check_common(labels, "policy_logits", policy_logits, ignore_index, inplace_backward, validate)
+    check_float("ref_logits", ref_logits)
+    if tuple(ref_logits.shape) != tuple(policy_logits.shape):
+        raise ValueError(f"ref_logits must have the shape of policy_logits {tuple(policy_logits.shape)}, "
+                         f"got {tuple(ref_logits.shape)}")
+    check_same_device(policy_logits=policy_logits, ref_logits=ref_logits, labels=labels)
+    _check_backend_arg(backend)
+    logp, _lse, ref_logp = _forward_op(policy_logits, ref_logits, labels, ignore_index, validate,
+                                       inplace_backward, backend)
+    return logp, ref_logp.detach()

@@ -1,0 +1,238 @@
+"""Per-token log-probs from logits, policy and reference rows in one launch, and their backward.
+
+What it computes. For logits z [..., V] (any float dtype, last dimension contiguous, leading
+dimensions described by at most two strides) and int64 labels y [...]:
+
+    forward   lse_i  = log sum_v exp(z_iv)        online over vocabulary blocks of BLOCK_V
+              logp_i = z_{i, y_i} - lse_i         exactly 0.0 where y_i == ignore_index,
+                                                  NaN where y_i lies outside [0, V)
+    backward  dz_iv  = g_i * (onehot(y_i)_v - exp(z_iv - lse_i))
+                                                  0 on ignored rows, NaN on rows with a bad label
+
+All math is fp32 whatever the storage dtype; log-softmax is never materialised. The forward grid is
+(rows, 2): axis 1 picks the policy or the reference logits, so both models' rows run in the same
+launch (axis 1 has size 1 when there is no reference). Only the policy gets an lse (the backward
+needs it); the reference needs none, it is never differentiated. A label outside [0, V) is never
+used as an address: its row is not scanned and its log-prob is NaN. Ignored rows are not read at all
+(prompt and padding tokens cost no bandwidth).
+
+The backward may write into the logits buffer itself (in place): each program reads one block and
+then overwrites exactly that block. The gradient is stored in the logits dtype, rounded to nearest
+even (for bf16 with an explicit integer rounding, because the Triton interpreter truncates bf16
+casts while the hardware rounds: the bit trick gives the same answer on both).
+
+Memory traffic, with b = bytes per logit (2 for bf16/fp16, 4 for fp32), counting non-ignored rows:
+    forward   reads b per logit of the policy and of the reference (each element once), plus
+              8 B of label and 4 + 4 (+ 4) B of output per row: the floor for this computation.
+    backward  reads b and writes b per policy logit (2b: 4 B/elem for bf16), plus 20 B per row
+              (label, g, lse); in place it allocates nothing. Ignored rows: b written, nothing read.
+
+Standalone: imports only torch and triton. Host-side launchers: `launch_forward`, `launch_backward`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FORWARD_BLOCK_V = 4096  # vocabulary elements per step: 16 elements per thread at 8 warps
+FORWARD_NUM_WARPS = 8
+BACKWARD_BLOCK_V = 4096  # vocabulary elements per program in the backward
+BACKWARD_NUM_WARPS = 8
+
+_TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+SUPPORTED_DTYPES = tuple(_TORCH_TO_TL)
+
+
+@triton.jit
+def _row_offset(row, inner_size, stride_outer, stride_inner):
+    """Element offset of row `row` when rows form an [outer, inner] grid with the given strides."""
+    row = row.to(tl.int64)
+    return (row // inner_size) * stride_outer + (row % inner_size) * stride_inner
+
+
+@triton.jit
+def _row_logprob(row_ptr, label, V, scan, BLOCK_V: tl.constexpr):
+    """(z_label - lse, lse) of one row in fp32; when `scan` is False the row is not read at all."""
+    offs = tl.arange(0, BLOCK_V)
+    run_max = tl.full((), float("-inf"), tl.float32)
+    run_sum = tl.full((), 0.0, tl.float32)
+    v_end = tl.where(scan, V, 0)
+    for start in range(0, v_end, BLOCK_V):
+        cols = start + offs
+        in_row = cols < V
+        # Load with a neutral `other` and apply -inf afterwards: the interpreter carries bf16 as
+        # uint16, so an `other=-inf` would be cast to an integer there.
+        x = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        x = tl.where(in_row, x, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(x, axis=0))
+        # While every value seen is -inf, shift by 0: exp(-inf - (-inf)) would be NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(x - shift), axis=0)
+        run_max = new_max
+    lse = run_max + tl.log(tl.where(scan, run_sum, 1.0))  # an unscanned row has run_sum 0
+    label_logit = tl.load(row_ptr + label, mask=scan, other=0.0).to(tl.float32)
+    return label_logit - lse, lse
+
+
+@triton.jit
+def token_logprobs_forward_kernel(
+    policy_ptr,  # logits of the policy, [rows, V] through (outer, inner) strides, last dim contiguous
+    ref_ptr,  # logits of the reference, same layout rules (ignored when HAS_REF is False)
+    labels_ptr,  # *i64 [rows], contiguous
+    policy_logp_ptr,  # *fp32 [rows]
+    policy_lse_ptr,  # *fp32 [rows]
+    ref_logp_ptr,  # *fp32 [rows] (ignored when HAS_REF is False)
+    V,  # vocabulary size
+    inner_size,  # rows per outer index (rows = outer * inner_size)
+    policy_stride_outer, policy_stride_inner,
+    ref_stride_outer, ref_stride_inner,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    HAS_REF: tl.constexpr,
+):
+    row = tl.program_id(0)
+    model = tl.program_id(1)  # 0: policy, 1: reference
+    label = tl.load(labels_ptr + row)
+    ignored = label == ignore_index
+    in_range = (label >= 0) & (label < V)
+    scan = in_range & (label != ignore_index)
+    safe_label = tl.where(scan, label, 0)
+    bad = tl.full((), float("nan"), tl.float32)
+    if model == 0:
+        row_ptr = policy_ptr + _row_offset(row, inner_size, policy_stride_outer, policy_stride_inner)
+        logp, lse = _row_logprob(row_ptr, safe_label, V, scan, BLOCK_V)
+        tl.store(policy_logp_ptr + row, tl.where(ignored, 0.0, tl.where(scan, logp, bad)))
+        tl.store(policy_lse_ptr + row, tl.where(ignored, 0.0, tl.where(scan, lse, bad)))
+    if HAS_REF:
+        if model == 1:
+            row_ptr = ref_ptr + _row_offset(row, inner_size, ref_stride_outer, ref_stride_inner)
+            logp, lse = _row_logprob(row_ptr, safe_label, V, scan, BLOCK_V)
+            tl.store(ref_logp_ptr + row, tl.where(ignored, 0.0, tl.where(scan, logp, bad)))
+
+
+@triton.jit
+def _round_to(x, OUT_DTYPE: tl.constexpr):
+    """fp32 -> OUT_DTYPE, round to nearest even on the hardware and in the interpreter alike."""
+    if OUT_DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # keep NaN a NaN (the carry could make it inf)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(OUT_DTYPE)
+
+
+@triton.jit
+def token_logprobs_backward_kernel(
+    logits_ptr,  # policy logits, [rows, V] through (outer, inner) strides
+    grad_logits_ptr,  # output, same dtype as the logits; may be the logits buffer itself
+    grad_logp_ptr,  # *fp32 [rows], contiguous: upstream gradient g
+    lse_ptr,  # *fp32 [rows]: the forward's log-sum-exp
+    labels_ptr,  # *i64 [rows]
+    V,
+    inner_size,
+    in_stride_outer, in_stride_inner,
+    out_stride_outer, out_stride_inner,
+    ignore_index,
+    OUT_DTYPE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_row = cols < V
+    label = tl.load(labels_ptr + row)
+    active = label != ignore_index
+    g = tl.load(grad_logp_ptr + row)
+    lse = tl.load(lse_ptr + row)  # NaN for a label outside [0, V): the row's gradient is NaN too
+    z = tl.load(logits_ptr + _row_offset(row, inner_size, in_stride_outer, in_stride_inner) + cols,
+                mask=in_row & active, other=0.0).to(tl.float32)
+    prob = tl.exp(z - lse)
+    onehot = tl.where(cols == label, 1.0, 0.0)  # the label is compared, never used as an address
+    grad = tl.where(active, g * (onehot - prob), 0.0)
+    out_ptr = grad_logits_ptr + _row_offset(row, inner_size, out_stride_outer, out_stride_inner)
+    tl.store(out_ptr + cols, _round_to(grad, OUT_DTYPE), mask=in_row)
+
+
+def launch_forward(policy, ref, labels, policy_logp, policy_lse, ref_logp, *, rows, inner_size,
+                   policy_strides, ref_strides, ignore_index, block_v=FORWARD_BLOCK_V):
+    """One launch for policy (and reference, when `ref` is not None) rows.
+
+    Caller guarantees: logits with stride 1 in the last dimension and row r at offset
+    (r // inner_size) * strides[0] + (r % inner_size) * strides[1]; labels int64 contiguous [rows];
+    outputs fp32 contiguous [rows]; everything on one device; rows > 0 and V > 0.
+    """
+    has_ref = ref is not None
+    grid = (rows, 2 if has_ref else 1)
+    token_logprobs_forward_kernel[grid](
+        policy, ref if has_ref else policy, labels,
+        policy_logp, policy_lse, ref_logp if has_ref else policy_logp,
+        policy.shape[-1], inner_size,
+        policy_strides[0], policy_strides[1],
+        *(ref_strides if has_ref else policy_strides),
+        ignore_index,
+        BLOCK_V=block_v, HAS_REF=has_ref, num_warps=FORWARD_NUM_WARPS,
+    )
+
+
+def launch_backward(grad_logp, logits, lse, labels, grad_logits, *, rows, inner_size, in_strides,
+                    out_strides, ignore_index, block_v=BACKWARD_BLOCK_V):
+    """Write g * (onehot - softmax) into `grad_logits` (may be `logits` itself, for in place).
+
+    Caller guarantees: the layout rules of `launch_forward` for logits and grad_logits (same dtype),
+    grad_logp / lse fp32 contiguous [rows], labels int64 contiguous [rows].
+    """
+    V = logits.shape[-1]
+    grid = (rows, triton.cdiv(V, block_v))
+    token_logprobs_backward_kernel[grid](
+        logits, grad_logits, grad_logp, lse, labels,
+        V, inner_size,
+        in_strides[0], in_strides[1], out_strides[0], out_strides[1],
+        ignore_index,
+        OUT_DTYPE=_TORCH_TO_TL[grad_logits.dtype], BLOCK_V=block_v, num_warps=BACKWARD_NUM_WARPS,
+    )
+    # The kernel may have written through the logits' address: bump autograd's version counter.
+    if grad_logits.data_ptr() == logits.data_ptr():
+        torch.autograd.graph.increment_version(logits)
+
+
+def aot_specs():
+    """The configurations the launchers use: forward for every (policy dtype, ref dtype) pair, with
+    and without a reference; backward for every dtype."""
+    names = {tl.float32: "fp32", tl.bfloat16: "bf16", tl.float16: "fp16"}
+    ptr = {t: "*" + names[t] for t in names}
+    specs = []
+    for pt in names:
+        for rt in [None, *names]:
+            specs.append({
+                "name": f"token_logprobs_forward_{names[pt]}" + (f"_ref_{names[rt]}" if rt is not None else ""),
+                "fn": token_logprobs_forward_kernel,
+                "signature": {
+                    "policy_ptr": ptr[pt], "ref_ptr": ptr[rt if rt is not None else pt],
+                    "labels_ptr": "*i64", "policy_logp_ptr": "*fp32", "policy_lse_ptr": "*fp32",
+                    "ref_logp_ptr": "*fp32", "V": "i32", "inner_size": "i32",
+                    "policy_stride_outer": "i32", "policy_stride_inner": "i32",
+                    "ref_stride_outer": "i32", "ref_stride_inner": "i32", "ignore_index": "i32",
+                    "BLOCK_V": "constexpr", "HAS_REF": "constexpr",
+                },
+                "constexprs": {"BLOCK_V": FORWARD_BLOCK_V, "HAS_REF": rt is not None},
+                "num_warps": FORWARD_NUM_WARPS,
+                "num_stages": 3,
+                "no_spill": True,
+            })
+        specs.append({
+            "name": f"token_logprobs_backward_{names[pt]}",
+            "fn": token_logprobs_backward_kernel,
+            "signature": {
+                "logits_ptr": ptr[pt], "grad_logits_ptr": ptr[pt], "grad_logp_ptr": "*fp32",
+                "lse_ptr": "*fp32", "labels_ptr": "*i64", "V": "i32", "inner_size": "i32",
+                "in_stride_outer": "i32", "in_stride_inner": "i32",
+                "out_stride_outer": "i32", "out_stride_inner": "i32", "ignore_index": "i32",
+                "OUT_DTYPE": "constexpr", "BLOCK_V": "constexpr",
+            },
+            "constexprs": {"OUT_DTYPE": pt, "BLOCK_V": BACKWARD_BLOCK_V},
+            "num_warps": BACKWARD_NUM_WARPS,
+            "num_stages": 3,
+            "no_spill": True,
+        })
+    return specs
