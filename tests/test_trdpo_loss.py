@@ -359,3 +359,67 @@ def test_backend_selection():
     L.TRDPOLoss(backend="eager")(ph, pw, labels, rh, rw)
     import fasttrdpo
     assert fasttrdpo.last_backend("TRDPOLoss") == "eager"
+
+
+# ---- trdpo_loss_from_logits (logits level, on fasttrdpo.ops.logits.paired_token_logprobs) ----
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("loss_type,eps,beta", [("sigmoid", 0.0, 0.1), ("ipo", 0.0, 0.3), ("robust", 0.1, 0.2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_trdpo_loss_from_logits_matches_float64(backend, loss_type, eps, beta, dtype):
+    g = torch.Generator().manual_seed(13)
+    B, T, V = 6, 7, 53
+    policy = (3 * torch.randn(B, T, V, generator=g)).to(dtype)
+    refl = (policy.float() + torch.randn(B, T, V, generator=g)).to(dtype)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[:, :2] = -100
+    labels[4, :] = -100
+    x = policy.clone().requires_grad_()
+    loss, metrics = L.trdpo_loss_from_logits(x, refl, labels, beta=beta, loss_type=loss_type, label_smoothing=eps,
+                                             backend=backend)
+    loss.backward()
+
+    mask = labels != -100
+    z = policy.double().requires_grad_()
+    tok = torch.log_softmax(z, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    rtok = torch.log_softmax(refl.double(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    s, r, n = tok.sum(1), rtok.sum(1), mask.sum(1)
+    P = B // 2
+
+    def L_of(s_):
+        return ref_preference_losses(s_[:P], s_[P:], r[:P], r[P:], beta, loss_type, eps, n[:P], n[P:]).mean()
+    exp_loss = L_of(s)
+    (exp_grad,) = torch.autograd.grad(exp_loss, z)
+
+    # Bounds (module docstring), logits level: no GEMM term, p's relative error 2·token bound + 4u.
+    s_err = (logprob_tolerance(z.detach()) * mask).sum(1) + (n + 1) * U32 * tok.detach().abs().sum(1)
+    r_err = (logprob_tolerance(refl.double()) * mask).sum(1) + (n + 1) * U32 * rtok.abs().sum(1)
+    sd = s.detach().clone().requires_grad_()
+    c_row = torch.autograd.grad(L_of(sd), sd)[0]
+    hess = torch.autograd.functional.hessian(L_of, s.detach().clone())
+    loss_tol = 2 * (c_row.abs() * (s_err + r_err)).sum() + 16 * U32 * (exp_loss.abs() + beta * (s - r).abs().max())
+    _assert_within(loss, exp_loss.detach(), loss_tol, "loss")
+    dc = (2 * hess.abs() @ (s_err + r_err) + 8 * U32 * c_row.abs()).unsqueeze(1) * mask
+    p = torch.softmax(z.detach(), -1)
+    onehot = torch.zeros_like(p).scatter_(-1, labels.clamp(min=0).unsqueeze(-1), 1.0)
+    rho = (2 * logprob_tolerance(z.detach()) + 4 * U32).unsqueeze(-1)
+    tol = dc.unsqueeze(-1) * (p - onehot).abs() + (c_row.abs().unsqueeze(1) * mask).unsqueeze(-1) * rho * p \
+        + 4 * U32 * exp_grad.abs()
+    if dtype == torch.bfloat16:
+        tol = tol + 2.0 ** -8 * (exp_grad.abs() + tol)
+    assert x.grad.dtype == dtype
+    _assert_within(x.grad, exp_grad, tol, "grad_logits")
+    exp_logits_chosen = (z.detach().mean(-1) * mask)[:P].sum() / mask[:P].sum()
+    torch.testing.assert_close(metrics["logits/chosen"].double(), exp_logits_chosen, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(metrics["logps/rejected"].double(), s[P:].detach().mean(), rtol=1e-5, atol=1e-5)
+
+
+def test_trdpo_loss_from_logits_bad_args():
+    x = torch.zeros(4, 3, 5)
+    labels = torch.zeros(4, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="beta"):
+        L.trdpo_loss_from_logits(x, x, labels, beta=0)
+    with pytest.raises(ValueError, match="even number of rows"):
+        L.trdpo_loss_from_logits(x[:3], x[:3], labels[:3])
+    with pytest.raises(ValueError, match="ref_logits"):
+        L.trdpo_loss_from_logits(x, x[:, :2], labels)
