@@ -16,7 +16,6 @@
 // is read before the row is overwritten). Rows whose label is ignored get 0; rows whose label lies
 // outside [0, V) get NaN (their log-prob was NaN), and no out-of-bounds element is ever read.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -86,18 +85,21 @@ inline float label_logprob(const T* z, int64_t V, int64_t y, float lse) {
   return (y >= 0 && y < V) ? to_f32(z[y]) - lse : kNaN;
 }
 
-template <typename T>
-void forward_kernel(const at::Tensor& policy, const c10::optional<at::Tensor>& ref, const at::Tensor& labels,
-                    int64_t ignore_index, at::Tensor& policy_logp, at::Tensor& policy_lse, at::Tensor* ref_logp) {
+// One task per range of rows; the reference row of a token is done right after its policy row.
+// TP / TR: storage dtypes of the policy and reference logits (they may differ, e.g. an fp32 policy
+// head beside a bf16 reference).
+template <typename TP, typename TR>
+void forward_kernel(const at::Tensor& policy, const at::Tensor* ref, const at::Tensor& labels, int64_t ignore_index,
+                    at::Tensor& policy_logp, at::Tensor& policy_lse, at::Tensor* ref_logp) {
   const int64_t N = policy.size(0), V = policy.size(1);
-  const T* pz = policy.const_data_ptr<T>();
+  const TP* pz = policy.const_data_ptr<TP>();
   const int64_t ps = policy.stride(0);
-  const T* rz = ref_logp ? ref->const_data_ptr<T>() : nullptr;
-  const int64_t rs = ref_logp ? ref->stride(0) : 0;
+  const TR* rz = ref ? ref->const_data_ptr<TR>() : nullptr;
+  const int64_t rs = ref ? ref->stride(0) : 0;
   const int64_t* lab = labels.const_data_ptr<int64_t>();
   float* out_p = policy_logp.data_ptr<float>();
   float* out_lse = policy_lse.data_ptr<float>();
-  float* out_r = ref_logp ? ref_logp->data_ptr<float>() : nullptr;
+  float* out_r = ref ? ref_logp->data_ptr<float>() : nullptr;
   at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t y = lab[i];
@@ -111,11 +113,26 @@ void forward_kernel(const at::Tensor& policy, const c10::optional<at::Tensor>& r
       out_lse[i] = lse;
       out_p[i] = label_logprob(pz + i * ps, V, y, lse);
       if (out_r) {
-        const T* row = rz + i * rs;
+        const TR* row = rz + i * rs;
         out_r[i] = label_logprob(row, V, y, row_logsumexp(row, V));
       }
     }
   });
+}
+
+// Calls fn(TypeTag<T>{}) with T the C++ type of a float32 / bfloat16 / float16 tensor.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+template <typename Fn>
+void dispatch_float(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kFloat: return fn(TypeTag<float>{});
+    case at::kBFloat16: return fn(TypeTag<c10::BFloat16>{});
+    case at::kHalf: return fn(TypeTag<c10::Half>{});
+    default: TORCH_CHECK(false, "unsupported dtype ", t);
+  }
 }
 
 void check_logits(const char* name, const at::Tensor& z) {
@@ -143,18 +160,19 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> paired_logprobs_fo
     check_logits("reference logits", *ref);
     TORCH_CHECK(ref->sizes() == policy.sizes(), "reference logits must have the policy's shape ", policy.sizes(),
                 ", got ", ref->sizes());
-    TORCH_CHECK(ref->scalar_type() == policy.scalar_type(), "reference logits must have the policy's dtype ",
-                policy.scalar_type(), ", got ", ref->scalar_type());
   }
   const auto f32 = policy.options().dtype(at::kFloat);
   at::Tensor policy_logp = at::empty({N}, f32), policy_lse = at::empty({N}, f32);
   c10::optional<at::Tensor> ref_logp;
   if (ref.has_value()) ref_logp = at::empty({N}, f32);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, policy.scalar_type(), "paired_logprobs_forward", [&] {
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      forward_kernel<scalar_t>(policy, ref, labels, ignore_index, policy_logp, policy_lse,
-                               ref_logp.has_value() ? &*ref_logp : nullptr);
-    }
+  const at::Tensor* ref_ptr = ref.has_value() ? &*ref : nullptr;
+  at::Tensor* ref_out = ref_logp.has_value() ? &*ref_logp : nullptr;
+  dispatch_float(policy.scalar_type(), [&](auto ptag) {
+    using TP = typename decltype(ptag)::type;
+    dispatch_float(ref_ptr ? ref_ptr->scalar_type() : policy.scalar_type(), [&](auto rtag) {
+      using TR = typename decltype(rtag)::type;
+      forward_kernel<TP, TR>(policy, ref_ptr, labels, ignore_index, policy_logp, policy_lse, ref_out);
+    });
   });
   return {policy_logp, policy_lse, ref_logp};
 }
@@ -197,10 +215,8 @@ void backward_kernel(const at::Tensor& grad, const at::Tensor& logits, const at:
 
 at::Tensor backward_impl(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& lse,
                          const at::Tensor& labels, int64_t ignore_index, at::Tensor out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprobs_backward", [&] {
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      backward_kernel<scalar_t>(grad, logits, lse, labels, ignore_index, out);
-    }
+  dispatch_float(logits.scalar_type(), [&](auto tag) {
+    backward_kernel<typename decltype(tag)::type>(grad, logits, lse, labels, ignore_index, out);
   });
   return out;
 }

@@ -142,6 +142,7 @@ def backends() -> list[str]:
         names += ["cpp"] if cpp_loadable() else []
     """
     names = ["eager", "triton"]
+    names += ["cpp"] if cpp_loadable() else []
     return names
 
 

@@ -166,6 +166,14 @@ def test_forward_matches_float64(cpp, n, v, dtype):
     _check_forward(policy, ref, labels, -100, cpp.paired_logprobs_forward(policy, ref, labels, -100))
 
 
+@pytest.mark.parametrize("policy_dtype", DTYPES)
+@pytest.mark.parametrize("ref_dtype", DTYPES)
+def test_forward_mixed_policy_and_reference_dtypes(cpp, policy_dtype, ref_dtype):
+    policy, _, labels = _make(5, 333, policy_dtype, seed=21)
+    _, ref, _ = _make(5, 333, ref_dtype, seed=22)
+    _check_forward(policy, ref, labels, -100, cpp.paired_logprobs_forward(policy, ref, labels, -100))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_forward_without_reference_and_custom_ignore_index(cpp, dtype):
     policy, _, labels = _make(7, 300, dtype, seed=3, ignore_index=0)  # 0 is also a valid token id
@@ -227,8 +235,8 @@ def test_forward_strided_rows_and_bad_arguments(cpp):
         cpp.paired_logprobs_forward(buf.T, None, torch.zeros(130, dtype=torch.long), -100)
     with pytest.raises(RuntimeError, match="shape"):
         cpp.paired_logprobs_forward(policy, buf[:5, :100], labels, -100)
-    with pytest.raises(RuntimeError, match="dtype"):
-        cpp.paired_logprobs_forward(policy, policy.to(torch.bfloat16), labels, -100)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        cpp.paired_logprobs_forward(policy.double(), None, labels, -100)
     with pytest.raises(RuntimeError, match="labels"):
         cpp.paired_logprobs_forward(policy, None, labels.int(), -100)
 
