@@ -3,3 +3,4 @@
 callback.py: a drop-in for TRL's SyncRefModelCallback that blends with the fused kernel.
 dpo.py: makes DPOTrainer compute its loss through fasttrdpo.loss.TRDPOLoss.
 """
+from .callback import FusedSyncRefModelCallback  # noqa: F401

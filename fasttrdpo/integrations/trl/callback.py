@@ -1,0 +1,129 @@
+"""FusedSyncRefModelCallback: a drop-in for TRL's SyncRefModelCallback that blends with fasttrdpo.
+
+TRL's callback loops over parameters with `mul_` + `add_` (two kernels per tensor, 10 B/element in
+bf16), gathers everything to rank 0 under ZeRO-3, forgets the reference on resume and refuses PEFT.
+This one runs one fused `blend_` over all parameters through `fasttrdpo.RefModelUpdater` (DDP: every
+rank blends its copy; FSDP2: local shards only), saves the reference beside every checkpoint and
+restores it on resume, and updates a PEFT reference adapter.
+
+Swap it into TRL's DPOTrainer (same schedule: `ref_model_sync_steps`, `ref_model_mixup_alpha`):
+
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=DPOConfig(..., sync_ref_model=True,
+                         ref_model_mixup_alpha=0.6, ref_model_sync_steps=512), ...)
+    FusedSyncRefModelCallback.replace_in(trainer)   # removes TRL's SyncRefModelCallback, adds this one
+    trainer.train()
+
+PEFT (TRL raises for sync_ref_model=True with PEFT): give the PeftModel a second adapter named "ref"
+(TRL's DPOTrainer then uses it as the reference), keep sync_ref_model=False, and add the callback:
+
+    model.add_adapter("ref", lora_config)
+    trainer = DPOTrainer(model=model, args=DPOConfig(..., sync_ref_model=False), ...)
+    trainer.add_callback(FusedSyncRefModelCallback(alpha=1.0, tau=512))   # exact hard update of the adapter
+
+(alpha < 1 on LoRA factors needs lora_soft="factors": see fasttrdpo.ref_update for why it is not exact.)
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import TrainerCallback
+
+from ...ref_update import RefModelUpdater, unwrap_model
+
+STATE_FILE = "fasttrdpo_ref_update.pt"
+_log = logging.getLogger("fasttrdpo")
+
+
+class FusedSyncRefModelCallback(TrainerCallback):
+    """Blend the reference toward the policy every `tau` optimizer steps (at on_step_end).
+
+    Args:
+        ref_model: the reference model (TRL's `trainer.ref_model`); None with a PEFT policy that carries
+            a reference adapter (`ref_adapter`, default "ref").
+        accelerator: optional; used to unwrap the policy (as TRL's callback does).
+        alpha, tau: default to the trainer args' `ref_model_mixup_alpha` / `ref_model_sync_steps`.
+        policy_adapter, ref_adapter, lora_soft, check_finite, backend: passed to RefModelUpdater.
+        resume_from: checkpoint folder to restore the reference from at train begin; by default
+            `<output_dir>/checkpoint-<global_step>` when training resumes (global_step > 0).
+    """
+
+    def __init__(self, ref_model: torch.nn.Module | None = None, accelerator=None, *, alpha: float | None = None,
+                 tau: int | None = None, policy_adapter: str | None = None, ref_adapter: str | None = None,
+                 lora_soft: str = "error", check_finite: bool = True, backend: str = "auto",
+                 resume_from: str | None = None):
+        self.ref_model = ref_model
+        self.accelerator = accelerator
+        self.alpha, self.tau = alpha, tau
+        self.policy_adapter, self.ref_adapter = policy_adapter, ref_adapter
+        self.lora_soft, self.check_finite, self.backend = lora_soft, check_finite, backend
+        self.resume_from = resume_from
+        self.updater: RefModelUpdater | None = None
+
+    @classmethod
+    def replace_in(cls, trainer, **kwargs) -> "FusedSyncRefModelCallback":
+        """Remove TRL's SyncRefModelCallback from `trainer` and add this callback in its place."""
+        from trl.trainer.callbacks import SyncRefModelCallback
+
+        trainer.remove_callback(SyncRefModelCallback)
+        callback = cls(ref_model=getattr(trainer, "ref_model", None), accelerator=getattr(trainer, "accelerator", None),
+                       **kwargs)
+        trainer.add_callback(callback)
+        return callback
+
+    def _policy(self, model):
+        if self.accelerator is not None:
+            model = self.accelerator.unwrap_model(model)
+        return unwrap_model(model)
+
+    def _build(self, args, model) -> RefModelUpdater:
+        if model is None:
+            raise ValueError("FusedSyncRefModelCallback needs the trainer's model (callback kwargs 'model')")
+        policy = self._policy(model)
+        alpha = self.alpha if self.alpha is not None else getattr(args, "ref_model_mixup_alpha", None)
+        tau = self.tau if self.tau is not None else getattr(args, "ref_model_sync_steps", None)
+        if alpha is None or tau is None:
+            raise ValueError("alpha and tau must be given, or the training args must define "
+                             "ref_model_mixup_alpha and ref_model_sync_steps (TRL's DPOConfig does)")
+        ref = self.ref_model if self.ref_model is not None else policy  # None: a PEFT reference adapter
+        return RefModelUpdater(policy=policy, ref=ref, alpha=alpha, tau=tau, check_finite=self.check_finite,
+                               backend=self.backend, policy_adapter=self.policy_adapter,
+                               ref_adapter=self.ref_adapter, lora_soft=self.lora_soft)
+
+    def _state_path(self, folder: str, args) -> str:
+        # DDP ranks hold identical references (rank 0 writes); FSDP2 ranks hold different shards.
+        sharded = self.updater is not None and any(
+            type(p).__name__ == "DTensor" for p in self.updater._tensors()[0])
+        rank = int(getattr(args, "process_index", 0) or 0)
+        return os.path.join(folder, f"{STATE_FILE[:-3]}.rank{rank}.pt" if sharded else STATE_FILE)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.updater = self._build(args, model)
+        folder = self.resume_from
+        if folder is None and state.global_step > 0:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if folder is not None:
+            path = self._state_path(folder, args)
+            if os.path.isfile(path):
+                self.updater.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            else:
+                raise FileNotFoundError(
+                    f"resuming at step {state.global_step} but {path} does not exist: the reference weights "
+                    "would silently restart from the initial model. Pass resume_from=<checkpoint folder>.")
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.updater is None:  # a trainer that skipped on_train_begin
+            self.updater = self._build(args, model)
+        self.updater.step(global_step=state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.updater is None:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        path = self._state_path(folder, args)
+        if path.endswith(STATE_FILE) and not state.is_world_process_zero:
+            return
+        os.makedirs(folder, exist_ok=True)
+        torch.save(self.updater.state_dict(), path + ".tmp")
+        os.replace(path + ".tmp", path)

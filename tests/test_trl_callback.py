@@ -1,0 +1,119 @@
+"""FusedSyncRefModelCallback inside TRL's DPOTrainer vs TRL's own SyncRefModelCallback.
+
+Tiny GPTNeoX (fasttrdpo.tiny), a few in-process preference rows, 8 optimizer steps, sync_ref_model=True,
+α = 0.6, τ = 2, fp32, CPU. The two callbacks round differently (TRL: (1−α)·r + α·p with two roundings
+per element, ours r + α·(p − r)), so the references differ by a few fp32 ulps per update, and the
+policies see reference log-probs that differ at that level; after 4 updates of weights of size ~0.1
+the gap stays far below the 1e-6 the issue fixes (a missed or extra update moves weights by ~1e-3).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+from datasets import Dataset  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+from trl import DPOConfig, DPOTrainer  # noqa: E402
+from trl.trainer.callbacks import SyncRefModelCallback  # noqa: E402
+
+from fasttrdpo.integrations.trl import FusedSyncRefModelCallback  # noqa: E402
+from fasttrdpo.tiny import tiny_model, tiny_tokenizer  # noqa: E402
+
+ALPHA, TAU, STEPS = 0.6, 2, 8
+MODEL_KW = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+
+
+def _rows():
+    # Different chosen/rejected texts so the DPO gradient is non-zero from step 1.
+    return [{"prompt": f"Q{i}: 2+{i}?", "chosen": f" {2 + i}.", "rejected": f" no{i}!"} for i in range(4)]
+
+
+def _trainer(tmp_path, **cfg_kw):
+    policy = tiny_model(seed=0, **MODEL_KW)
+    ref = tiny_model(seed=1, **MODEL_KW)  # a different start: the blend must move it toward the policy
+    cfg = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=STEPS, learning_rate=1e-2,
+                    beta=0.1, sync_ref_model=True, ref_model_mixup_alpha=ALPHA, ref_model_sync_steps=TAU,
+                    report_to=[], use_cpu=True, seed=0, logging_steps=10 ** 6, disable_dropout=True,
+                    lr_scheduler_type="constant", dataloader_num_workers=0, max_length=None,
+                    **{"save_strategy": "no", **cfg_kw})
+    return DPOTrainer(model=policy, ref_model=ref, args=cfg, train_dataset=Dataset.from_list(_rows()),
+                      processing_class=tiny_tokenizer())
+
+
+def _ref_state(trainer):
+    return {n: p.detach().clone() for n, p in trainer.ref_model.named_parameters()}
+
+
+def _callbacks(trainer, cls):
+    return [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, cls)]
+
+
+def test_matches_trl_sync_ref_model_callback(tmp_path):
+    trl_trainer = _trainer(tmp_path / "trl")
+    assert len(_callbacks(trl_trainer, SyncRefModelCallback)) == 1
+    initial = _ref_state(trl_trainer)
+    trl_trainer.train()
+    trl_ref = _ref_state(trl_trainer)
+
+    ours_trainer = _trainer(tmp_path / "ours")
+    cb = FusedSyncRefModelCallback.replace_in(ours_trainer)
+    assert _callbacks(ours_trainer, SyncRefModelCallback) == []
+    assert _callbacks(ours_trainer, FusedSyncRefModelCallback) == [cb]
+    ours_trainer.train()
+    ours_ref = _ref_state(ours_trainer)
+
+    assert ours_trainer.state.global_step == STEPS
+    assert cb.updater.num_updates == STEPS // TAU and cb.updater.last_update_step == STEPS
+    max_diff = max((trl_ref[n] - ours_ref[n]).abs().max().item() for n in trl_ref)
+    assert max_diff <= 1e-6, max_diff
+    # The updates did something: the reference moved by far more than the tolerance.
+    moved = max((trl_ref[n] - initial[n]).abs().max().item() for n in trl_ref)
+    assert moved > 1e-2
+
+
+class _Capture(TrainerCallback):
+    """Snapshots of the reference: after the update of `at_step`, and at train begin (after ours ran)."""
+
+    def __init__(self, ref_model, at_step=None):
+        self.ref_model, self.at_step, self.snap, self.begin = ref_model, at_step, None, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.begin = {n: p.detach().clone() for n, p in self.ref_model.named_parameters()}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at_step:
+            self.snap = {n: p.detach().clone() for n, p in self.ref_model.named_parameters()}
+
+
+def test_resume_restores_reference(tmp_path):
+    """Checkpoint at step 4 (after the update of step 4), resume in a fresh trainer whose reference is the
+    initial model again: our callback restores the step-4 reference bit for bit and the updater counters
+    (TRL's callback would silently restart from the initial reference)."""
+    first = _trainer(tmp_path, save_strategy="steps", save_steps=4)
+    FusedSyncRefModelCallback.replace_in(first)
+    at4 = _Capture(first.ref_model, at_step=4)
+    first.add_callback(at4)  # after ours: sees the reference after the step-4 update
+    first.train()
+    ckpt = os.path.join(tmp_path, "checkpoint-4")
+    assert os.path.isfile(os.path.join(ckpt, "fasttrdpo_ref_update.pt"))
+
+    second = _trainer(tmp_path)
+    initial = _ref_state(second)
+    cb = FusedSyncRefModelCallback.replace_in(second)
+    begin = _Capture(second.ref_model)
+    second.add_callback(begin)
+    second.train(resume_from_checkpoint=ckpt)
+    assert any(not torch.equal(initial[n], at4.snap[n]) for n in initial)  # restoring is observable
+    for n in initial:
+        assert torch.equal(begin.begin[n], at4.snap[n]), n
+    assert cb.updater.num_updates == STEPS // TAU and cb.updater.last_update_step == STEPS
+
+    # Resuming without the saved file is an error, not a silent restart from the initial reference.
+    os.remove(os.path.join(ckpt, "fasttrdpo_ref_update.pt"))
+    third = _trainer(tmp_path)
+    FusedSyncRefModelCallback.replace_in(third)
+    with pytest.raises(FileNotFoundError, match="fasttrdpo_ref_update"):
+        third.train(resume_from_checkpoint=ckpt)
