@@ -216,9 +216,7 @@ def _blend_contiguous(refs, policies, alpha: float, backend: str) -> None:
         from fasttrdpo.kernels.blend import launch_blend
 
         launch_blend(rs, ps, alpha)
-    elif alpha == 1.0:  # cpp: the cast-copy is a copy whatever the backend; copy_ rounds to nearest even
-        torch._foreach_copy_(rs, ps)
-    else:
+    else:  # cpp (its alpha = 1 is a cast-copy too)
         from .. import _cpp
 
         _cpp.blend_(rs, ps, alpha)
