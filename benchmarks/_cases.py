@@ -11,7 +11,6 @@ then reported as skipped with that reason, never left out.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -63,14 +62,6 @@ def _build_cpp():
     except Exception as e:
         raise Skip(f"fasttrdpo.build_cpp() failed: {type(e).__name__}: {e}")
     return fasttrdpo
-
-
-def _set_backend(backend: str | None):
-    """fasttrdpo reads FASTTRDPO_BACKEND at every call; the worker is a fresh process, so setting it is local."""
-    if backend is None:
-        os.environ.pop("FASTTRDPO_BACKEND", None)
-    else:
-        os.environ["FASTTRDPO_BACKEND"] = backend
 
 
 def _sample(t: torch.Tensor, k: int = 64) -> list[float]:
@@ -179,10 +170,10 @@ class LossStep:
         "trl-chunked": "trl.kernels.ChunkedLogProbFunction on non-ignored positions (TRL 1.16 DPOTrainer)",
         "liger": "liger_kernel.chunked_loss.LigerFusedLinearDPOLoss(compiled=False)",
         "liger-compiled": "liger_kernel.chunked_loss.LigerFusedLinearDPOLoss(compiled=True)",
-        "fasttrdpo-eager": "fasttrdpo.loss.TRDPOLoss, FASTTRDPO_BACKEND=eager (loss finished per chunk of pairs)",
+        "fasttrdpo-eager": "fasttrdpo.loss.TRDPOLoss(backend='eager') (loss and gradient finished per chunk of pairs)",
         "fasttrdpo-op-eager": "fasttrdpo.paired_linear_token_logprobs(backend='eager') + sigmoid DPO loss",
-        "fasttrdpo-cpp": "fasttrdpo.loss.TRDPOLoss, FASTTRDPO_BACKEND=cpp (fasttrdpo.build_cpp())",
-        "fasttrdpo-triton": "fasttrdpo.loss.TRDPOLoss, FASTTRDPO_BACKEND=triton (CUDA)",
+        "fasttrdpo-cpp": "fasttrdpo.loss.TRDPOLoss(backend='cpp') after fasttrdpo.build_cpp()",
+        "fasttrdpo-triton": "fasttrdpo.loss.TRDPOLoss(backend='triton') (CUDA)",
     }
     BASELINES = ("trl", "trl-chunked")
 
@@ -253,8 +244,7 @@ class LossStep:
                 if device.type != "cpu":
                     raise Skip("the C++ backend runs on CPU tensors only")
                 _build_cpp()
-            _set_backend(backend)
-            loss_mod = ft.loss.TRDPOLoss(beta=BETA, loss_type="sigmoid", ignore_index=IGNORE)
+            loss_mod = ft.loss.TRDPOLoss(beta=BETA, loss_type="sigmoid", ignore_index=IGNORE, backend=backend)
 
             def fn(x):
                 loss, metrics = loss_mod.forward(x["hidden"], x["weight"], x["labels"], x["ref_hidden"], x["ref_weight"])
@@ -507,11 +497,13 @@ _MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 class Blend:
     """θ_ref ← θ_ref + α(θ − θ_ref) over a whole parameter list, in place."""
 
-    IMPLS = ("trl-loop", "foreach-lerp", "fasttrdpo")
+    IMPLS = ("trl-loop", "foreach-lerp", "fasttrdpo-eager", "fasttrdpo-cpp", "fasttrdpo-triton")
     DESCRIPTIONS = {
         "trl-loop": "for each tensor: p_ref.mul_(1 - α).add_(p, alpha=α) (trl SyncRefModelCallback)",
         "foreach-lerp": "torch._foreach_lerp_(refs, policies, α) (policy cast to the ref dtype first when they differ)",
-        "fasttrdpo": "fasttrdpo.blend_(refs, policies, α) (check_finite=True, the default)",
+        "fasttrdpo-eager": "fasttrdpo.blend_(refs, policies, α, backend='eager') (check_finite=True, the default)",
+        "fasttrdpo-cpp": "fasttrdpo.blend_(..., backend='cpp') after fasttrdpo.build_cpp() (check_finite=True)",
+        "fasttrdpo-triton": "fasttrdpo.blend_(..., backend='triton') (CUDA; check_finite=True)",
     }
     BASELINES = ("trl-loop",)
 
@@ -519,9 +511,17 @@ class Blend:
         self.impl = impl
         self.device = device
         pdt, rdt = _DTYPES[shape["policy_dtype"]], _DTYPES[shape["ref_dtype"]]
-        if impl == "fasttrdpo":
+        if impl.startswith("fasttrdpo-"):
+            backend = impl.split("-", 1)[1]
+            if backend == "triton":
+                _need_cuda(device)
             ft = _fasttrdpo("blend_")
-            self._blend = lambda refs, pols, a: ft.blend_(refs, pols, a)
+            if backend == "cpp":
+                if device.type != "cpu":
+                    raise Skip("the C++ backend runs on CPU tensors only")
+                _build_cpp()
+            self._blend = lambda refs, pols, a: ft.blend_(ref_tensors=refs, policy_tensors=pols, alpha=a,
+                                                         backend=backend)
         elif impl == "trl-loop":
             def loop(refs, pols, a):
                 for r, p in zip(refs, pols):
@@ -576,6 +576,10 @@ class Blend:
         return {"checked_tensors": len(refs), "max_err_ulps_of_operand_max": worst_ulps, "checksum": total}
 
     def backend(self):
+        if self.impl.startswith("fasttrdpo"):
+            import fasttrdpo
+
+            return fasttrdpo.last_backend()
         return None
 
     @staticmethod
@@ -639,6 +643,10 @@ def run_task(task: dict) -> dict:
             res["fraction_of_copy"] = res["gbps"] / res["copy_gbps"]
     except Skip as e:
         res.update(status="skipped", reason=str(e))
+    except ImportError as e:  # code that imports lazily, on its first call, and cannot: not importable here
+        res.update(status="skipped", reason=f"not importable when called: {type(e).__name__}: {e}")
+    except NotImplementedError as e:  # the library says it does not provide this combination
+        res.update(status="skipped", reason=f"not provided: {e}")
     except Exception as e:  # reported, never hidden: the table shows it and the JSON keeps the traceback
         res.update(status="error", reason=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])
     return res
