@@ -7,10 +7,13 @@
 // share one parallel loop, so small tensors (biases, norms) do not serialize the pass.
 // Memory traffic per element: read policy, read ref, write ref (6 B for bf16/bf16, 8 B for an fp32
 // policy into a bf16 reference), the floor for this update.
+// finite_flags: the check_finite pre-pass (which policy tensors hold NaN/inf), one read of each.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
+#include <atomic>
 #include <vector>
 
 #include "vec_io.h"
@@ -97,13 +100,70 @@ void blend_(at::TensorList refs, at::TensorList policies, double alpha) {
   });
 }
 
+// True in flag[k] iff tensor k holds no NaN/inf. x·0 is 0 for finite x and NaN for ±inf or NaN, so
+// a chunk is finite iff the sum of x·0 over it is 0: one vectorized read, no branches in the loop.
+template <typename T>
+bool range_is_finite(const T* x, int64_t n) {
+  const VecF zero(0.f);
+  VecF acc(0.f), a, b;
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    load_step(x + i, a, b);
+    acc = acc + a * zero + b * zero;
+  }
+  float lanes[VecF::size()];
+  acc.store(lanes);
+  float s = 0.f;
+  for (int64_t l = 0; l < VecF::size(); ++l) s += lanes[l];
+  for (; i < n; ++i) s += to_f32(x[i]) * 0.f;
+  return s == 0.f;
+}
+
+at::Tensor finite_flags(at::TensorList tensors) {
+  const int64_t count = static_cast<int64_t>(tensors.size());
+  for (int64_t k = 0; k < count; ++k) {
+    const at::Tensor& t = tensors[k];
+    TORCH_CHECK(t.device().is_cpu(), "finite_flags: tensor ", k, " must be a CPU tensor");
+    TORCH_CHECK(is_float_dtype(t.scalar_type()), "finite_flags: tensor ", k,
+                " must be float32/bfloat16/float16, got ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), "finite_flags: tensor ", k, " must be contiguous");
+  }
+  std::vector<std::array<int64_t, 3>> chunks;  // (tensor, begin, end)
+  for (int64_t k = 0; k < count; ++k)
+    for (int64_t b = 0, n = tensors[k].numel(); b < n; b += kChunk) chunks.push_back({k, b, std::min(n, b + kChunk)});
+  // One byte per tensor; chunks only ever clear it (a racing write of the same 0 is benign as a
+  // relaxed atomic store).
+  std::vector<std::atomic<uint8_t>> ok(count);
+  for (auto& f : ok) f.store(1, std::memory_order_relaxed);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const auto [k, b, e] = chunks[c];
+      if (!ok[k].load(std::memory_order_relaxed)) continue;
+      const at::Tensor& t = tensors[k];
+      bool finite = true;
+      switch (t.scalar_type()) {
+        case at::kFloat: finite = range_is_finite(t.const_data_ptr<float>() + b, e - b); break;
+        case at::kBFloat16: finite = range_is_finite(t.const_data_ptr<c10::BFloat16>() + b, e - b); break;
+        default: finite = range_is_finite(t.const_data_ptr<c10::Half>() + b, e - b); break;
+      }
+      if (!finite) ok[k].store(0, std::memory_order_relaxed);
+    }
+  });
+  at::Tensor out = at::empty({count}, at::TensorOptions().dtype(at::kBool));
+  bool* o = out.data_ptr<bool>();
+  for (int64_t k = 0; k < count; ++k) o[k] = ok[k].load(std::memory_order_relaxed) != 0;
+  return out;
+}
+
 }  // namespace
 }  // namespace fasttrdpo
 
 TORCH_LIBRARY_FRAGMENT(fasttrdpo, m) {
   m.def("blend_(Tensor(a!)[] refs, Tensor[] policies, float alpha) -> ()");
+  m.def("finite_flags(Tensor[] tensors) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fasttrdpo, CPU, m) {
   m.impl("blend_", &fasttrdpo::blend_);
+  m.impl("finite_flags", &fasttrdpo::finite_flags);
 }

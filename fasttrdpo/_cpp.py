@@ -185,6 +185,16 @@ def blend_(ref_list, policy_list, alpha: float) -> None:
         torch.autograd.graph.increment_version(refs)
 
 
+def finite_flags(tensors) -> torch.Tensor:
+    """Bool [len(tensors)]: True where the tensor holds no NaN/inf (contiguous CPU float tensors).
+
+    One multi-threaded vectorized read of each tensor: the check_finite pass of `blend_`."""
+    ts = list(tensors)
+    if not ts:
+        return torch.ones(0, dtype=torch.bool)
+    return _ops().finite_flags(ts)
+
+
 def build_cpp() -> Path:
     """Build (once, cached; about 40 s cold, announced on stderr) and load the C++ CPU kernels.
 

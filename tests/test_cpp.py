@@ -418,3 +418,22 @@ def test_blend_many_tensors_in_one_call(cpp):
     for r0, p, r in zip(before, pols, refs):
         r32, p32 = r0.float(), p.float()
         assert torch.equal(r, (r32 + torch.tensor(0.25) * (p32 - r32)).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_finite_flags(cpp, dtype):
+    """The check_finite pre-pass: agrees with torch.isfinite(t).all() for NaN/±inf anywhere (vector
+    body, scalar tail, a later chunk of a multi-chunk tensor), empty tensors count as finite."""
+    g = torch.Generator().manual_seed(4)
+    sizes = [1, 31, 33, 1000, 70001, 0]
+    ts = [(torch.randn(n, generator=g) * 100).to(dtype) for n in sizes]
+    assert cpp.finite_flags(ts).tolist() == [True] * len(sizes)
+    big = torch.finfo(dtype).max
+    ts[0][0] = float("nan")
+    ts[1][30] = float("inf")       # scalar tail
+    ts[3][500] = float("-inf")     # vector body
+    ts[4][69000] = float("nan")    # third chunk
+    ts[2][0] = big                 # largest finite value is finite
+    flags = cpp.finite_flags(ts)
+    assert flags.tolist() == [bool(torch.isfinite(t).all()) for t in ts] == [False, False, True, False, False, True]
+    assert cpp.finite_flags([]).numel() == 0
