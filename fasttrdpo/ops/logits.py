@@ -132,14 +132,38 @@ def _triton_backward(grad_logp, logits, lse, labels, ignore_index, inplace):
     return logits if inplace else out
 
 
+def _row_chunks(t: Tensor, max_rows: int):
+    """Yield (first_row, view): views of t ([n, V] or [k, inner, V]) whose rows, in order, are t's
+    flattened rows first_row .. first_row + n − 1, never more than max(max_rows, 1) rows, never a copy.
+    t must have a `_row_layout` (the caller makes a contiguous copy otherwise)."""
+    V = t.shape[-1]
+    rows = t.numel() // V
+    inner, (s_outer, s_inner) = _row_layout(t)
+    max_rows = max(1, max_rows)
+    if inner == 1:
+        rows_2d = t.as_strided((rows, V), (s_outer, 1), t.storage_offset())
+        for start in range(0, rows, max_rows):
+            yield start, rows_2d[start:start + max_rows]
+        return
+    rows_3d = t.as_strided((rows // inner, inner, V), (s_outer, s_inner, 1), t.storage_offset())
+    if inner <= max_rows:  # whole outer slices at a time
+        step = max_rows // inner
+        for outer in range(0, rows // inner, step):
+            yield outer * inner, rows_3d[outer:outer + step]
+    else:
+        for outer in range(rows // inner):
+            for start in range(0, inner, max_rows):
+                yield outer * inner + start, rows_3d[outer, start:start + max_rows]
+
+
 def _eager_rows_forward(z: Tensor, labels: Tensor, ignore_index: int):
-    """fp32 (logp, lse) of a chunk of rows z [n, V]."""
+    """fp32 (logp, lse) of a chunk of rows z [..., V] with labels [...]."""
     V = z.shape[-1]
     z = z.float()
     ignored = labels == ignore_index
     scan = (labels >= 0) & (labels < V) & ~ignored
     lse = torch.logsumexp(z, dim=-1)
-    label_logit = z.gather(1, torch.where(scan, labels, 0).unsqueeze(1)).squeeze(1)
+    label_logit = z.gather(-1, torch.where(scan, labels, 0).unsqueeze(-1)).squeeze(-1)
     nan = torch.full_like(lse, float("nan"))
     zero = torch.zeros_like(lse)
     logp = torch.where(ignored, zero, torch.where(scan, label_logit - lse, nan))
@@ -150,40 +174,45 @@ def _eager_rows_forward(z: Tensor, labels: Tensor, ignore_index: int):
 def _eager_forward(policy, ref, labels, ignore_index):
     V = policy.shape[-1]
     labels_flat = labels.reshape(-1)
-    rows = labels_flat.numel()
-    policy_2d = policy.reshape(-1, V)
-    ref_2d = ref.reshape(-1, V) if ref is not None else None
-    out = _new_outputs(rows, ref is not None, policy.device)
-    step = max(1, EAGER_CHUNK_ELEMENTS // V)
-    for start in range(0, rows, step):
-        chunk = slice(start, start + step)
-        out[0][chunk], out[1][chunk] = _eager_rows_forward(policy_2d[chunk], labels_flat[chunk], ignore_index)
-        if ref is not None:
-            out[2][chunk] = _eager_rows_forward(ref_2d[chunk], labels_flat[chunk], ignore_index)[0]
+    out = _new_outputs(labels_flat.numel(), ref is not None, policy.device)
+    max_rows = EAGER_CHUNK_ELEMENTS // V
+    for logits, logp_out, lse_out in ((policy, out[0], out[1]), (ref, out[2] if ref is not None else None, None)):
+        if logits is None:
+            continue
+        if _row_layout(logits) is None:
+            logits = logits.contiguous()
+        for start, z in _row_chunks(logits, max_rows):
+            n = z.numel() // V
+            logp, lse = _eager_rows_forward(z, labels_flat[start:start + n].view(z.shape[:-1]), ignore_index)
+            logp_out[start:start + n] = logp.reshape(-1)
+            if lse_out is not None:
+                lse_out[start:start + n] = lse.reshape(-1)
     return out[0], out[1], (out[2] if ref is not None else None)
 
 
 def _eager_backward(grad_logp, logits, lse, labels, ignore_index, inplace):
     V = logits.shape[-1]
     labels_flat = labels.reshape(-1)
-    src = logits.reshape(-1, V)
-    view = _rows_2d(logits)
-    out = view if inplace and view is not None else torch.empty(src.shape, dtype=logits.dtype, device=logits.device)
-    step = max(1, EAGER_CHUNK_ELEMENTS // V)
-    for start in range(0, labels_flat.numel(), step):
-        chunk = slice(start, start + step)
-        lab = labels_flat[chunk]
+    src = logits if _row_layout(logits) is not None else logits.contiguous()
+    out = None if inplace else torch.empty(labels_flat.numel(), V, dtype=logits.dtype, device=logits.device)
+    for start, z in _row_chunks(src, EAGER_CHUNK_ELEMENTS // V):
+        n = z.numel() // V
+        lab = labels_flat[start:start + n].view(z.shape[:-1])
         active = lab != ignore_index
         scan = active & (lab >= 0) & (lab < V)
         # onehot − softmax, with the same rounding order as the kernels: (1 − p) at the label.
-        d = -torch.exp(src[chunk].float() - lse[chunk].unsqueeze(1))
-        d.scatter_add_(1, torch.where(scan, lab, 0).unsqueeze(1), scan.float().unsqueeze(1))
-        grad = grad_logp[chunk].unsqueeze(1) * d
-        out[chunk] = torch.where(active.unsqueeze(1), grad, 0.0)  # rounds to nearest even on cast
-    if inplace and view is None:
-        logits.copy_(out.view(logits.shape))
-        return logits
-    return out.view(logits.shape)
+        d = -torch.exp(z.float() - lse[start:start + n].view(lab.shape).unsqueeze(-1))
+        d.scatter_add_(-1, torch.where(scan, lab, 0).unsqueeze(-1), scan.float().unsqueeze(-1))
+        grad = torch.where(active.unsqueeze(-1), grad_logp[start:start + n].view(lab.shape).unsqueeze(-1) * d, 0.0)
+        if inplace:  # each chunk is read above before it is overwritten here
+            z.copy_(grad)  # rounds to nearest even on the cast
+        else:
+            out[start:start + n] = grad.reshape(n, V)
+    if not inplace:
+        return out.view(logits.shape)
+    if src is not logits:
+        logits.copy_(src)
+    return logits
 
 
 def _cpp_forward(policy, ref, labels, ignore_index):
