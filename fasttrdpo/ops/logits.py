@@ -220,10 +220,6 @@ def _cpp_forward(policy, ref, labels, ignore_index):
 
     V = policy.shape[-1]
     labels_flat = labels.reshape(-1).contiguous()
-    if ref is not None and ref.dtype != policy.dtype:  # the paired C++ pass takes one dtype: two passes
-        logp, lse, _ = _cpp.paired_logprobs_forward(policy.reshape(-1, V), None, labels_flat, ignore_index)
-        ref_logp, _, _ = _cpp.paired_logprobs_forward(ref.reshape(-1, V), None, labels_flat, ignore_index)
-        return logp, lse, ref_logp
     return _cpp.paired_logprobs_forward(policy.reshape(-1, V), ref.reshape(-1, V) if ref is not None else None,
                                         labels_flat, ignore_index)
 
