@@ -25,6 +25,8 @@ Standalone: imports only torch and triton (`launch_blend` is the host-side launc
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -140,12 +142,13 @@ def launch_blend(refs, policies, alpha: float) -> None:
         table = table.pin_memory().to(device, non_blocking=True)
     T = len(refs)
     grid = (block_starts[-1],)
-    blend_many_kernel[grid](
-        table[0:T], table[T:2 * T], table[2 * T:3 * T], table[3 * T:],
-        T, _search_steps(T), float(alpha),
-        REF_DTYPE=_TORCH_TO_TL[ref_dtype], POLICY_DTYPE=_TORCH_TO_TL[policy_dtype],
-        COPY=(alpha == 1.0), ALIGNED=aligned, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS,
-    )
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        blend_many_kernel[grid](
+            table[0:T], table[T:2 * T], table[2 * T:3 * T], table[3 * T:],
+            T, _search_steps(T), float(alpha),
+            REF_DTYPE=_TORCH_TO_TL[ref_dtype], POLICY_DTYPE=_TORCH_TO_TL[policy_dtype],
+            COPY=(alpha == 1.0), ALIGNED=aligned, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS,
+        )
     # The kernel writes through raw addresses: tell autograd's version counter that refs changed.
     torch.autograd.graph.increment_version(refs)
 

@@ -377,3 +377,44 @@ def test_aligned_kernel_vectorizes_without_spills_sm90():
     assert len(lines) == len(PAIRS)
     for line in lines:
         assert " v4 " in line and "[('0', '0')]" in line, line
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unaligned_views(backend):
+    """Views at an odd element offset are not 16-byte aligned: the kernel takes its unhinted path."""
+    from fasttrdpo.kernels import blend as kernel_mod
+
+    g = torch.Generator().manual_seed(8)
+    base_r = torch.randn(BLOCK + 40, generator=g).to(torch.bfloat16)
+    base_p = torch.randn(BLOCK + 40, generator=g)
+    refs, pols = [base_r[1:BLOCK + 4], base_r[BLOCK + 5:]], [base_p[3:BLOCK + 6], base_p[:35]]
+    assert any(r.data_ptr() % kernel_mod.ALIGN_BYTES for r in refs)
+    originals = [r.clone() for r in refs]
+    # Elements outside the views (before the first, between the two) must not be written.
+    outside = [base_r[0].clone(), base_r[BLOCK + 4].clone()]
+    fasttrdpo.blend_(ref_tensors=refs, policy_tensors=pols, alpha=0.6, backend=backend)
+    for new, old, p in zip(refs, originals, pols):
+        assert_close_tol(new, ref_blend64(old, p, 0.6).to(torch.bfloat16), blend_tolerance(old, p, 0.6), backend)
+    assert torch.equal(base_r[0], outside[0]) and torch.equal(base_r[BLOCK + 4], outside[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ref_dtype,policy_dtype", PAIRS, ids=lambda d: str(d).replace("torch.", ""))
+def test_blend_cuda_matches_float64_and_eager(ref_dtype, policy_dtype):
+    """The compiled kernel (FMA, vector accesses) on a real GPU: many tensors incl. one of 3M elements."""
+    refs, pols = _make_pairs(ref_dtype, policy_dtype, 0.6, seed=9)
+    g = torch.Generator().manual_seed(9)
+    refs.append(torch.randn(3_000_001, generator=g).to(ref_dtype))
+    pols.append(torch.randn(3_000_001, generator=g).to(policy_dtype))
+    refs = [r.cuda() for r in refs]
+    pols = [p.cuda() for p in pols]
+    for alpha in (0.1, 0.6, 1.0):
+        got = [r.clone() for r in refs]
+        fasttrdpo.blend_(ref_tensors=got, policy_tensors=pols, alpha=alpha)
+        assert fasttrdpo.last_backend("blend_") == "triton"
+        for new, old, p in zip(got, refs, pols):
+            if alpha == 1.0:
+                assert torch.equal(new, p.to(ref_dtype))
+            else:
+                assert_close_tol(new.cpu(), ref_blend64(old.cpu(), p.cpu(), alpha).to(ref_dtype),
+                                 blend_tolerance(old.cpu(), p.cpu(), alpha), f"cuda alpha={alpha}")
