@@ -197,42 +197,64 @@ def launch_backward(grad_logp, logits, lse, labels, grad_logits, *, rows, inner_
 
 
 def aot_specs():
-    """The configurations the launchers use: forward for every (policy dtype, ref dtype) pair, with
-    and without a reference; backward for every dtype."""
+    """The configurations the launchers compile, as the JIT specialises them.
+
+    "rows" variants: the usual launch — 2-D rows (inner_size == 1, which the JIT turns into the
+    constant 1), 16-byte aligned pointers, V and strides multiples of 16 (padded vocabularies:
+    32000, 50304, 128256, ...), so the loads vectorise. One per (policy dtype, reference dtype or
+    none) for the forward and per dtype for the backward.
+    "generic" variants: no divisibility and a runtime inner_size (odd vocabularies, [:, :-1] slices),
+    for the policy-only forward and the backward.
+    """
     names = {tl.float32: "fp32", tl.bfloat16: "bf16", tl.float16: "fp16"}
     ptr = {t: "*" + names[t] for t in names}
+
+    def forward_spec(pt, rt, rows):
+        sig = {
+            "policy_ptr": ptr[pt], "ref_ptr": ptr[rt if rt is not None else pt],
+            "labels_ptr": "*i64", "policy_logp_ptr": "*fp32", "policy_lse_ptr": "*fp32",
+            "ref_logp_ptr": "*fp32", "V": "i32", "inner_size": "i32",
+            "policy_stride_outer": "i32", "policy_stride_inner": "i32",
+            "ref_stride_outer": "i32", "ref_stride_inner": "i32", "ignore_index": "i32",
+            "BLOCK_V": "constexpr", "HAS_REF": "constexpr",
+        }
+        constexprs = {"BLOCK_V": FORWARD_BLOCK_V, "HAS_REF": rt is not None}
+        spec = {
+            "name": f"token_logprobs_forward_{names[pt]}" + (f"_ref_{names[rt]}" if rt is not None else "")
+                    + ("_rows" if rows else "_generic"),
+            "fn": token_logprobs_forward_kernel, "signature": sig, "constexprs": constexprs,
+            "num_warps": FORWARD_NUM_WARPS, "num_stages": 3, "no_spill": True,
+        }
+        if rows:
+            sig["inner_size"] = "constexpr"
+            constexprs["inner_size"] = 1
+            spec["divisible_by_16"] = [k for k in sig if k.endswith("_ptr") or k == "V" or "stride" in k]
+        return spec
+
+    def backward_spec(pt, rows):
+        sig = {
+            "logits_ptr": ptr[pt], "grad_logits_ptr": ptr[pt], "grad_logp_ptr": "*fp32",
+            "lse_ptr": "*fp32", "labels_ptr": "*i64", "V": "i32", "inner_size": "i32",
+            "in_stride_outer": "i32", "in_stride_inner": "i32",
+            "out_stride_outer": "i32", "out_stride_inner": "i32", "ignore_index": "i32",
+            "OUT_DTYPE": "constexpr", "BLOCK_V": "constexpr",
+        }
+        constexprs = {"OUT_DTYPE": pt, "BLOCK_V": BACKWARD_BLOCK_V}
+        spec = {
+            "name": f"token_logprobs_backward_{names[pt]}" + ("_rows" if rows else "_generic"),
+            "fn": token_logprobs_backward_kernel, "signature": sig, "constexprs": constexprs,
+            "num_warps": BACKWARD_NUM_WARPS, "num_stages": 3, "no_spill": True,
+        }
+        if rows:
+            sig["inner_size"] = "constexpr"
+            constexprs["inner_size"] = 1
+            spec["divisible_by_16"] = [k for k in sig if k.endswith("_ptr") or k == "V" or "stride" in k]
+        return spec
+
     specs = []
     for pt in names:
-        for rt in [None, *names]:
-            specs.append({
-                "name": f"token_logprobs_forward_{names[pt]}" + (f"_ref_{names[rt]}" if rt is not None else ""),
-                "fn": token_logprobs_forward_kernel,
-                "signature": {
-                    "policy_ptr": ptr[pt], "ref_ptr": ptr[rt if rt is not None else pt],
-                    "labels_ptr": "*i64", "policy_logp_ptr": "*fp32", "policy_lse_ptr": "*fp32",
-                    "ref_logp_ptr": "*fp32", "V": "i32", "inner_size": "i32",
-                    "policy_stride_outer": "i32", "policy_stride_inner": "i32",
-                    "ref_stride_outer": "i32", "ref_stride_inner": "i32", "ignore_index": "i32",
-                    "BLOCK_V": "constexpr", "HAS_REF": "constexpr",
-                },
-                "constexprs": {"BLOCK_V": FORWARD_BLOCK_V, "HAS_REF": rt is not None},
-                "num_warps": FORWARD_NUM_WARPS,
-                "num_stages": 3,
-                "no_spill": True,
-            })
-        specs.append({
-            "name": f"token_logprobs_backward_{names[pt]}",
-            "fn": token_logprobs_backward_kernel,
-            "signature": {
-                "logits_ptr": ptr[pt], "grad_logits_ptr": ptr[pt], "grad_logp_ptr": "*fp32",
-                "lse_ptr": "*fp32", "labels_ptr": "*i64", "V": "i32", "inner_size": "i32",
-                "in_stride_outer": "i32", "in_stride_inner": "i32",
-                "out_stride_outer": "i32", "out_stride_inner": "i32", "ignore_index": "i32",
-                "OUT_DTYPE": "constexpr", "BLOCK_V": "constexpr",
-            },
-            "constexprs": {"OUT_DTYPE": pt, "BLOCK_V": BACKWARD_BLOCK_V},
-            "num_warps": BACKWARD_NUM_WARPS,
-            "num_stages": 3,
-            "no_spill": True,
-        })
+        specs += [forward_spec(pt, rt, rows=True) for rt in [None, *names]]
+        specs.append(backward_spec(pt, rows=True))
+        specs.append(forward_spec(pt, None, rows=False))
+        specs.append(backward_spec(pt, rows=False))
     return specs
