@@ -1,0 +1,178 @@
+"""TRL's DPOTrainer with its loss computed by `fasttrdpo.loss.TRDPOLoss`.
+
+TRL (≥ 1.16) gets per-token log-probs from its own fused lm_head patch and builds the loss on top.
+Here the policy and reference backbones return their last hidden states instead, and TRDPOLoss goes
+from (hidden, lm_head.weight) to the loss and its gradient in one fused step (policy and reference
+log-probs, the loss, no [tokens × vocab] logits). Everything else (data, collator, optimizer,
+reference handling, PEFT adapters, logging) is TRL's.
+
+    from fasttrdpo.integrations.trl import FusedDPOTrainer
+    trainer = FusedDPOTrainer(model=model, ref_model=ref_model, args=DPOConfig(...), train_dataset=ds,
+                              processing_class=tokenizer)          # same arguments as DPOTrainer
+
+or switch an existing trainer: `use_trdpo_loss(trainer)`.
+
+Logged metrics: TRL's `rewards/*`, `logps/*`, `logits/*` and `num_tokens` (TRL's definitions).
+`entropy` and `mean_token_accuracy` need extra per-token outputs of TRL's kernel and are not logged.
+Supported: loss_type one of sigmoid, hinge, ipo, robust (a single one), the standard reverse-KL DPO,
+no `ld_alpha`, no WPO weighting, no precomputed reference log-probs, no MoE auxiliary loss; other
+settings raise at construction instead of silently training something else.
+"""
+from __future__ import annotations
+
+import functools
+import types
+import warnings
+
+import torch
+from trl import DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+from ...loss import LOSS_TYPES, TRDPOLoss
+
+try:  # PEFT is optional
+    from peft import PeftModel
+except ImportError:  # pragma: no cover
+    PeftModel = None
+
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+_HIDDEN_FLAG = "fasttrdpo_hidden"
+
+
+def _is_peft(model) -> bool:
+    return PeftModel is not None and isinstance(model, PeftModel)
+
+
+def _logit_transform(model):
+    """(logit_scale, softcap) of the model's head, read from its config as TRL's fused head does."""
+    cfg = model.config.get_text_config()
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    scale = getattr(cfg, "logit_scale", None)
+    if scale is None:
+        scale = getattr(cfg, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(cfg, "lm_head_multiplier", None)
+    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
+        scale = cfg.logits_scaling if cfg.model_type == "hyperclovax" else 1.0 / cfg.logits_scaling
+    return (1.0 if scale is None else float(scale)), (None if softcap is None else float(softcap))
+
+
+def add_hidden_state_forward(model) -> None:
+    """Patch `model.forward` so that `model(..., fasttrdpo_hidden=True)` returns the backbone's last hidden
+    state [B, T, H] (no lm_head). Calls go through the (possibly DDP/PEFT-wrapped) model as usual, so
+    gradient synchronization and adapters still apply; without the flag the previous forward runs."""
+    if getattr(model, "_fasttrdpo_hidden_forward", False):
+        return
+    previous_forward = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, **kwargs):
+        if not kwargs.pop(_HIDDEN_FLAG, False):
+            return previous_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        return self.base_model(*args, **kwargs).last_hidden_state
+
+    model.forward = types.MethodType(forward, model)
+    model._fasttrdpo_hidden_forward = True
+
+
+def _check_supported(trainer) -> None:
+    args = trainer.args
+    if len(trainer.loss_types) != 1 or trainer.loss_types[0] not in LOSS_TYPES:
+        raise NotImplementedError(
+            f"fasttrdpo's DPO loss supports a single loss_type among {LOSS_TYPES}, got {trainer.loss_types}")
+    if trainer.loss_weights not in ([1.0], [1]):
+        raise NotImplementedError(f"loss_weights must be [1.0] with fasttrdpo's loss, got {trainer.loss_weights}")
+    if trainer.f_divergence_type != "reverse_kl":
+        raise NotImplementedError(f"f_divergence_type={trainer.f_divergence_type!r}: only reverse_kl (DPO) is fused")
+    if trainer.ld_alpha is not None:
+        raise NotImplementedError("ld_alpha (LD-DPO) is not supported by fasttrdpo's loss")
+    if trainer.use_weighting:
+        raise NotImplementedError("use_weighting (WPO) is not supported by fasttrdpo's loss")
+    if trainer.precompute_ref_logps:
+        raise NotImplementedError("precompute_ref_log_probs is not supported: TRDPOLoss computes the reference "
+                                  "log-probs itself (TR-DPO's reference moves, so they cannot be precomputed)")
+    if trainer.aux_loss_enabled:
+        raise NotImplementedError("MoE router auxiliary loss is not supported by fasttrdpo's loss")
+    eps = float(args.label_smoothing)
+    if trainer.loss_types[0] == "sigmoid" and eps != 0.0:
+        # TRL's sigmoid loss ignores label_smoothing; TRDPOLoss would train conservative DPO instead.
+        raise ValueError("label_smoothing != 0 with loss_type='sigmoid': TRL ignores it, fasttrdpo would train "
+                         "conservative DPO; use loss_type='robust' or set label_smoothing=0")
+
+
+def use_trdpo_loss(trainer, *, backend: str = "auto") -> "DPOTrainer":
+    """Switch an existing DPOTrainer to compute its loss with TRDPOLoss (in place; returns the trainer)."""
+    _check_supported(trainer)
+    policy = trainer.model.get_base_model() if _is_peft(trainer.model) else trainer.model
+    add_hidden_state_forward(policy)
+    if trainer.ref_model is not None:
+        add_hidden_state_forward(trainer.accelerator.unwrap_model(trainer.ref_model))
+    scale, softcap = _logit_transform(policy)
+    eps = float(trainer.args.label_smoothing) if trainer.loss_types[0] == "robust" else 0.0
+    trainer._trdpo_loss = TRDPOLoss(beta=trainer.beta, loss_type=trainer.loss_types[0], label_smoothing=eps,
+                                    logit_scale=scale, softcap=softcap, backend=backend)
+    trainer._compute_loss = types.MethodType(_compute_loss, trainer)
+    return trainer
+
+
+def _head(model):
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def _compute_loss(self, model, inputs, return_outputs):
+    mode = "train" if self.model.training else "eval"
+    model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+    model_kwargs["use_cache"] = False
+    completion_mask = inputs["completion_mask"]
+    # TRL's labels: completion tokens only; label t (after the shift) is the token position t predicts
+    labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)[:, 1:]
+
+    hidden = model(**model_kwargs, **{_HIDDEN_FLAG: True})[:, :-1]
+    policy_model = self.accelerator.unwrap_model(self.model)
+    if _is_peft(policy_model):
+        policy_model = policy_model.get_base_model()
+    weight, bias = _head(policy_model)
+
+    with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        if self.ref_model is None:  # PEFT: the reference is the model with its adapter off (or the "ref" adapter)
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                ref_hidden = self.model(**model_kwargs, **{_HIDDEN_FLAG: True})[:, :-1]
+                ref_weight, ref_bias = (t.detach() if t is not None else None for t in _head(policy_model))
+        else:
+            ref_hidden = self.ref_model(**model_kwargs, **{_HIDDEN_FLAG: True})[:, :-1]
+            ref_weight, ref_bias = _head(self.accelerator.unwrap_model(self.ref_model))
+
+    hidden = hidden.to(weight.device)
+    ref_hidden = ref_hidden.to(ref_weight.device)
+    labels = labels.to(weight.device)
+    loss, metrics = self._trdpo_loss(hidden, weight, labels, ref_hidden, ref_weight, policy_bias=bias,
+                                     ref_bias=ref_bias)
+
+    # TRL's logging: gathered across processes, then .item() (TRL syncs here too)
+    gather = self.accelerator.gather_for_metrics
+    for key, value in metrics.items():
+        self._metrics[mode][key].append(gather(value.reshape(1)).mean().item())
+    if mode == "train":
+        n_tokens = gather(inputs["attention_mask"].sum()).sum().item()
+        self._total_train_tokens += n_tokens // self._tp_size
+    self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    if return_outputs:
+        warnings.warn("return_outputs=True recomputes the logits with an extra forward pass", stacklevel=2)
+        with torch.no_grad():
+            outputs = model(**model_kwargs)
+        return loss, outputs
+    return loss
+
+
+class FusedDPOTrainer(DPOTrainer):
+    """DPOTrainer whose loss is computed by fasttrdpo's TRDPOLoss (same constructor; `fasttrdpo_backend`
+    picks the TRDPOLoss backend, "auto" by default)."""
+
+    def __init__(self, *args, fasttrdpo_backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        use_trdpo_loss(self, backend=fasttrdpo_backend)
