@@ -418,3 +418,13 @@ def test_blend_cuda_matches_float64_and_eager(ref_dtype, policy_dtype):
             else:
                 assert_close_tol(new.cpu(), ref_blend64(old.cpu(), p.cpu(), alpha).to(ref_dtype),
                                  blend_tolerance(old.cpu(), p.cpu(), alpha), f"cuda alpha={alpha}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_finite_policy_is_not_a_false_alarm(backend):
+    # The finite screen is a norm, which overflows here although every value is finite.
+    pol = [torch.full((8,), 3e38), torch.full((100,), 60000.0, dtype=torch.float16)]
+    ref = [torch.full((8,), 2e38), torch.zeros(100, dtype=torch.float16)]
+    assert not bool(torch.isfinite(torch.stack(torch._foreach_norm(pol, 2, dtype=torch.float32))).all())
+    fasttrdpo.blend_(ref_tensors=ref, policy_tensors=pol, alpha=0.5, backend=backend)
+    assert torch.equal(ref[0], torch.full((8,), 2.5e38)) and torch.equal(ref[1], torch.full((100,), 30000.0).half())
