@@ -1,0 +1,331 @@
+"""Per-token log-probs at the lm_head: `linear_token_logprobs` and `paired_linear_token_logprobs`.
+
+log p(y_t) = log_softmax(transform(h_t @ W.T + b))[y_t] without storing the [N, V] logits:
+- backend "triton": `fasttrdpo.kernels.linear_logprobs` (logits formed tile by tile in registers; policy
+  and reference in one launch; deterministic backward that recomputes the tiles);
+- backend "eager": PyTorch over chunks of tokens. Forward: per chunk, fp32 logits, log-sum-exp and the
+  label logit; only the N log-sum-exps are saved. Backward: per chunk, recompute the logits, form
+  g·(onehot − softmax)·d(transform) in place, and accumulate grad_hidden (per chunk), grad_weight and
+  grad_bias (fp32 accumulators). Peak memory is a few chunk-sized buffers (`EAGER_CHUNK_BYTES` of
+  logits each) plus the fp32 grad_weight accumulator, whatever N is. A half-precision weight is
+  upcast to fp32 once per call (V·H·4 bytes);
+- backend "cpp": the C++ extension covers the logits level and the blend only; asking for it here
+  raises. When "auto" resolves to cpp (extension built, CPU tensors) this op runs eager.
+
+Both are registered as torch.library custom ops (forward and backward), with fake implementations and
+an autograd formula, so they trace under torch.compile. The label range check (`validate=True`) reads
+the labels on the host, which torch.compile turns into a graph break; `validate=False` traces fully.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from .._validate import check_float, check_label_range, check_labels_tensor, check_same_device
+
+# Each eager chunk holds at most this many bytes of fp32 logits (the backward keeps ~2 such buffers,
+# 3 with softcap).
+EAGER_CHUNK_BYTES = 32 * 2 ** 20
+
+_OP_SINGLE = "linear_token_logprobs"
+_OP_PAIRED = "paired_linear_token_logprobs"
+
+
+# ------------------------------------------------------------------------------------------ eager
+def _eager_chunk_rows(V: int) -> int:
+    return max(1, EAGER_CHUNK_BYTES // (4 * V))
+
+
+def _eager_logits(h32: Tensor, w32: Tensor, b32: Optional[Tensor], scale: float,
+                  softcap: Optional[float]) -> Tensor:
+    """fp32 transformed logits of one chunk, transformed in place."""
+    z = torch.addmm(b32, h32, w32.T) if b32 is not None else h32 @ w32.T
+    if scale != 1.0:
+        z.mul_(scale)
+    if softcap is not None:
+        z.div_(softcap).tanh_().mul_(softcap)
+    return z
+
+
+def _label_masks(labels: Tensor, V: int, ignore_index: int):
+    ignored = labels == ignore_index
+    in_range = (labels >= 0) & (labels < V)
+    safe = torch.where(in_range, labels, torch.zeros_like(labels))
+    return ignored, in_range, safe
+
+
+def _eager_forward(hidden, weight, bias, labels, ignore_index, scale, softcap):
+    N = hidden.shape[0]
+    V = weight.shape[0]
+    w32 = weight.float()
+    b32 = bias.float() if bias is not None else None
+    ignored, in_range, safe = _label_masks(labels, V, ignore_index)
+    z_label = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    step = _eager_chunk_rows(V)
+    for s in range(0, N, step):
+        e = min(N, s + step)
+        z = _eager_logits(hidden[s:e].float(), w32, b32, scale, softcap)
+        lse[s:e] = torch.logsumexp(z, dim=-1)
+        z_label[s:e] = z.gather(1, safe[s:e, None])[:, 0]
+        del z
+    logp = torch.where(ignored, torch.zeros_like(lse),
+                       torch.where(in_range, z_label - lse, torch.full_like(lse, math.nan)))
+    return logp, lse
+
+
+def _eager_backward(grad, hidden, weight, bias, labels, lse, ignore_index, scale, softcap,
+                    need_hidden, need_weight, need_bias):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    w32 = weight.float()
+    b32 = bias.float() if bias is not None else None
+    ignored, in_range, safe = _label_masks(labels, V, ignore_index)
+    # the incoming gradient as the kernels see it: 0 where ignored, NaN for a label outside [0, V)
+    g = torch.where(ignored, torch.zeros_like(lse),
+                    torch.where(in_range, grad.float(), torch.full_like(lse, math.nan)))
+    gh = torch.empty((N, H), dtype=torch.float32, device=dev) if need_hidden else None
+    gw = torch.zeros((V, H), dtype=torch.float32, device=dev) if need_weight else None
+    gb = torch.zeros((V,), dtype=torch.float32, device=dev) if need_bias else None
+    step = _eager_chunk_rows(V)
+    for s in range(0, N, step):
+        e = min(N, s + step)
+        h32 = hidden[s:e].float()
+        dz = _eager_logits(h32, w32, b32, scale, softcap)  # transformed logits, reused in place
+        if softcap is not None:
+            deriv = (dz / softcap).square_().neg_().add_(1.0).mul_(scale)  # scale·(1 − tanh²)
+        dz.sub_(lse[s:e, None]).exp_().mul_(-g[s:e, None])  # −g·softmax
+        dz.scatter_add_(1, safe[s:e, None], g[s:e, None])  # + g·onehot (g = 0 on ignored rows)
+        if softcap is not None:
+            dz.mul_(deriv)
+            del deriv
+        elif scale != 1.0:
+            dz.mul_(scale)
+        if need_hidden:
+            torch.mm(dz, w32, out=gh[s:e])
+        if need_weight:
+            gw.addmm_(dz.T, h32)
+        if need_bias:
+            gb.add_(dz.sum(dim=0))
+        del dz
+    return gh, gw, gb
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+def _forward_impl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index,
+                  logit_scale, softcap, backend):
+    if backend == "triton":
+        from fasttrdpo.kernels.linear_logprobs import linear_logprobs_forward
+
+        ref = None if ref_hidden is None else (ref_hidden, ref_weight, ref_bias)
+        return linear_logprobs_forward(hidden, weight, bias, labels, ref, ignore_index=ignore_index,
+                                       logit_scale=logit_scale, softcap=softcap,
+                                       precision=_backend.dot_precision())
+    logp, lse = _eager_forward(hidden, weight, bias, labels, ignore_index, logit_scale, softcap)
+    if ref_hidden is None:
+        return logp[None], lse[None]
+    r_logp, r_lse = _eager_forward(ref_hidden, ref_weight, ref_bias, labels, ignore_index,
+                                   logit_scale, softcap)
+    return torch.stack([logp, r_logp]), torch.stack([lse, r_lse])
+
+
+@torch.library.custom_op("fasttrdpo::linear_logprobs_fwd", mutates_args=())
+def _linear_logprobs_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                         ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor],
+                         ref_bias: Optional[Tensor], labels: Tensor, ignore_index: int,
+                         logit_scale: float, softcap: Optional[float],
+                         backend: str) -> tuple[Tensor, Tensor]:
+    """(logp, lse), fp32 [models, N]; row 0 the policy, row 1 the reference when given."""
+    return _forward_impl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels,
+                         ignore_index, logit_scale, softcap, backend)
+
+
+@_linear_logprobs_fwd.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index, logit_scale,
+      softcap, backend):
+    models = 1 if ref_hidden is None else 2
+    shape = (models, hidden.shape[0])
+    return hidden.new_empty(shape, dtype=torch.float32), hidden.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("fasttrdpo::linear_logprobs_bwd", mutates_args=())
+def _linear_logprobs_bwd(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                         labels: Tensor, lse: Tensor, ignore_index: int, logit_scale: float,
+                         softcap: Optional[float], backend: str, need_hidden: bool,
+                         need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_hidden, grad_weight, grad_bias) in the input dtypes; an empty tensor where not needed."""
+    if backend == "triton":
+        from fasttrdpo.kernels.linear_logprobs import linear_logprobs_backward
+
+        gh, gw, gb = linear_logprobs_backward(
+            grad, hidden, weight, bias, labels, lse, need_hidden=need_hidden,
+            need_weight=need_weight, need_bias=need_bias, ignore_index=ignore_index,
+            logit_scale=logit_scale, softcap=softcap, precision=_backend.dot_precision())
+    else:
+        gh, gw, gb = _eager_backward(grad, hidden, weight, bias, labels, lse, ignore_index,
+                                     logit_scale, softcap, need_hidden, need_weight, need_bias)
+    empty = hidden.new_empty((0,))
+    # fp32 accumulators -> storage dtypes (round to nearest even); .to is a no-op for fp32
+    return (gh.to(hidden.dtype) if need_hidden else empty,
+            gw.to(weight.dtype) if need_weight else empty,
+            gb.to(bias.dtype) if need_bias else empty)
+
+
+@_linear_logprobs_bwd.register_fake
+def _(grad, hidden, weight, bias, labels, lse, ignore_index, logit_scale, softcap, backend,
+      need_hidden, need_weight, need_bias):
+    empty = hidden.new_empty((0,))
+    return (torch.empty_like(hidden) if need_hidden else empty,
+            torch.empty_like(weight) if need_weight else empty,
+            torch.empty_like(bias) if need_bias else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, _rh, _rw, _rb, labels, ignore_index, logit_scale, softcap, backend = inputs
+    _logp, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse)
+    ctx.args = (ignore_index, logit_scale, softcap, backend)
+
+
+def _backward(ctx, grad_logp, _grad_lse):
+    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    ignore_index, logit_scale, softcap, backend = ctx.args
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and bias is not None
+    if grad_logp is None or not (need_h or need_w or need_b):
+        return (None,) * 11
+    gh, gw, gb = _linear_logprobs_bwd(grad_logp[0].contiguous(), hidden, weight, bias, labels,
+                                      lse[0].contiguous(), ignore_index, logit_scale, softcap,
+                                      backend, need_h, need_w, need_b)
+    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 8
+
+
+_linear_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _check_scalars(logit_scale, softcap, ignore_index):
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
+        raise TypeError(f"logit_scale must be a float, got {type(logit_scale).__name__}")
+    if not (math.isfinite(logit_scale) and logit_scale > 0):
+        raise ValueError(f"logit_scale must be finite and > 0, got {logit_scale}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"softcap must be finite and > 0 (or None), got {softcap}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -2 ** 31 <= ignore_index < 2 ** 31:
+        raise ValueError(f"ignore_index must fit in int32, got {ignore_index}")
+
+
+def _check_model(prefix, hidden, weight, bias, vocab=None):
+    """Validate one model's (hidden [..., H], weight [V, H], bias [V] | None); returns V."""
+    check_float(f"{prefix}hidden", hidden, min_dim=1)
+    check_float(f"{prefix}weight", weight, min_dim=2)
+    if weight.dim() != 2:
+        raise ValueError(f"{prefix}weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
+    V, H = weight.shape
+    if V == 0 or H == 0:
+        raise ValueError(f"{prefix}weight is empty (shape {tuple(weight.shape)}): need V >= 1 and H >= 1")
+    if hidden.shape[-1] != H:
+        raise ValueError(f"{prefix}hidden must end in the weight's hidden size {H} "
+                         f"({prefix}weight is {tuple(weight.shape)}), got shape {tuple(hidden.shape)}")
+    if vocab is not None and V != vocab:
+        raise ValueError(f"{prefix}weight must have the policy's vocabulary size {vocab} rows, got {V}")
+    if bias is not None:
+        check_float(f"{prefix}bias", bias, min_dim=1)
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"{prefix}bias must have shape ({V},), got {tuple(bias.shape)}")
+    return V
+
+
+def _resolve(op, backend, device):
+    """resolve_backend, but "cpp" is not offered at this level: explicit cpp raises, auto's cpp -> eager."""
+    import os
+
+    explicit = backend if backend not in (None, "auto") else os.environ.get(_backend.ENV_VAR, "auto").strip().lower()
+    if explicit == "cpp":
+        raise NotImplementedError(
+            f"{op}: backend='cpp' is not provided at the lm_head level (the C++ extension covers "
+            "token_logprobs/paired_token_logprobs and blend_); use backend='eager' or 'triton'")
+    chosen = _backend.resolve_backend(op, backend, device)
+    if chosen == "cpp":  # auto picked the built C++ extension, which has no lm_head op
+        chosen = "eager"
+        _backend._last_used[op] = chosen
+    return chosen
+
+
+def _flat_rows(t: Tensor) -> Tensor:
+    """[..., H] -> [N, H] with a unit stride along H (what the kernels index)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _prepare_weight(w: Tensor) -> Tensor:
+    return w if w.stride(-1) == 1 else w.contiguous()
+
+
+# ------------------------------------------------------------------------------------------ public ops
+def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
+                          ignore_index: int = -100, logit_scale: float = 1.0,
+                          softcap: Optional[float] = None, validate: bool = True,
+                          backend: str = "auto") -> Tensor:
+    """log_softmax(transform(hidden @ weight.T + bias)).gather(labels), without the logits.
+
+    hidden [..., H] (fp32/bf16/fp16), weight [V, H], bias [V] or None, labels [...] int64 (already
+    shifted; ignore_index marks prompt/padding). transform(z) = softcap·tanh(logit_scale·z/softcap) if
+    softcap else logit_scale·z. Returns fp32 with the labels' shape, exactly 0.0 where ignored;
+    differentiable in hidden, weight and bias. `validate=False` skips the label range check (a host
+    sync on CUDA); a label outside [0, V) then gives NaN, never an out-of-bounds read.
+    """
+    _check_scalars(logit_scale, softcap, ignore_index)
+    V = _check_model("", hidden, weight, bias)
+    check_labels_tensor(labels, hidden.shape[:-1])
+    check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
+    if validate:
+        check_label_range(labels, V, ignore_index)
+    chosen = _resolve(_OP_SINGLE, backend, hidden.device)
+    logp, _lse = _linear_logprobs_fwd(_flat_rows(hidden), _prepare_weight(weight), bias, None, None,
+                                      None, labels.reshape(-1).contiguous(), ignore_index,
+                                      float(logit_scale), None if softcap is None else float(softcap),
+                                      chosen)
+    return logp[0].reshape(labels.shape)
+
+
+def paired_linear_token_logprobs(policy_hidden: Tensor, policy_weight: Tensor, ref_hidden: Tensor,
+                                 ref_weight: Tensor, labels: Tensor, *,
+                                 policy_bias: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
+                                 ignore_index: int = -100, logit_scale: float = 1.0,
+                                 softcap: Optional[float] = None, validate: bool = True,
+                                 backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Policy and reference per-token log-probs for the same labels, in one fused launch (triton).
+
+    Same semantics as `linear_token_logprobs` for each model; the reference may have its own hidden
+    size and dtypes but must share the vocabulary. Returns (policy_logp, ref_logp), fp32 with the
+    labels' shape; ref_logp never carries a gradient (the reference inputs are treated as constants).
+    """
+    _check_scalars(logit_scale, softcap, ignore_index)
+    V = _check_model("policy_", policy_hidden, policy_weight, policy_bias)
+    _check_model("ref_", ref_hidden, ref_weight, ref_bias, vocab=V)
+    check_labels_tensor(labels, policy_hidden.shape[:-1])
+    if tuple(ref_hidden.shape[:-1]) != tuple(labels.shape):
+        raise ValueError(f"ref_hidden must have shape {tuple(labels.shape)} + (H,) like the labels, "
+                         f"got {tuple(ref_hidden.shape)}")
+    check_same_device(policy_hidden=policy_hidden, policy_weight=policy_weight, policy_bias=policy_bias,
+                      ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, labels=labels)
+    if validate:
+        check_label_range(labels, V, ignore_index)
+    chosen = _resolve(_OP_PAIRED, backend, policy_hidden.device)
+    logp, _lse = _linear_logprobs_fwd(
+        _flat_rows(policy_hidden), _prepare_weight(policy_weight), policy_bias,
+        _flat_rows(ref_hidden.detach()), _prepare_weight(ref_weight.detach()),
+        None if ref_bias is None else ref_bias.detach(), labels.reshape(-1).contiguous(),
+        ignore_index, float(logit_scale), None if softcap is None else float(softcap), chosen)
+    return logp[0].reshape(labels.shape), logp[1].detach().reshape(labels.shape)

@@ -1,0 +1,415 @@
+"""linear_token_logprobs / paired_linear_token_logprobs against float64, both backends.
+
+"triton" runs the kernels of kernels/linear_logprobs.py (under TRITON_INTERPRET=1 on CPU tensors here;
+on a CUDA machine the `gpu` tests run them compiled); "eager" is the chunked PyTorch path, run here
+with a tiny chunk so that several chunks are always exercised.
+
+Shapes: N = 72 tokens (not a multiple of any BLOCK_N: 64, 32), H = 80 (not a multiple of BLOCK_H: 64,
+32), V = 200 (not a multiple of BLOCK_V = 128, and more than one vocabulary tile).
+
+Tolerances (derived; u = 2**-24, see tests/helpers.py for the value bound):
+* values: `logprob_tolerance(z64, dot_err=...)` with dot_err = γ_H·Σ|h·W| (+ bias, scale) per logit,
+  plus, with softcap, the error of the one-exp tanh: |t − tanh| <= 8u absolute, times softcap.
+  Call it E (per token): it bounds the error of zt_v − lse for every v, not only the label.
+* gradients, dz = g·(onehot − p)·D with p = softmax(zt), D = scale (or scale·(1 − t²) with softcap):
+    |δp| <= p·expm1(E + 4u)                      (exp of an argument off by E, one rounding)
+    |δD| <= scale·(2|t|·(8u + dot_err/softcap) + 3u)   (softcap only; t moves by the tanh and dot errors)
+    |δdz| <= |g|·(|δp|·|D| + |onehot − p|·|δD|) + 3u·|dz| (+ u_dot·|dz| when the backward dot runs in
+             bf16/fp16: dz is rounded to that dtype, as a half-precision autograd would)
+  then the fp32 sums over V (grad_hidden) or N (grad_weight, grad_bias), in any order:
+    |δgrad_h| <= |δdz| @ |W| + γ_{V+2}·(|dz| @ |W|),   |δgrad_W| <= |δdz|ᵀ @ |h| + γ_{N+2}·(|dz|ᵀ @ |h|)
+  and the final rounding to the storage dtype: (1 + u_s)·bound + u_s·|grad| with u_s = 2**-8 (bf16),
+  2**-11 (fp16), 0 (fp32).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import fasttrdpo
+from fasttrdpo import _backend
+from fasttrdpo.kernels import linear_logprobs as kernels
+from fasttrdpo.ops import linear as linear_ops
+from helpers import (U32, assert_close_tol, dot_error_bound, logprob_tolerance, ref_linear_logits,
+                     ref_linear_token_logprobs)
+
+N_B, N_T, H, V = 3, 24, 80, 200  # N = 72 tokens
+STORE_U = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+BACKENDS = ["eager", "triton"]
+
+
+@pytest.fixture(autouse=True)
+def small_eager_chunks(monkeypatch):
+    # 16 rows of V = 200 per chunk: the eager path always runs several chunks in these tests
+    monkeypatch.setattr(linear_ops, "EAGER_CHUNK_BYTES", 16 * 4 * V)
+
+
+def _gamma(n: int) -> float:
+    return n * U32 / (1 - n * U32)
+
+
+def _make(shape, H_, V_, h_dtype, w_dtype, bias_dtype=None, seed=0, ignore_frac=0.2):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape, H_, generator=gen).to(h_dtype)
+    # logits with a spread of a few units, as real heads have
+    weight = (torch.randn(V_, H_, generator=gen) * (3.0 / math.sqrt(H_))).to(w_dtype)
+    bias = None if bias_dtype is None else torch.randn(V_, generator=gen).to(bias_dtype)
+    labels = torch.randint(0, V_, shape, generator=gen)
+    labels[torch.rand(shape, generator=gen) < ignore_frac] = -100
+    return hidden, weight, bias, labels
+
+
+def _dot_u(backend, hidden, weight):
+    """Relative rounding of dz in the backward dot (0 when that dot runs in fp32)."""
+    if backend != "triton":
+        return 0.0
+    kind = kernels.dot_kind(hidden.dtype, weight.dtype)
+    return {kernels.DOT_FP32: 0.0, kernels.DOT_BF16: 2.0 ** -8, kernels.DOT_FP16: 2.0 ** -11}[kind]
+
+
+def _value_tol(hidden, weight, bias, logit_scale, softcap):
+    z64 = ref_linear_logits(hidden, weight, bias, logit_scale, softcap)
+    dot_err = dot_error_bound(hidden, weight, bias, logit_scale)
+    if softcap is not None:
+        dot_err = dot_err + 8 * U32 * softcap
+    return logprob_tolerance(z64, dot_err=dot_err), dot_err
+
+
+def _grad_tols(hidden, weight, bias, labels, g, ignore_index, logit_scale, softcap, dot_u, grads64):
+    Hh = hidden.shape[-1]
+    h64 = hidden.double().reshape(-1, Hh)
+    W64 = weight.double()
+    y = labels.reshape(-1)
+    E, dot_err = _value_tol(h64, W64, bias, logit_scale, softcap)
+    z64 = ref_linear_logits(h64, W64, bias, logit_scale, softcap)
+    Nn, Vv = z64.shape
+    active = y != ignore_index
+    g64 = torch.where(active, g.reshape(-1).double(), torch.zeros((), dtype=torch.float64))
+    p = torch.softmax(z64, dim=-1)
+    onehot = torch.zeros_like(p)
+    onehot[active.nonzero()[:, 0], y[active]] = 1.0
+    if softcap is not None:
+        t = z64 / softcap
+        D = logit_scale * (1 - t * t)
+        dD = logit_scale * (2 * t.abs() * (8 * U32 + dot_err[:, None] / softcap) + 3 * U32)
+    else:
+        D = torch.full_like(p, logit_scale)
+        dD = torch.zeros_like(p)
+    dz = g64[:, None] * (onehot - p) * D
+    dp = p * torch.expm1(E[:, None] + 4 * U32)
+    ddz = g64.abs()[:, None] * (dp * D.abs() + (onehot - p).abs() * dD) + (3 * U32 + dot_u) * dz.abs()
+    if dot_u == 2.0 ** -11:  # fp16 dz: values below the subnormal range flush (half an fp16 ulp at 0)
+        ddz = ddz + 2.0 ** -25
+    tols = {
+        "hidden": ddz @ W64.abs() + _gamma(Vv + 2) * (dz.abs() @ W64.abs()),
+        "weight": ddz.T @ h64.abs() + _gamma(Nn + 2) * (dz.abs().T @ h64.abs()),
+    }
+    if bias is not None:
+        tols["bias"] = ddz.sum(0) + _gamma(Nn + 2) * dz.abs().sum(0)
+    out = {}
+    for name, tol in tols.items():
+        dtype = {"hidden": hidden.dtype, "weight": weight.dtype, "bias": bias.dtype if bias is not None else None}[name]
+        us = STORE_U[dtype]
+        ref = grads64[name].reshape(tol.shape).abs()
+        out[name] = (1 + us) * tol + us * ref
+    return out
+
+
+def _leaves(hidden, weight, bias):
+    hidden = hidden.detach().clone().requires_grad_(True)
+    weight = weight.detach().clone().requires_grad_(True)
+    bias = None if bias is None else bias.detach().clone().requires_grad_(True)
+    return hidden, weight, bias
+
+
+def _ref_grads(hidden, weight, bias, labels, g, ignore_index, logit_scale, softcap):
+    """float64 autograd of log_softmax(transform(h @ W.T + b)).gather(labels)."""
+    h64, W64, b64 = _leaves(hidden.double(), weight.double(), None if bias is None else bias.double())
+    ref = ref_linear_token_logprobs(h64, W64, labels, bias=b64, ignore_index=ignore_index,
+                                    logit_scale=logit_scale, softcap=softcap)
+    inputs = [h64, W64] + ([b64] if b64 is not None else [])
+    grads = torch.autograd.grad((ref * g.double()).sum(), inputs)
+    names = ["hidden", "weight", "bias"]
+    return ref.detach(), dict(zip(names, grads))
+
+
+def check_linear_op(backend, hidden, weight, labels, bias=None, ignore_index=-100, logit_scale=1.0,
+                    softcap=None, seed=1):
+    """Values and gradients of linear_token_logprobs against float64; returns (out, grads)."""
+    h, w, b = _leaves(hidden, weight, bias)
+    out = fasttrdpo.linear_token_logprobs(h, w, labels, bias=b, ignore_index=ignore_index,
+                                          logit_scale=logit_scale, softcap=softcap, backend=backend)
+    assert _backend.last_backend("linear_token_logprobs") == backend
+    assert out.dtype == torch.float32 and out.shape == labels.shape
+    ignored = labels == ignore_index
+    assert torch.equal(out[ignored], torch.zeros_like(out[ignored])), "ignored tokens must be exactly 0.0"
+
+    g = torch.randn(labels.shape, generator=torch.Generator().manual_seed(seed)).to(labels.device)
+    ref, grads64 = _ref_grads(hidden, weight, bias, labels, g, ignore_index, logit_scale, softcap)
+    tol, _ = _value_tol(hidden.reshape(-1, hidden.shape[-1]), weight, bias, logit_scale, softcap)
+    assert float(tol.max()) < 1e-3  # the bound is tight enough to catch any indexing/mask bug
+    assert_close_tol(out, ref, tol.reshape(labels.shape), f"{backend} logp")
+
+    inputs = [h, w] + ([b] if b is not None else [])
+    grads = dict(zip(["hidden", "weight", "bias"], torch.autograd.grad((out * g).sum(), inputs)))
+    tols = _grad_tols(hidden, weight, bias, labels, g, ignore_index, logit_scale, softcap,
+                      _dot_u(backend, hidden, weight), grads64)
+    for name, grad in grads.items():
+        leaf = {"hidden": hidden, "weight": weight, "bias": bias}[name]
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape, name
+        assert_close_tol(grad.reshape(tols[name].shape), grads64[name].reshape(tols[name].shape),
+                         tols[name], f"{backend} grad_{name}")
+    return out, grads
+
+
+# ------------------------------------------------------------------------------------------ sweeps
+DTYPE_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.float32),  # autocast-style: half activations, fp32 master weight
+    (torch.float32, torch.float16),
+]
+OPTIONS = [
+    dict(bias=False, logit_scale=1.0, softcap=None),
+    dict(bias=True, logit_scale=0.7, softcap=4.0),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("h_dtype,w_dtype", DTYPE_PAIRS, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("opts", OPTIONS, ids=["plain", "bias_scale_softcap"])
+def test_values_and_grads(backend, h_dtype, w_dtype, opts):
+    hidden, weight, bias, labels = _make((N_B, N_T), H, V, h_dtype, w_dtype,
+                                         bias_dtype=w_dtype if opts["bias"] else None)
+    labels[1] = -100  # a fully ignored row
+    check_linear_op(backend, hidden, weight, labels, bias=bias, logit_scale=opts["logit_scale"],
+                    softcap=opts["softcap"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_token(backend):
+    hidden, weight, bias, labels = _make((1,), H, V, torch.float32, torch.float32, torch.float32, ignore_frac=0)
+    check_linear_op(backend, hidden, weight, labels, bias=bias)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored(backend):
+    hidden, weight, _, labels = _make((2, 5), H, V, torch.bfloat16, torch.bfloat16)
+    labels.fill_(-100)
+    out, grads = check_linear_op(backend, hidden, weight, labels)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert not grads["hidden"].any() and not grads["weight"].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ignore_index_inside_vocab(backend):
+    hidden, weight, _, labels = _make((N_B, N_T), H, V, torch.float32, torch.float32, ignore_frac=0)
+    labels[:, ::3] = 7  # ignore_index inside [0, V): those tokens are ignored, not scored
+    check_linear_op(backend, hidden, weight, labels, ignore_index=7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hidden_without_leading_dims(backend):
+    hidden, weight, _, labels = _make((1,), H, V, torch.float32, torch.float32, ignore_frac=0)
+    out = fasttrdpo.linear_token_logprobs(hidden[0], weight, labels[0], backend=backend)
+    assert out.shape == ()
+    ref = ref_linear_token_logprobs(hidden[0], weight, labels[0])
+    tol, _ = _value_tol(hidden, weight, None, 1.0, None)
+    assert_close_tol(out, ref, tol[0], "0-d labels")
+
+
+def test_backends_agree_and_backward_is_deterministic():
+    hidden, weight, bias, labels = _make((N_B, N_T), H, V, torch.float32, torch.float32, torch.float32)
+    runs = []
+    for _ in range(2):
+        h, w, b = _leaves(hidden, weight, bias)
+        out = fasttrdpo.linear_token_logprobs(h, w, labels, bias=b, softcap=5.0, backend="triton")
+        runs.append((out,) + torch.autograd.grad(out.sum(), [h, w, b]))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c), "the triton backward must be bit-for-bit reproducible"
+
+
+# ------------------------------------------------------------------------------------------ paired
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paired_distinct_models(backend):
+    # policy: fp32 with bias; reference: bf16 weights of its own, another hidden size, its own bias
+    hidden, weight, bias, labels = _make((N_B, N_T), H, V, torch.float32, torch.float32, torch.float32)
+    r_hidden, r_weight, r_bias, _ = _make((N_B, N_T), 48, V, torch.bfloat16, torch.bfloat16,
+                                          torch.bfloat16, seed=5)
+    labels[2, :10] = -100
+    h, w, b = _leaves(hidden, weight, bias)
+    rh, rw, rb = _leaves(r_hidden, r_weight, r_bias)  # even with requires_grad, no grad flows to ref
+    pol, ref = fasttrdpo.paired_linear_token_logprobs(h, w, rh, rw, labels, policy_bias=b, ref_bias=rb,
+                                                      logit_scale=0.9, softcap=6.0, backend=backend)
+    assert _backend.last_backend("paired_linear_token_logprobs") == backend
+    assert pol.requires_grad and not ref.requires_grad and ref.grad_fn is None
+    assert pol.shape == ref.shape == labels.shape and ref.dtype == torch.float32
+
+    exp_ref = ref_linear_token_logprobs(r_hidden, r_weight, labels, bias=r_bias, logit_scale=0.9, softcap=6.0)
+    tol, _ = _value_tol(r_hidden.reshape(-1, 48), r_weight, r_bias, 0.9, 6.0)
+    assert_close_tol(ref, exp_ref, tol.reshape(labels.shape), f"{backend} ref logp")
+
+    # the policy half equals the single-model op (same kernel branch / same eager code): bit for bit
+    single = fasttrdpo.linear_token_logprobs(hidden, weight, labels, bias=bias, logit_scale=0.9,
+                                             softcap=6.0, backend=backend)
+    assert torch.equal(pol.detach(), single)
+
+    g = torch.randn(labels.shape, generator=torch.Generator().manual_seed(3))
+    (pol * g).sum().backward()
+    assert rh.grad is None and rw.grad is None and rb.grad is None
+    _, grads64 = _ref_grads(hidden, weight, bias, labels, g, -100, 0.9, 6.0)
+    tols = _grad_tols(hidden, weight, bias, labels, g, -100, 0.9, 6.0, _dot_u(backend, hidden, weight), grads64)
+    for name, leaf in (("hidden", h), ("weight", w), ("bias", b)):
+        assert_close_tol(leaf.grad.reshape(tols[name].shape), grads64[name].reshape(tols[name].shape),
+                         tols[name], f"paired {backend} grad_{name}")
+
+
+# ------------------------------------------------------------------------------------------ bad labels
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_labels(backend):
+    hidden, weight, _, labels = _make((2, 9), H, V, torch.float32, torch.float32, ignore_frac=0)
+    bad = labels.clone()
+    bad[0, 3] = V + 5
+    bad[1, 4] = -3
+    with pytest.raises(ValueError, match="labels"):
+        fasttrdpo.linear_token_logprobs(hidden, weight, bad, backend=backend)
+    out = fasttrdpo.linear_token_logprobs(hidden, weight, bad, validate=False, backend=backend)
+    clean = fasttrdpo.linear_token_logprobs(hidden, weight, labels, backend=backend)
+    is_bad = bad != labels
+    assert torch.isnan(out[is_bad]).all()
+    assert torch.equal(out[~is_bad], clean[~is_bad])
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _args():
+    hidden, weight, bias, labels = _make((2, 4), 16, 10, torch.float32, torch.float32, torch.float32)
+    return dict(hidden=hidden, weight=weight, labels=labels, bias=bias)
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (lambda a: a.update(weight=a["weight"][:, :8]), ValueError, "hidden"),
+    (lambda a: a.update(weight=a["weight"][0]), ValueError, "weight"),
+    (lambda a: a.update(labels=a["labels"][:, :3]), ValueError, "labels"),
+    (lambda a: a.update(labels=a["labels"].int()), TypeError, "labels"),
+    (lambda a: a.update(hidden=a["hidden"].double()), TypeError, "hidden"),
+    (lambda a: a.update(weight=a["weight"].to(torch.int32)), TypeError, "weight"),
+    (lambda a: a.update(bias=a["bias"][:5]), ValueError, "bias"),
+    (lambda a: a.update(hidden=a["hidden"][:0], labels=a["labels"][:0]), ValueError, "empty"),
+    (lambda a: a.update(weight=a["weight"][:0], bias=None), ValueError, "weight"),
+    (lambda a: a.update(logit_scale=0.0), ValueError, "logit_scale"),
+    (lambda a: a.update(logit_scale=float("nan")), ValueError, "logit_scale"),
+    (lambda a: a.update(logit_scale=torch.tensor(1.0)), TypeError, "logit_scale"),
+    (lambda a: a.update(softcap=-1.0), ValueError, "softcap"),
+    (lambda a: a.update(softcap=float("inf")), ValueError, "softcap"),
+    (lambda a: a.update(ignore_index=1.5), TypeError, "ignore_index"),
+    (lambda a: a.update(hidden=a["hidden"].to("meta")), ValueError, "device"),
+    (lambda a: a.update(backend="cuda"), ValueError, "backend"),
+])
+def test_validation_errors(change, exc, match):
+    a = _args()
+    change(a)
+    with pytest.raises(exc, match=match):
+        fasttrdpo.linear_token_logprobs(a.pop("hidden"), a.pop("weight"), a.pop("labels"), **a)
+
+
+def test_paired_validation_errors():
+    a = _args()
+    h, w, y = a["hidden"], a["weight"], a["labels"]
+    with pytest.raises(ValueError, match="ref_weight"):
+        fasttrdpo.paired_linear_token_logprobs(h, w, h, w[:7], y)
+    with pytest.raises(ValueError, match="ref_hidden"):
+        fasttrdpo.paired_linear_token_logprobs(h, w, h[:1], w, y)
+    with pytest.raises(ValueError, match="ref_bias"):
+        fasttrdpo.paired_linear_token_logprobs(h, w, h, w, y, ref_bias=a["bias"][:3])
+    with pytest.raises(TypeError, match="policy_hidden"):
+        fasttrdpo.paired_linear_token_logprobs(h.double(), w, h, w, y)
+
+
+def test_cpp_backend_is_not_offered_here(monkeypatch):
+    a = _args()
+    with pytest.raises(NotImplementedError, match="linear_token_logprobs"):
+        fasttrdpo.linear_token_logprobs(a["hidden"], a["weight"], a["labels"], backend="cpp")
+    monkeypatch.setenv("FASTTRDPO_BACKEND", "cpp")
+    with pytest.raises(NotImplementedError, match="paired_linear_token_logprobs"):
+        fasttrdpo.paired_linear_token_logprobs(a["hidden"], a["weight"], a["hidden"], a["weight"], a["labels"])
+    # auto resolving to a built C++ extension runs eager here, and says so
+    monkeypatch.delenv("FASTTRDPO_BACKEND")
+    monkeypatch.setattr(_backend, "_cpp_ready", lambda: True)
+    out = fasttrdpo.linear_token_logprobs(a["hidden"], a["weight"], a["labels"])
+    assert fasttrdpo.last_backend("linear_token_logprobs") == "eager"
+    assert torch.equal(out, fasttrdpo.linear_token_logprobs(a["hidden"], a["weight"], a["labels"], backend="eager"))
+
+
+def test_env_override(monkeypatch):
+    a = _args()
+    monkeypatch.setenv("FASTTRDPO_BACKEND", "triton")
+    fasttrdpo.linear_token_logprobs(a["hidden"], a["weight"], a["labels"])
+    assert fasttrdpo.last_backend("linear_token_logprobs") == "triton"
+    monkeypatch.setenv("FASTTRDPO_BACKEND", "eager")
+    fasttrdpo.linear_token_logprobs(a["hidden"], a["weight"], a["labels"])
+    assert fasttrdpo.last_backend("linear_token_logprobs") == "eager"
+
+
+# ------------------------------------------------------------------------------------------ compile
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_matches_eager(backend):
+    hidden, weight, bias, labels = _make((2, 12), 24, 40, torch.float32, torch.float32, torch.float32)
+    r_hidden, r_weight, _, _ = _make((2, 12), 24, 40, torch.float32, torch.float32, seed=9)
+
+    def f(h, w, b, rh, rw):
+        pol, ref = fasttrdpo.paired_linear_token_logprobs(h, w, rh, rw, labels, policy_bias=b,
+                                                          softcap=3.0, validate=False, backend=backend)
+        single = fasttrdpo.linear_token_logprobs(h, w, labels, bias=b, validate=False, backend=backend)
+        return ((pol - ref) * 0.5 + single).sum(), pol, ref
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (f, compiled):
+        h, w, b = _leaves(hidden, weight, bias)
+        loss, pol, ref = fn(h, w, b, r_hidden, r_weight)
+        results.append((loss, pol, ref) + torch.autograd.grad(loss, [h, w, b]))
+    for eager_t, compiled_t in zip(*results):
+        assert torch.equal(eager_t.detach(), compiled_t.detach())
+
+
+def test_torch_compile_with_validation_graph_breaks_cleanly():
+    hidden, weight, _, labels = _make((2, 6), 16, 30, torch.float32, torch.float32)
+    f = lambda h, w: fasttrdpo.linear_token_logprobs(h, w, labels, backend="eager").sum()  # noqa: E731
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager")
+    h, w, _ = _leaves(hidden, weight, None)
+    gc = torch.autograd.grad(compiled(h, w), [h, w])
+    h2, w2, _ = _leaves(hidden, weight, None)
+    ge = torch.autograd.grad(f(h2, w2), [h2, w2])
+    assert all(torch.equal(a, c) for a, c in zip(gc, ge))
+
+
+# ------------------------------------------------------------------------------------------ random sweep
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(
+    n=st.integers(1, 40), hdim=st.integers(1, 70), vocab=st.integers(1, 150),
+    dtypes=st.sampled_from(DTYPE_PAIRS), backend=st.sampled_from(BACKENDS),
+    softcap=st.sampled_from([None, 2.5]), with_bias=st.booleans(), seed=st.integers(0, 1000),
+)
+def test_random_shapes(n, hdim, vocab, dtypes, backend, softcap, with_bias, seed):
+    hidden, weight, bias, labels = _make((n,), hdim, vocab, dtypes[0], dtypes[1],
+                                         bias_dtype=dtypes[1] if with_bias else None, seed=seed)
+    check_linear_op(backend, hidden, weight, labels, bias=bias, softcap=softcap, logit_scale=1.3)
+
+
+# ------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("h_dtype,w_dtype", DTYPE_PAIRS, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("opts", OPTIONS, ids=["plain", "bias_scale_softcap"])
+def test_gpu_compiled_kernels(h_dtype, w_dtype, opts):
+    hidden, weight, bias, labels = _make((4, 75), 256, 1000, h_dtype, w_dtype,
+                                         bias_dtype=w_dtype if opts["bias"] else None)
+    to = lambda t: None if t is None else t.cuda()  # noqa: E731
+    out, grads = check_linear_op("triton", to(hidden), to(weight), to(labels), bias=to(bias),
+                                 logit_scale=opts["logit_scale"], softcap=opts["softcap"])
+    assert out.is_cuda
