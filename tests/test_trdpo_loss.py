@@ -423,3 +423,16 @@ def test_trdpo_loss_from_logits_bad_args():
         L.trdpo_loss_from_logits(x[:3], x[:3], labels[:3])
     with pytest.raises(ValueError, match="ref_logits"):
         L.trdpo_loss_from_logits(x, x[:, :2], labels)
+
+
+def test_cpp_backend_is_not_offered_at_lm_head_level(monkeypatch):
+    ph, pw, labels, rh, rw, _, _ = make_inputs(seed=12)
+    with pytest.raises(ValueError, match="cpp"):
+        L.TRDPOLoss(backend="cpp")(ph, pw, labels, rh, rw)
+    monkeypatch.setenv("FASTTRDPO_BACKEND", "cpp")
+    with pytest.raises(ValueError, match="cpp"):
+        L.TRDPOLoss()(ph, pw, labels, rh, rw)
+    monkeypatch.setenv("FASTTRDPO_BACKEND", "eager")
+    L.TRDPOLoss()(ph, pw, labels, rh, rw)
+    import fasttrdpo
+    assert fasttrdpo.last_backend("TRDPOLoss") == "eager"
