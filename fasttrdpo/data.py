@@ -1,0 +1,368 @@
+"""Preference data: loading (TRL, Anthropic-HH, OpenAI TL;DR formats), the synthetic task, collation.
+
+`load_preference_dataset(source)` returns a `datasets.Dataset` with three string columns `prompt`,
+`chosen`, `rejected` (TRL's "standard, explicit prompt" layout), whatever the format on disk.
+`PreferenceCollator` turns such rows into the tensors the trainer feeds to `TRDPOLoss`: chosen rows
+first, then rejected rows, labels already shifted with `ignore_index` on the prompt and the padding.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import os
+import random
+import string
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+
+_log = logging.getLogger("fasttrdpo")
+
+HH_ASSISTANT = "\n\nAssistant:"
+FORMATS = ("auto", "trl", "hh", "tldr")
+
+
+class MalformedRowError(ValueError):
+    """A row that cannot be converted; `row_index` is its 0-based position in the source."""
+
+    def __init__(self, row_index: int, reason: str):
+        super().__init__(f"row {row_index}: {reason}")
+        self.row_index = row_index
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------------------------------
+# Format conversion (one row at a time, so a bad row is reported with its index)
+# ----------------------------------------------------------------------------------------------------
+
+def _require_str(row: dict, key: str) -> str:
+    if key not in row:
+        raise ValueError(f"missing field {key!r}")
+    value = row[key]
+    if not isinstance(value, str):
+        raise ValueError(f"field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _convert_trl(row: dict) -> dict:
+    prompt, chosen, rejected = (_require_str(row, k) for k in ("prompt", "chosen", "rejected"))
+    if not chosen or not rejected:
+        raise ValueError("empty 'chosen' or 'rejected' completion")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def split_hh_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Split two Anthropic-HH transcripts into (prompt, chosen, rejected).
+
+    The prompt is the longest common prefix of the two transcripts cut back to (and including) its last
+    "\\n\\nAssistant:"; the completions are the rest, so prompt + completion is the original text exactly.
+    """
+    common = os.path.commonprefix([chosen, rejected])
+    cut = common.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise ValueError(f"the two transcripts share no prefix ending in {HH_ASSISTANT!r}")
+    end = cut + len(HH_ASSISTANT)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def _convert_hh(row: dict) -> dict:
+    prompt, chosen, rejected = split_hh_transcripts(_require_str(row, "chosen"), _require_str(row, "rejected"))
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def tldr_prompt(info: dict) -> str:
+    """The TL;DR prompt TRL's tldr_preference uses: subreddit, title, post, then "TL;DR:"."""
+    post = info.get("post")
+    if not isinstance(post, str):
+        raise ValueError("field 'info.post' must be a string")
+    parts = []
+    if isinstance(info.get("subreddit"), str):
+        parts.append(f"SUBREDDIT: r/{info['subreddit']}")
+    if isinstance(info.get("title"), str):
+        parts.append(f"TITLE: {info['title']}")
+    parts.append(f"POST: {post}")
+    return "\n\n".join(parts) + "\n\nTL;DR:"
+
+
+def _convert_tldr(row: dict) -> dict:
+    info = row.get("info")
+    if not isinstance(info, dict):
+        raise ValueError("field 'info' must be an object with a 'post'")
+    summaries = row.get("summaries")
+    if not isinstance(summaries, (list, tuple)) or len(summaries) != 2:
+        raise ValueError("field 'summaries' must be a list of two summaries")
+    texts = []
+    for i, s in enumerate(summaries):
+        text = s.get("text") if isinstance(s, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"summaries[{i}].text must be a non-empty string")
+        # The completion follows "TL;DR:"; OpenAI's texts mostly start with a space, add one where not.
+        texts.append(text if text[:1].isspace() else " " + text)
+    choice = row.get("choice")
+    if isinstance(choice, bool) or choice not in (0, 1):
+        raise ValueError(f"field 'choice' must be 0 or 1, got {choice!r}")
+    return {"prompt": tldr_prompt(info), "chosen": texts[choice], "rejected": texts[1 - choice]}
+
+
+_CONVERTERS = {"trl": _convert_trl, "hh": _convert_hh, "tldr": _convert_tldr}
+
+
+def detect_format(row: dict) -> str:
+    """Name the format of one row: "trl", "hh" or "tldr" (ValueError if none fits)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected an object, got {type(row).__name__}")
+    keys = set(row)
+    if {"prompt", "chosen", "rejected"} <= keys:
+        return "trl"
+    if {"info", "summaries", "choice"} <= keys:
+        return "tldr"
+    if {"chosen", "rejected"} <= keys:
+        return "hh"
+    raise ValueError(
+        f"unknown preference format (fields {sorted(keys)}); expected prompt/chosen/rejected (TRL), "
+        "chosen/rejected transcripts (Anthropic-HH) or info/summaries/choice (OpenAI TL;DR)")
+
+
+def convert_rows(rows: Iterable[Any], *, format: str = "auto", skip_malformed: bool = False
+                 ) -> tuple[list[dict], list[int]]:
+    """Convert raw rows to prompt/chosen/rejected dicts. Returns (converted, skipped row indices).
+
+    The format is detected from the first row unless given. A row that does not convert raises
+    `MalformedRowError` (with its index), or is skipped and counted when `skip_malformed=True`.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    out: list[dict] = []
+    skipped: list[int] = []
+    fmt = None if format == "auto" else format
+    for i, row in enumerate(rows):
+        try:
+            if isinstance(row, Exception):  # a line that failed to parse (see _read_json_rows)
+                raise ValueError(str(row))
+            if fmt is None:
+                fmt = detect_format(row)
+            if not isinstance(row, dict):
+                raise ValueError(f"expected an object, got {type(row).__name__}")
+            out.append(_CONVERTERS[fmt](row))
+        except ValueError as err:
+            if not skip_malformed:
+                raise MalformedRowError(i, f"{err} (format {fmt or 'undetected'})") from None
+            skipped.append(i)
+    return out, skipped
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading sources
+# ----------------------------------------------------------------------------------------------------
+
+def _open_text(path: str):
+    if path.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _read_json_rows(path: str) -> list[Any]:
+    """Rows of a .json (a list, or {"data"/"train": [...]}) or .jsonl file, optionally gzipped.
+
+    A jsonl line that is not valid JSON becomes a ValueError placed at its row index, so that the
+    converter reports (or skips) it like any other malformed row.
+    """
+    with _open_text(path) as f:
+        text = f.read()
+    stripped = text.lstrip()
+    base = path[:-3] if path.endswith(".gz") else path
+    if base.endswith(".json") and stripped.startswith(("[", "{")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None  # maybe jsonl saved as .json: fall through
+        if isinstance(data, list):
+            return data
+        if isinstance(data, dict):
+            for key in ("data", "train", "rows"):
+                if isinstance(data.get(key), list):
+                    return data[key]
+            return [data]
+    rows: list[Any] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            rows.append(ValueError(f"invalid JSON ({err.msg} at column {err.colno})"))
+    return rows
+
+
+def _read_parquet_rows(path: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def load_preference_dataset(source: str, split: str = "train", *, format: str = "auto",
+                            skip_malformed: bool = False, return_skipped: bool = False, **hub_kwargs):
+    """Load preference pairs as a `datasets.Dataset` with string columns prompt, chosen, rejected.
+
+    source: a local file (.jsonl, .json, .parquet, each optionally .gz except parquet), or a Hugging Face
+        dataset id (needs a reachable hub; `split` and `hub_kwargs` go to `datasets.load_dataset`).
+        For local files `split` is ignored (a file is one split).
+    format: "auto" (detected from the first row), "trl", "hh" (Anthropic-HH transcripts) or "tldr"
+        (OpenAI summarize-from-feedback comparisons).
+    skip_malformed: False raises `MalformedRowError` naming the first bad row; True skips bad rows,
+        logs how many (and which), and, with `return_skipped=True`, returns (dataset, skipped_indices).
+    """
+    import datasets
+
+    if not isinstance(source, str) or not source:
+        raise TypeError(f"source must be a non-empty path or dataset id, got {source!r}")
+    if os.path.exists(source):
+        if os.path.isdir(source):
+            raise ValueError(f"source {source!r} is a directory; pass a .jsonl/.json/.parquet file")
+        base = source[:-3] if source.endswith(".gz") else source
+        if base.endswith((".jsonl", ".json")):
+            rows = _read_json_rows(source)
+        elif source.endswith(".parquet"):
+            rows = _read_parquet_rows(source)
+        else:
+            raise ValueError(f"source {source!r}: unsupported file type (expected .jsonl, .json, "
+                             ".parquet, optionally .gz for the JSON ones)")
+    else:
+        if source.endswith((".jsonl", ".json", ".parquet", ".gz")):
+            raise FileNotFoundError(f"source {source!r}: no such file")
+        rows = datasets.load_dataset(source, split=split, **hub_kwargs)
+    converted, skipped = convert_rows(rows, format=format, skip_malformed=skip_malformed)
+    if skipped:
+        _log.warning("load_preference_dataset(%s): skipped %d malformed row(s) of %d (first: %s)",
+                     source, len(skipped), len(converted) + len(skipped), skipped[:10])
+    if not converted:
+        raise ValueError(f"source {source!r}: no usable preference rows")
+    ds = datasets.Dataset.from_dict({k: [r[k] for r in converted] for k in ("prompt", "chosen", "rejected")})
+    return (ds, skipped) if return_skipped else ds
+
+
+# ----------------------------------------------------------------------------------------------------
+# The synthetic task (embedded default)
+# ----------------------------------------------------------------------------------------------------
+
+def synthetic_example(rng: random.Random, min_len: int = 5, max_len: int = 8) -> dict:
+    """One pair of the synthetic task: reverse a word of distinct random letters.
+
+    prompt "<letters>=" ; chosen = the letters reversed ; rejected = the reversal with one or two letters
+    replaced by their left neighbour (the right one at position 0), i.e. a "stutter" that repeats a
+    letter. The ground truth is a deterministic function of the prompt; since the prompt's letters are
+    distinct, a correct answer never repeats a letter and every rejected answer does, a rule a tiny
+    model picks up in a few dozen steps and that holds on prompts it has never seen.
+    """
+    if not 2 <= min_len <= max_len <= 26:
+        raise ValueError(f"need 2 <= min_len <= max_len <= 26, got {min_len}, {max_len}")
+    n = rng.randint(min_len, max_len)
+    word = "".join(rng.sample(string.ascii_lowercase, n))
+    answer = word[::-1]
+    wrong = list(answer)
+    for pos in rng.sample(range(n), rng.randint(1, 2)):
+        wrong[pos] = wrong[pos - 1] if pos > 0 else wrong[1]
+    return {"prompt": word + "=", "chosen": answer, "rejected": "".join(wrong)}
+
+
+def synthetic_preference_dataset(n: int = 2048, seed: int = 0, **kwargs):
+    """`n` pairs of the synthetic task as a `datasets.Dataset` (prompt, chosen, rejected)."""
+    import datasets
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rng = random.Random(seed)
+    rows = [synthetic_example(rng, **kwargs) for _ in range(n)]
+    return datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenization and collation
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class TokenizedPair:
+    prompt: list[int]
+    chosen: list[int]    # completion tokens (+ EOS unless truncated)
+    rejected: list[int]
+
+
+def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, *, max_length: int,
+                  max_prompt_length: int | None = None, add_eos: bool = True) -> TokenizedPair:
+    """Tokenize prompt and completions separately (so the prompt/completion boundary is exact).
+
+    Truncation when prompt + longer completion exceeds max_length: the prompt keeps its END, down to
+    max(max_length - longer completion, max_prompt_length) tokens (max_prompt_length defaults to
+    max_length // 2); then each completion keeps its START to fit max_length (losing its EOS if cut).
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    cap = max_length // 2 if max_prompt_length is None else max_prompt_length
+    if not 1 <= cap < max_length:
+        raise ValueError(f"max_prompt_length must be in [1, max_length), got {max_prompt_length}")
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = [tokenizer.eos_token_id] if add_eos else []
+    if add_eos and tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token_id")
+    p = encode(prompt)
+    c = encode(chosen) + eos
+    r = encode(rejected) + eos
+    longer = max(len(c), len(r))
+    if len(p) + longer > max_length:
+        keep = min(len(p), max(max_length - longer, cap))
+        p = p[len(p) - keep:]
+        room = max_length - len(p)
+        c, r = c[:room], r[:room]
+    return TokenizedPair(p, c, r)
+
+
+def tokenize_dataset(dataset, tokenizer, *, max_length: int, max_prompt_length: int | None = None
+                     ) -> list[TokenizedPair]:
+    """Tokenize every row of a prompt/chosen/rejected dataset (kept as Python lists: cheap to index)."""
+    for col in ("prompt", "chosen", "rejected"):
+        if col not in dataset.column_names:
+            raise ValueError(f"dataset must have columns prompt, chosen, rejected; missing {col!r}")
+    return [tokenize_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"],
+                          max_length=max_length, max_prompt_length=max_prompt_length)
+            for row in dataset]
+
+
+class PreferenceCollator:
+    """Batches TokenizedPairs as chosen rows [0, B) then rejected rows [B, 2B), right-padded.
+
+    Returns input_ids / attention_mask [2B, T] and labels [2B, T] already shifted: labels[:, t] is the
+    token that position t predicts when it is a completion token, ignore_index elsewhere (prompt,
+    padding, last position).
+    """
+
+    def __init__(self, pad_token_id: int, ignore_index: int = -100, pad_to_multiple_of: int | None = None):
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is None: set tokenizer.pad_token (e.g. to the EOS token)")
+        self.pad_token_id = int(pad_token_id)
+        self.ignore_index = ignore_index
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, pairs: Sequence[TokenizedPair]) -> dict[str, torch.Tensor]:
+        if not pairs:
+            raise ValueError("cannot collate an empty batch")
+        seqs = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+        T = max(len(a) + len(b) for a, b in seqs)
+        if self.pad_to_multiple_of:
+            T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        n = len(seqs)
+        input_ids = torch.full((n, T), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, T), dtype=torch.long)
+        labels = torch.full((n, T), self.ignore_index, dtype=torch.long)
+        for i, (prompt, completion) in enumerate(seqs):
+            ids = prompt + completion
+            L = len(ids)
+            input_ids[i, :L] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, :L] = 1
+            # position t predicts token t+1; supervise only predictions of completion tokens
+            start = max(len(prompt) - 1, 0)
+            first = len(prompt) if prompt else 1  # with no prompt the first token has no predictor
+            labels[i, start:L - 1] = torch.tensor(ids[first:], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
