@@ -82,3 +82,20 @@ def test_use_trdpo_loss_switch_and_unsupported_settings(tmp_path):
                        processing_class=tiny_tokenizer())
         with pytest.raises(exc):
             use_trdpo_loss(t)
+
+
+def test_peft_adapter_reference_matches_trl(tmp_path):
+    # With PEFT and no ref_model, the reference is the base model with the adapter off (TRL's use_adapter)
+    peft = pytest.importorskip("peft")
+
+    def run(cls, name):
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query_key_value", "dense"], task_type="CAUSAL_LM")
+        trainer = cls(model=tiny_model(seed=0, hidden_size=32), args=_args(tmp_path, name, max_steps=4),
+                      train_dataset=_dataset(), processing_class=tiny_tokenizer(), peft_config=cfg)
+        trainer.train()
+        return torch.tensor([h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h],
+                            dtype=torch.float64)
+
+    trl_loss, our_loss = run(DPOTrainer, "trl"), run(FusedDPOTrainer, "ours")
+    assert float((trl_loss[0] - trl_loss[-1]).abs()) > 1e-3 * float(trl_loss[0])
+    torch.testing.assert_close(our_loss, trl_loss, rtol=1e-4, atol=0)
