@@ -121,8 +121,11 @@ def test_pairing_mismatch_raises_at_construction(make):
     ({"lora_soft": "maybe"}, ValueError),
 ])
 def test_bad_config_raises(kwargs, exc):
+    ref = _mlp(1)
+    before = _digest(ref)
     with pytest.raises(exc):
-        fasttrdpo.RefModelUpdater(policy=_mlp(0), ref=_mlp(1), **{"alpha": 0.6, "tau": 4, **kwargs})
+        fasttrdpo.RefModelUpdater(policy=_mlp(0), ref=ref, **{"alpha": 0.6, "tau": 4, **kwargs})
+    assert _digest(ref) == before
 
 
 def test_bad_global_step():

@@ -117,3 +117,28 @@ def test_resume_restores_reference(tmp_path):
     FusedSyncRefModelCallback.replace_in(third)
     with pytest.raises(FileNotFoundError, match="fasttrdpo_ref_update"):
         third.train(resume_from_checkpoint=ckpt)
+
+
+def test_peft_reference_adapter_in_dpo_trainer(tmp_path):
+    """TRL refuses sync_ref_model with PEFT. Given a PeftModel, DPOTrainer adds a "ref" adapter (a copy of
+    "default") and uses it as the reference; our callback's hard update copies the trained adapter into
+    it every τ steps."""
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query_key_value"], lora_dropout=0.0)
+    model = peft.get_peft_model(tiny_model(seed=0, **MODEL_KW), cfg)
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=STEPS, learning_rate=1e-2,
+                     beta=0.1, sync_ref_model=False, report_to=[], use_cpu=True, seed=0, logging_steps=10 ** 6,
+                     save_strategy="no", disable_dropout=True, max_length=None, dataloader_num_workers=0)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(_rows()),
+                         processing_class=tiny_tokenizer())
+    assert "ref" in model.peft_config  # created by DPOTrainer
+    cb = FusedSyncRefModelCallback(alpha=1.0, tau=TAU)
+    trainer.add_callback(cb)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if ".ref." in n}
+    trainer.train()
+    assert cb.updater.num_updates == STEPS // TAU
+    params = dict(model.named_parameters())
+    lora_b = [n for n in start if "lora_B" in n]
+    assert lora_b and all(not torch.equal(params[n], start[n]) for n in lora_b)  # B started at 0: it moved
+    for n in start:  # the last update ran at the last step: the reference adapter equals the policy's
+        assert torch.equal(params[n], params[n.replace(".ref.", ".default.")]), n

@@ -13,10 +13,11 @@ Swap it into TRL's DPOTrainer (same schedule: `ref_model_sync_steps`, `ref_model
     FusedSyncRefModelCallback.replace_in(trainer)   # removes TRL's SyncRefModelCallback, adds this one
     trainer.train()
 
-PEFT (TRL raises for sync_ref_model=True with PEFT): give the PeftModel a second adapter named "ref"
-(TRL's DPOTrainer then uses it as the reference), keep sync_ref_model=False, and add the callback:
+PEFT (TRL raises for sync_ref_model=True with PEFT): pass a PeftModel (wrapped with get_peft_model
+yourself, not through `peft_config=`): DPOTrainer then adds an adapter "ref", a copy of "default",
+and uses it as the reference. Keep sync_ref_model=False and add the callback:
 
-    model.add_adapter("ref", lora_config)
+    model = peft.get_peft_model(model, lora_config)
     trainer = DPOTrainer(model=model, args=DPOConfig(..., sync_ref_model=False), ...)
     trainer.add_callback(FusedSyncRefModelCallback(alpha=1.0, tau=512))   # exact hard update of the adapter
 
@@ -30,7 +31,7 @@ import os
 import torch
 from transformers import TrainerCallback
 
-from ...ref_update import RefModelUpdater, unwrap_model
+from ...ref_update import RefModelUpdater, _is_dtensor, unwrap_model
 
 STATE_FILE = "fasttrdpo_ref_update.pt"
 _log = logging.getLogger("fasttrdpo")
@@ -93,8 +94,7 @@ class FusedSyncRefModelCallback(TrainerCallback):
 
     def _state_path(self, folder: str, args) -> str:
         # DDP ranks hold identical references (rank 0 writes); FSDP2 ranks hold different shards.
-        sharded = self.updater is not None and any(
-            type(p).__name__ == "DTensor" for p in self.updater._tensors()[0])
+        sharded = self.updater is not None and any(_is_dtensor(p) for p in self.updater._tensors()[0])
         rank = int(getattr(args, "process_index", 0) or 0)
         return os.path.join(folder, f"{STATE_FILE[:-3]}.rank{rank}.pt" if sharded else STATE_FILE)
 
