@@ -22,6 +22,13 @@ namespace fasttrdpo {
 namespace {
 
 constexpr int64_t kChunk = int64_t{1} << 15;
+// Below this many elements in all, one thread does the whole list (no parallel region's wake-up).
+constexpr int64_t kMinParallelElems = int64_t{1} << 17;
+
+// Chunks per parallel task: all of them (serial) when the whole list is small.
+inline int64_t chunk_grain(int64_t total_elems, size_t chunk_count) {
+  return total_elems < kMinParallelElems ? std::max<int64_t>(1, static_cast<int64_t>(chunk_count)) : 1;
+}
 
 template <typename R, typename P>
 void blend_range(R* ref, const P* pol, int64_t n, float alpha) {
@@ -88,11 +95,15 @@ void blend_(at::TensorList refs, at::TensorList policies, double alpha) {
     int64_t pair, begin, end;
   };
   std::vector<Chunk> chunks;
-  for (size_t k = 0; k < refs.size(); ++k)
+  int64_t total = 0;
+  for (size_t k = 0; k < refs.size(); ++k) {
+    total += refs[k].numel();
     for (int64_t b = 0, n = refs[k].numel(); b < n; b += kChunk)
       chunks.push_back({static_cast<int64_t>(k), b, std::min(n, b + kChunk)});
+  }
   const float a = static_cast<float>(alpha);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), chunk_grain(total, chunks.size()),
+                   [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const Chunk& ch = chunks[c];
       blend_chunk(refs[ch.pair], policies[ch.pair], ch.begin, ch.end, a);
@@ -129,13 +140,17 @@ at::Tensor finite_flags(at::TensorList tensors) {
     TORCH_CHECK(t.is_contiguous(), "finite_flags: tensor ", k, " must be contiguous");
   }
   std::vector<std::array<int64_t, 3>> chunks;  // (tensor, begin, end)
-  for (int64_t k = 0; k < count; ++k)
+  int64_t total = 0;
+  for (int64_t k = 0; k < count; ++k) {
+    total += tensors[k].numel();
     for (int64_t b = 0, n = tensors[k].numel(); b < n; b += kChunk) chunks.push_back({k, b, std::min(n, b + kChunk)});
+  }
   // One byte per tensor; chunks only ever clear it (a racing write of the same 0 is benign as a
   // relaxed atomic store).
   std::vector<std::atomic<uint8_t>> ok(count);
   for (auto& f : ok) f.store(1, std::memory_order_relaxed);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), chunk_grain(total, chunks.size()),
+                   [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const auto [k, b, e] = chunks[c];
       if (!ok[k].load(std::memory_order_relaxed)) continue;

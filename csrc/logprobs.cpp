@@ -9,7 +9,8 @@
 //
 // The online log-sum-exp keeps one running max and one running sum per vector lane. A row is
 // processed in blocks of kBlockSteps vector steps (≤ 1 KiB, so the second look at the block hits
-// L1): first the block max, then one rescale of the running sum and one exp per element.
+// L1): first the block max, then one rescale of the running sum and one exp per element. Short
+// batches split rows into segments (see split_rows) whose partial (max, sum) pairs are combined.
 //
 // Backward: grad_z_iv = g_i · (onehot(y_i)_v − exp(z_iv − lse_i)), computed in fp32 and rounded to
 // nearest even into the logits dtype; optionally written over the logits (each row's label logit
@@ -22,6 +23,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "vec_io.h"
 
@@ -32,20 +34,49 @@ constexpr int64_t kBlockSteps = 8;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-// Rows per parallel task: enough elements per task to amortize the scheduling.
-inline int64_t row_grain(int64_t V) {
-  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(V, 1));
+// Work split. Long batches: one task per row (policy and reference row of a token together).
+// Short batches (fewer than kMinTasks rows, e.g. scoring one sequence against a 256k vocabulary):
+// rows are cut into segments of ≥ kMinSegment logits so that every core still gets work; each
+// segment yields a partial (max, Σ exp(z − max)) and the row's lse combines them.
+constexpr int64_t kMinTasks = 64;
+constexpr int64_t kMinSegment = 4096;  // a multiple of the vector block (kBlockSteps · kStep)
+
+struct Split {
+  int64_t segments, seg_len;
+};
+
+inline Split split_rows(int64_t N, int64_t V) {
+  int64_t segs = 1;
+  if (N < kMinTasks && V >= 2 * kMinSegment) {
+    segs = std::min((V + kMinSegment - 1) / kMinSegment, (kMinTasks + N - 1) / N);
+  }
+  int64_t len = (V + segs - 1) / segs;
+  const int64_t align = kBlockSteps * kStep;
+  len = (len + align - 1) / align * align;  // vector-aligned segment starts
+  return {(V + len - 1) / len, len};
 }
 
-// log Σ exp(z_v) over one row, fp32 math.
+// Tasks per parallel chunk: ≥ kMinChunkElems logits (tens of µs of work) per chunk, so that small
+// problems run on one thread instead of paying a parallel region's wake-up.
+constexpr int64_t kMinChunkElems = int64_t{1} << 17;
+inline int64_t task_grain(int64_t len) {
+  return std::max<int64_t>(1, kMinChunkElems / std::max<int64_t>(len, 1));
+}
+
+// Running max m and Σ exp(z − m) of a range of logits; m is NaN if any logit is NaN, -inf (with
+// sum 0) if all are -inf.
+struct MaxSum {
+  float max, sum;
+};
+
 template <typename T>
-float row_logsumexp(const T* z, int64_t V) {
+MaxSum range_max_sum(const T* z, int64_t n) {
   VecF run_max(kNegInf), run_sum(0.f);
   const VecF neg_inf(kNegInf), zero(0.f);
   VecF x[2 * kBlockSteps];
   int64_t v = 0;
-  while (v + kStep <= V) {
-    const int64_t steps = std::min<int64_t>(kBlockSteps, (V - v) / kStep);
+  while (v + kStep <= n) {
+    const int64_t steps = std::min<int64_t>(kBlockSteps, (n - v) / kStep);
     VecF blk_max = run_max;
     for (int64_t s = 0; s < steps; ++s) {
       load_step(z + v + s * kStep, x[2 * s], x[2 * s + 1]);
@@ -64,20 +95,35 @@ float row_logsumexp(const T* z, int64_t V) {
   run_max.store(lane_max);
   run_sum.store(lane_sum);
   float m = kNegInf;
-  for (int64_t l = 0; l < VecF::size(); ++l) m = std::max(m, lane_max[l]);
-  for (int64_t t = v; t < V; ++t) {
+  for (int64_t l = 0; l < VecF::size(); ++l) {
+    if (std::isnan(lane_max[l]) || std::isnan(lane_sum[l])) return {kNaN, kNaN};
+    m = std::max(m, lane_max[l]);
+  }
+  for (int64_t t = v; t < n; ++t) {
     const float zt = to_f32(z[t]);
-    if (std::isnan(zt)) return kNaN;
+    if (std::isnan(zt)) return {kNaN, kNaN};
     m = std::max(m, zt);
   }
-  for (int64_t l = 0; l < VecF::size(); ++l)
-    if (std::isnan(lane_max[l]) || std::isnan(lane_sum[l])) return kNaN;
-  if (m == kNegInf) return kNegInf;  // every logit is -inf
+  if (m == kNegInf) return {kNegInf, 0.f};
   float s = 0.f;
   for (int64_t l = 0; l < VecF::size(); ++l)
     if (lane_max[l] != kNegInf) s += lane_sum[l] * std::exp(lane_max[l] - m);
-  for (int64_t t = v; t < V; ++t) s += std::exp(to_f32(z[t]) - m);
-  return m + std::log(s);
+  for (int64_t t = v; t < n; ++t) s += std::exp(to_f32(z[t]) - m);
+  return {m, s};
+}
+
+// lse of a row from its segments' partials (combined in double: no error added beyond theirs).
+inline float combine_lse(const MaxSum* parts, int64_t count) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t k = 0; k < count; ++k) {
+    if (std::isnan(parts[k].max)) return kNaN;
+    m = std::max(m, static_cast<double>(parts[k].max));
+  }
+  if (std::isinf(m)) return static_cast<float>(m);  // all -inf (or a +inf logit)
+  double s = 0.0;
+  for (int64_t k = 0; k < count; ++k)
+    if (parts[k].max != kNegInf) s += static_cast<double>(parts[k].sum) * std::exp(parts[k].max - m);
+  return static_cast<float>(m + std::log(s));
 }
 
 template <typename T>
@@ -85,7 +131,6 @@ inline float label_logprob(const T* z, int64_t V, int64_t y, float lse) {
   return (y >= 0 && y < V) ? to_f32(z[y]) - lse : kNaN;
 }
 
-// One task per range of rows; the reference row of a token is done right after its policy row.
 // TP / TR: storage dtypes of the policy and reference logits (they may differ, e.g. an fp32 policy
 // head beside a bf16 reference).
 template <typename TP, typename TR>
@@ -100,24 +145,30 @@ void forward_kernel(const at::Tensor& policy, const at::Tensor* ref, const at::T
   float* out_p = policy_logp.data_ptr<float>();
   float* out_lse = policy_lse.data_ptr<float>();
   float* out_r = ref ? ref_logp->data_ptr<float>() : nullptr;
-  at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t y = lab[i];
-      if (y == ignore_index) {  // nothing depends on an ignored row: skip its logits entirely
-        out_p[i] = 0.f;
-        out_lse[i] = 0.f;
-        if (out_r) out_r[i] = 0.f;
-        continue;
-      }
-      const float lse = row_logsumexp(pz + i * ps, V);
-      out_lse[i] = lse;
-      out_p[i] = label_logprob(pz + i * ps, V, y, lse);
-      if (out_r) {
-        const TR* row = rz + i * rs;
-        out_r[i] = label_logprob(row, V, y, row_logsumexp(row, V));
-      }
+  const Split sp = split_rows(N, V);
+  // Partials [N, segments] for the policy and the reference; ignored rows are skipped entirely.
+  std::vector<MaxSum> p_parts(N * sp.segments), r_parts(ref ? N * sp.segments : 0);
+  at::parallel_for(0, N * sp.segments, task_grain(sp.seg_len), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / sp.segments, v0 = (task % sp.segments) * sp.seg_len;
+      if (lab[i] == ignore_index) continue;
+      const int64_t n = std::min(V, v0 + sp.seg_len) - v0;
+      p_parts[task] = range_max_sum(pz + i * ps + v0, n);
+      if (ref) r_parts[task] = range_max_sum(rz + i * rs + v0, n);
     }
   });
+  for (int64_t i = 0; i < N; ++i) {  // N small numbers per row: not worth a parallel region
+    const int64_t y = lab[i];
+    if (y == ignore_index) {
+      out_p[i] = out_lse[i] = 0.f;
+      if (out_r) out_r[i] = 0.f;
+      continue;
+    }
+    const float lse = combine_lse(&p_parts[i * sp.segments], sp.segments);
+    out_lse[i] = lse;
+    out_p[i] = label_logprob(pz + i * ps, V, y, lse);
+    if (out_r) out_r[i] = label_logprob(rz + i * rs, V, y, combine_lse(&r_parts[i * sp.segments], sp.segments));
+  }
 }
 
 // Calls fn(TypeTag<T>{}) with T the C++ type of a float32 / bfloat16 / float16 tensor.
@@ -188,27 +239,31 @@ void backward_kernel(const at::Tensor& grad, const at::Tensor& logits, const at:
   const float* g = grad.const_data_ptr<float>();
   const float* l = lse.const_data_ptr<float>();
   const int64_t* lab = labels.const_data_ptr<int64_t>();
-  at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
+  const Split sp = split_rows(N, V);
+  at::parallel_for(0, N * sp.segments, task_grain(sp.seg_len), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / sp.segments, v0 = (task % sp.segments) * sp.seg_len;
+      const int64_t v1 = std::min(V, v0 + sp.seg_len);
       const T* zr = z + i * zs;
       T* orow = o + i * os;
       const int64_t y = lab[i];
       if (y == ignore_index || !(y >= 0 && y < V)) {
         const T fill = from_f32<T>(y == ignore_index ? 0.f : kNaN);
-        for (int64_t v = 0; v < V; ++v) orow[v] = fill;
+        for (int64_t v = v0; v < v1; ++v) orow[v] = fill;
         continue;
       }
       const float gi = g[i], li = l[i];
-      const float zy = to_f32(zr[y]);  // read before an in-place write overwrites it
+      const bool has_label = y >= v0 && y < v1;  // only this segment touches the label's element
+      const float zy = has_label ? to_f32(zr[y]) : 0.f;  // read before an in-place write overwrites it
       const VecF neg_g(-gi), vl(li);
       VecF a, b;
-      int64_t v = 0;
-      for (; v + kStep <= V; v += kStep) {
+      int64_t v = v0;
+      for (; v + kStep <= v1; v += kStep) {
         load_step(zr + v, a, b);
         store_step(orow + v, neg_g * (a - vl).exp(), neg_g * (b - vl).exp());
       }
-      for (; v < V; ++v) orow[v] = from_f32<T>(-gi * std::exp(to_f32(zr[v]) - li));
-      orow[y] = from_f32<T>(gi * (1.f - std::exp(zy - li)));
+      for (; v < v1; ++v) orow[v] = from_f32<T>(-gi * std::exp(to_f32(zr[v]) - li));
+      if (has_label) orow[y] = from_f32<T>(gi * (1.f - std::exp(zy - li)));
     }
   });
 }

@@ -129,7 +129,10 @@ def test_build_failure_raises_with_compiler_summary(cpp_build, tmp_path, monkeyp
 # ----------------------------------------------------------------------------------------------
 
 # V below, at and around the vector step (32 fp32 lanes x 2 on AVX512) and the 8-step block.
-SHAPES = [(1, 1), (1, 5), (3, 31), (4, 32), (2, 33), (5, 255), (3, 256), (2, 257), (6, 1000), (2, 4099)]
+# N < 64 with V ≥ 8192 splits rows into vector-aligned segments (csrc/logprobs.cpp split_rows):
+# (1, 20000) in 5 segments, (3, 9000) in 3 with a ragged last one.
+SHAPES = [(1, 1), (1, 5), (3, 31), (4, 32), (2, 33), (5, 255), (3, 256), (2, 257), (6, 1000), (2, 4099),
+          (1, 20000), (3, 9000)]
 
 
 def _make(n, v, dtype, seed, scale=4.0, ignore_frac=0.25, ignore_index=-100):
@@ -225,6 +228,32 @@ def test_forward_masked_vocabulary_minus_inf(cpp, dtype):
     assert lp[3].item() == float("-inf")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_rows_masked_segments_and_bad_labels(cpp, dtype):
+    """Short batch, long rows (segmented): whole -inf segments, a NaN row, bad labels, in-place grad."""
+    n, v = 4, 20000
+    policy, ref, labels = _make(n, v, dtype, seed=13, ignore_frac=0.0)
+    policy[0, :12288] = float("-inf")  # the first three 4096-segments of row 0 hold only -inf
+    policy[1, 17000] = float("nan")    # NaN in the last segment: the whole row's lse is NaN
+    labels[:] = torch.tensor([19999, 5, v, 4096])  # row 2: bad label
+    lp, lse, lr = cpp.paired_logprobs_forward(policy, ref, labels, -100)
+    finite = torch.where(torch.isinf(policy), torch.zeros_like(policy), policy).double()
+    expect = ref_token_logprobs(policy, labels.clamp(max=v - 1))
+    tol = logprob_tolerance(finite)
+    assert_close_tol(lp[[0, 3]], expect[[0, 3]], tol[[0, 3]], "segmented logp")
+    assert torch.isnan(lp[1]) and torch.isnan(lse[1]) and torch.isnan(lp[2]) and torch.isnan(lr[2])
+    assert_close_tol(lr[[0, 1, 3]], ref_token_logprobs(ref, labels.clamp(max=v - 1))[[0, 1, 3]],
+                     logprob_tolerance(ref.double())[[0, 1, 3]], "segmented ref logp")
+    grad = torch.randn(n)
+    buf = policy.clone()
+    cpp.logprobs_backward(grad, buf, lse, labels, -100, True)
+    keep = [0, 3]
+    expect_g = ref_grad64(policy[keep], labels[keep], grad[keep])
+    assert_close_tol(buf[keep], expect_g, grad_tolerance(policy[keep], tol[keep], grad[keep], labels[keep]),
+                     "segmented in-place grad")
+    assert torch.isnan(buf[2]).all()
+
+
 def test_forward_strided_rows_and_bad_arguments(cpp):
     buf = torch.randn(6, 130)
     policy = buf[:, 1:101]  # row stride 130, unit stride along V
@@ -264,7 +293,8 @@ def grad_tolerance(logits: torch.Tensor, lse_tol: torch.Tensor, grad: torch.Tens
     valid = (labels >= 0) & (labels < z.shape[-1])
     onehot[valid] = torch.nn.functional.one_hot(labels[valid], z.shape[-1]).double()
     exact = g * (onehot - p).abs()
-    fp32_err = g * (p * rel_p) + 2 * U32 * exact + g * 2.0 ** -126
+    p_err = torch.where(p == 0, torch.zeros_like(p), p * rel_p)  # a -inf logit: p = 0 exactly, no error
+    fp32_err = g * p_err + 2 * U32 * exact + g * 2.0 ** -126
     u = UNIT_ROUNDOFF[logits.dtype]
     return fp32_err + u * (exact + fp32_err) + SUBNORMAL_SPACING[logits.dtype]
 
