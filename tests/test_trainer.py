@@ -1,0 +1,193 @@
+"""TRDPOTrainer in process: the loss it optimises, the reference updates it composes, the evaluation KL,
+bf16, checkpoints on disk, and input validation. Tiny models, a handful of steps."""
+import copy
+import os
+
+import pytest
+import torch
+
+from fasttrdpo.data import synthetic_preference_dataset
+from fasttrdpo.tiny import tiny_model, tiny_tokenizer
+from fasttrdpo.trainer import TRDPOConfig, TRDPOTrainer, find_latest_checkpoint, load_weights
+
+SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+
+
+def _config(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                learning_rate=1e-3, logging_steps=1, save_steps=0, plot=False, disable_tqdm=True, tau=100)
+    base.update(kw)
+    return TRDPOConfig(**base)
+
+
+def _f64_sequence_logps(model, batch):
+    """Summed completion log-probs from full float64 logits (the independent reference)."""
+    m = copy.deepcopy(model).double().requires_grad_(False)
+    logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"]
+    mask = labels != -100
+    lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (lp * mask).sum(-1), logits, mask
+
+
+def _count_head_calls(*models):
+    calls = []
+    for m in models:
+        m.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+def test_first_step_loss_equals_float64_dpo_and_no_logits_are_formed(tmp_path):
+    policy, ref = tiny_model(0, **SMALL), tiny_model(1, **SMALL)
+    policy0, ref0 = copy.deepcopy(policy), copy.deepcopy(ref)
+    trainer = TRDPOTrainer(policy, tiny_tokenizer(), synthetic_preference_dataset(32, seed=0),
+                           _config(tmp_path, beta=0.2), ref_model=ref)
+    calls = _count_head_calls(trainer.model, trainer.ref_model)
+    batch = trainer.collator([trainer.train_pairs[i] for i in trainer._step_indices(0)[0]])
+    pol, _, _ = _f64_sequence_logps(policy0, batch)
+    rf, _, _ = _f64_sequence_logps(ref0, batch)
+    B = pol.shape[0] // 2
+    chosen, rejected = 0.2 * (pol[:B] - rf[:B]), 0.2 * (pol[B:] - rf[B:])
+    expected_loss = float(-torch.nn.functional.logsigmoid(chosen - rejected).mean())
+    trainer.train()
+    assert calls == []  # the lm_head module never ran: logits were never formed in training
+    first = trainer.history[0]
+    assert first["step"] == 1
+    # fp32 log-probs: ~eps32*(|lse|+max|z|) ~ 1e-6 per token, ~20 tokens per row, times beta -> 1e-5 is ample
+    assert abs(first["loss"] - expected_loss) < 1e-5
+    assert abs(first["rewards/chosen"] - float(chosen.mean())) < 1e-5
+    assert abs(first["rewards/margins"] - float((chosen - rejected).mean())) < 1e-5
+    assert first["rewards/accuracies"] == float((chosen > rejected).double().mean())
+    assert trainer.history[1]["step"] == 2 and trainer.global_step == 2
+
+
+def test_reference_is_blended_at_every_tau_optimizer_steps(tmp_path):
+    policy = tiny_model(0, **SMALL)
+    start = copy.deepcopy(policy)
+    trainer = TRDPOTrainer(policy, tiny_tokenizer(), synthetic_preference_dataset(32, seed=0),
+                           _config(tmp_path, max_steps=3, tau=3, alpha=0.25))
+    trainer.train()
+    assert trainer.ref_updates == 1 and [r["ref_updates"] for r in trainer.history] == [0, 0, 1]
+    # one blend after step 3: ref = start + 0.25 * (policy_final - start), fp32 math + one rounding
+    for (name, r), p, s in zip(trainer.ref_model.named_parameters(), policy.parameters(), start.parameters()):
+        expected = s.double() + 0.25 * (p.double() - s.double())
+        bound = 4 * torch.finfo(torch.float32).eps * (s.double().abs() + p.double().abs())
+        assert ((r.double() - expected).abs() <= bound + 1e-30).all(), name
+        assert not torch.equal(r, s) or torch.equal(p, s), name
+
+    trainer2 = TRDPOTrainer(tiny_model(0, **SMALL), tiny_tokenizer(), synthetic_preference_dataset(32, seed=0),
+                            _config(tmp_path / "b", max_steps=5, tau=2, alpha=1.0))
+    trainer2.train()
+    assert trainer2.ref_updates == 2  # steps 2 and 4
+
+
+def test_evaluation_kl_and_rewards_equal_float64_full_vocabulary(tmp_path):
+    policy, ref = tiny_model(0, **SMALL), tiny_model(1, **SMALL)
+    policy0, ref0 = copy.deepcopy(policy), copy.deepcopy(ref)
+    evals = synthetic_preference_dataset(6, seed=9)
+    trainer = TRDPOTrainer(policy, tiny_tokenizer(), None, _config(tmp_path, per_device_eval_batch_size=4,
+                                                                   kl_chunk_tokens=7), ref_model=ref,
+                           eval_dataset=evals)
+    got = trainer.evaluate()
+    batch = trainer.collator(trainer.eval_pairs)
+    pol, lp_logits, mask = _f64_sequence_logps(policy0, batch)
+    rf, lq_logits, _ = _f64_sequence_logps(ref0, batch)
+    lp, lq = torch.log_softmax(lp_logits[mask], -1), torch.log_softmax(lq_logits[mask], -1)
+    kl = float((lp.exp() * (lp - lq)).sum() / mask.sum())
+    B = pol.shape[0] // 2
+    chosen, rejected = 0.1 * (pol[:B] - rf[:B]), 0.1 * (pol[B:] - rf[B:])
+    assert got["eval_pairs"] == 6
+    assert kl > 1e-3 and abs(got["eval_kl/ref"] - kl) < 1e-5 * max(1.0, kl)  # fp32 chunks vs float64
+    assert got["eval_kl/init"] == 0.0  # the initial model is the policy itself before training
+    assert abs(got["eval_rewards/margins"] - float((chosen - rejected).mean())) < 1e-5
+    assert got["eval_rewards/accuracies"] == pytest.approx(float((chosen > rejected).double().mean()))
+    assert got["eval_init_rewards/accuracies"] == 0.0  # rewards against itself are all zero: no win
+
+
+def test_bf16_autocast_bf16_reference_and_gradient_checkpointing(tmp_path):
+    policy = tiny_model(0, **SMALL)
+    evals = synthetic_preference_dataset(4, seed=9)
+    trainer = TRDPOTrainer(policy, tiny_tokenizer(), synthetic_preference_dataset(16, seed=0),
+                           _config(tmp_path, bf16=True, ref_dtype="bfloat16", gradient_checkpointing=True,
+                                   tau=1, alpha=0.5), eval_dataset=evals)
+    calls = _count_head_calls(trainer.model, trainer.ref_model)
+    final = trainer.train()
+    assert calls == []
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # fp32 master weights
+    assert all(p.dtype == torch.bfloat16 for p in trainer.ref_model.parameters())
+    assert trainer.ref_updates == 2
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in trainer.history if "loss" in r)
+    assert final["eval_kl/ref"] >= 0 and final["eval_kl/init"] > 0
+
+
+def test_checkpoints_are_complete_rotated_and_reloadable(tmp_path):
+    cfg = _config(tmp_path, max_steps=6, save_steps=2, save_total_limit=2, tau=2, alpha=0.5)
+    trainer = TRDPOTrainer(tiny_model(0, **SMALL), tiny_tokenizer(), synthetic_preference_dataset(32, seed=0), cfg)
+    trainer.train()
+    out = cfg.output_dir
+    names = sorted(os.listdir(out))
+    assert [n for n in names if n.startswith("checkpoint-")] == ["checkpoint-4", "checkpoint-6"]
+    assert not any(n.startswith((".tmp", ".trash")) for n in names)
+    ckpt = os.path.join(out, "checkpoint-6")
+    for f in ("model.safetensors", "config.json", "reference/model.safetensors", "trainer_state.pt",
+              "trainer_state.json", "rng_state_0.pt"):
+        assert os.path.exists(os.path.join(ckpt, f)), f
+    # a temporary (interrupted) save and a directory without trainer_state.pt are never "latest"
+    os.makedirs(os.path.join(out, ".tmp-checkpoint-8"))
+    os.makedirs(os.path.join(out, "checkpoint-10"))
+    assert find_latest_checkpoint(out) == ckpt
+    fresh = tiny_model(5, **SMALL)
+    load_weights(fresh, ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), trainer.model.parameters()))
+    load_weights(fresh, os.path.join(ckpt, "reference"))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), trainer.ref_model.parameters()))
+
+
+def test_in_process_resume_is_exact(tmp_path):
+    # constant schedule: a 3-step run then resumed to 5 steps follows the same learning rates as 5 in one go
+    data = synthetic_preference_dataset(32, seed=0)
+    kw = dict(tau=2, alpha=0.5, lr_scheduler_type="constant")
+    straight = TRDPOTrainer(tiny_model(0, **SMALL), tiny_tokenizer(), data, _config(tmp_path / "a", max_steps=5, **kw))
+    straight.train()
+    part = TRDPOTrainer(tiny_model(0, **SMALL), tiny_tokenizer(), data, _config(tmp_path / "b", max_steps=3, **kw))
+    part.train()
+    resumed = TRDPOTrainer(tiny_model(0, **SMALL), tiny_tokenizer(), data,
+                           _config(tmp_path / "b", max_steps=5, resume_from_checkpoint="latest", **kw))
+    resumed.train()
+    assert resumed.ref_updates == 2
+    assert straight.fingerprints() == resumed.fingerprints()  # policy and reference bit-identical
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
+
+
+def test_data_order_is_a_function_of_the_step(tmp_path):
+    trainer = TRDPOTrainer(tiny_model(0, **SMALL), tiny_tokenizer(), synthetic_preference_dataset(18, seed=0),
+                           _config(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2))
+    assert trainer.steps_per_epoch == 4  # 18 // 4: the last partial global batch is dropped
+    epoch0 = [i for s in range(4) for mb in trainer._step_indices(s) for i in mb]
+    assert len(epoch0) == 16 and len(set(epoch0)) == 16
+    assert trainer._step_indices(2) == trainer._step_indices(2)
+    assert trainer._step_indices(4) != trainer._step_indices(0)  # a new permutation each epoch
+
+
+def test_validation_errors(tmp_path):
+    with pytest.raises(ValueError, match="alpha"):
+        TRDPOConfig(alpha=1.5)
+    with pytest.raises(ValueError, match="tau"):
+        TRDPOConfig(tau=0)
+    with pytest.raises(ValueError, match="ref_dtype"):
+        TRDPOConfig(ref_dtype="int8")
+    tok = tiny_tokenizer()
+    with pytest.raises(TypeError, match="TRDPOConfig"):
+        TRDPOTrainer(tiny_model(0, **SMALL), tok, synthetic_preference_dataset(8), {"beta": 0.1})
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        TRDPOTrainer(tiny_model(0, **SMALL), tok, synthetic_preference_dataset(3), _config(tmp_path))
+    with pytest.raises(TypeError, match="lm_head"):
+        TRDPOTrainer(tiny_model(0, **SMALL).gpt_neox, tok, synthetic_preference_dataset(8), _config(tmp_path))
+    capped = tiny_model(0, **SMALL)
+    capped.config.final_logit_softcapping = 30.0
+    with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
+        TRDPOTrainer(capped, tok, synthetic_preference_dataset(8), _config(tmp_path))
+    trainer = TRDPOTrainer(tiny_model(0, **SMALL), tok, synthetic_preference_dataset(8),
+                           _config(tmp_path, resume_from_checkpoint="latest"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        trainer.train()
