@@ -37,6 +37,8 @@ if HERE not in sys.path:
 
 SCHEMA = "fasttrdpo-throughput/1"
 MB = 1024 * 1024
+# memory ratios need a baseline well above the RSS noise of a process (page-cache, allocator slack)
+MIN_RATIO_BASE = 16 * MB
 
 # Numerics agreement between implementations of one case and shape (all fp32 here): outputs are sums
 # over up to V (lse) and H (matmul) fp32 terms taken in different orders; the worst-case bound for such
@@ -105,13 +107,25 @@ def plan(args, device_type):
                 if args.impls and impl not in args.impls.split(","):
                     continue
                 task = dict(case=case, impl=impl, shape=shape, device=args.device_str, seed=args.seed,
-                            warmup=args.warmup, repeats=args.repeats, threads=args.threads)
+                            warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+                            order=len(tasks) + len(skipped))
                 if quick and impl == "liger-compiled":
                     skipped.append(dict(task, status="skipped",
                                         reason="not run in --quick: torch.compile's first call takes ~12 s on CPU"))
                     continue
                 tasks.append(task)
+    # the measurements the issue's targets use run first: a run cut short still has them
+    tasks.sort(key=lambda t: 0 if _primary(t, cuda) else 1)
     return tasks, skipped
+
+
+def _primary(task, cuda):
+    s = task["shape"]
+    if task["case"] == "loss_step":
+        return s["vocab"] == (128256 if cuda else 32000)
+    if task["case"] == "blend":
+        return s["params"] == "pythia-160m"
+    return task["case"] in ("lmhead_op", "e2e")
 
 
 # ============================================================================================ running
@@ -261,12 +275,12 @@ def analyse(results):
             if best_t:
                 # time ratio < 1 is faster; for e2e it is the throughput ratio (> 1 is faster)
                 rat["time_vs_best_trl" if case != "e2e" else "tokens_per_s_vs_trl"] = r[metric] / best_t
-            if best_m is not None and best_m >= MB and r.get("peak_growth_bytes") is not None:
+            if best_m is not None and best_m >= MIN_RATIO_BASE and r.get("peak_growth_bytes") is not None:
                 rat["mem_vs_best_trl"] = r["peak_growth_bytes"] / best_m
             for peer in ("liger", "liger-compiled", "trl-chunked"):
                 if case == "loss_step" and peer in ok and peer != r["impl"]:
                     rat[f"time_vs_{peer}"] = r["median_s"] / ok[peer]["median_s"]
-                    if ok[peer]["peak_growth_bytes"] >= MB:
+                    if ok[peer]["peak_growth_bytes"] >= MIN_RATIO_BASE:
                         rat[f"mem_vs_{peer}"] = r["peak_growth_bytes"] / ok[peer]["peak_growth_bytes"]
             r["ratios"] = rat
         # numerics: every implementation against one reference implementation of the same case and shape
@@ -381,7 +395,7 @@ def _fmt(x, spec):
 def table(results) -> str:
     head = ["case", "shape", "impl", "median s", "peak MB", "1st MB", "t/bestTRL", "mem/bestTRL", "extra", "numerics"]
     rows = [head]
-    for r in results:
+    for r in sorted(results, key=lambda r: r.get("order", 10 ** 6)):
         s = r.get("status")
         shape = _shape_str(r["case"], r["shape"])
         if s != "ok":
@@ -487,39 +501,60 @@ def main(argv=None):
     # the zygote imports the heavy libraries once; each measurement is a fresh fork of it
     ctx.set_forkserver_preload(["torch", "_measure", "_cases", "trl.trainer.utils", "trl.kernels",
                                 "liger_kernel.chunked_loss", "transformers"])
+    env = device_info(args.device_str)
+    env.update(versions=_versions(), platform=platform.platform(), git_commit=_git_commit(),
+               loadavg_start=load_start,
+               isolation="one forked child process per (case, shape, implementation), from a zygote that only "
+                         "imported libraries (multiprocessing forkserver)")
+    loads = []  # the load average after every measurement: the machine may be shared
+
+    def write(results, pending):
+        """The JSON after every measurement: a run stopped early leaves a valid, marked-incomplete file."""
+        rows = [dict(r) for r in results] + [dict(r) for r in skipped]
+        analyse(rows)
+        env.update(loadavg_end=loadavg(), loadavg_max_1min=max((x[0] for x in loads), default=None),
+                   wall_s=time.time() - t_start,
+                   memory_method=next((r["memory_method"] for r in rows if r.get("memory_method")), None))
+        doc = {
+            "schema": SCHEMA,
+            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["benchmarks/throughput.py"] + (argv if argv is not None else sys.argv[1:])),
+            "complete": not pending,
+            "pending": [{k: t[k] for k in ("case", "impl")} | {"shape": _shape_str(t["case"], t["shape"])}
+                        for t in pending],
+            "quick": args.quick,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "repeats_note": ("--quick: median of 3 timed runs (fewer than the 5 of a full run), tiny shapes; not "
+                             "for comparison" if args.quick and args.repeats < 5
+                             else f"median of {args.repeats} timed runs after {args.warmup} warm-up run(s)"),
+            "environment": env,
+            "implementations": _descriptions(),
+            "results": rows,
+        }
+        doc["targets"] = targets(rows, device_type, args.quick)
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, args.json)
+        return doc, rows
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     results = []
     bar = tqdm(tasks, desc="benchmarks", unit="run", file=sys.stderr, dynamic_ncols=True)
-    for task in bar:
+    for i, task in enumerate(bar):
         bar.set_postfix_str(f"{task['case']}:{task['impl']}")
         r = run_isolated(ctx, task, args.timeout)
         r["device"] = args.device_str
+        r["order"] = task["order"]
+        r["loadavg_after"] = loadavg()
+        loads.append(r["loadavg_after"] or [0.0])
         results.append(r)
+        doc, rows = write(results, tasks[i + 1:])
     bar.close()
-    results += skipped
-    analyse(results)
-    env = device_info(args.device_str)
-    env.update(versions=_versions(), platform=platform.platform(), git_commit=_git_commit(),
-               loadavg_start=load_start, loadavg_end=loadavg(), wall_s=time.time() - t_start,
-               isolation="one forked child process per (case, shape, implementation), from a zygote that only "
-                         "imported libraries (multiprocessing forkserver)",
-               memory_method=next((r["memory_method"] for r in results if r.get("memory_method")), None))
-    doc = {
-        "schema": SCHEMA,
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0] else "throughput.py"] + (argv or sys.argv[1:])),
-        "quick": args.quick,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "repeats_note": ("--quick: median of 3 timed runs (fewer than the 5 of a full run), tiny shapes; not for "
-                         "comparison" if args.quick and args.repeats < 5 else f"median of {args.repeats} timed runs"),
-        "environment": env,
-        "implementations": _descriptions(),
-        "results": results,
-    }
-    doc["targets"] = targets(results, device_type, args.quick)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(doc, f, indent=1)
+    if not tasks:
+        doc, rows = write(results, [])
+    results = rows
     print(table(results))
     if doc["targets"]:
         print("\ntargets:")
