@@ -6,10 +6,12 @@ and rounded to nearest even into the ref dtype. COPY=True (alpha = 1) stores `p`
 ref dtype instead: in fp32 `r + 1 * (p - r)` is not always `p` (r = 1e8, p = 1e-3 gives 0).
 
 How many tensors in one launch: the host passes a table of device addresses (int64) of the ref and
-policy tensors, their element counts and the cumulative number of BLOCK-sized blocks before each
-tensor. Program `pid` finds its tensor by binary search over that cumulative table (log2(#tensors)
-scalar loads, cached), casts the addresses to typed pointers and blends one block. No tensor is
-copied or flattened: the table avoids the extra read+write a flat staging buffer would cost.
+policy tensors, their element counts and the cumulative number of programs before each tensor (one
+program per CHUNK = BLOCKS_PER_PROGRAM x BLOCK elements). Program `pid` finds its tensor by binary
+search over that cumulative table (log2(#tensors) dependent scalar loads, cache hits, paid once per
+chunk), casts the addresses to typed pointers and blends its chunk block by block. No tensor is
+copied or flattened: the table avoids the extra read+write a flat staging buffer would cost, and
+one launch covers every tensor of a dtype pair (a launch cannot switch pointer element types).
 A full block takes the unmasked path (vectorized: the host guarantees 16-byte aligned addresses
 when ALIGNED=True); only the last block of each tensor runs the masked path.
 
@@ -31,7 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_SIZE = 4096  # elements per program: 16 KiB of fp32 per operand, large enough to hide latency
+BLOCK_SIZE = 4096  # elements per loop iteration: 16 KiB of fp32 per operand
+# Blocks per program: the tensor lookup (log2(T) dependent loads) is paid once per 16384 elements.
+BLOCKS_PER_PROGRAM = 4
+CHUNK = BLOCK_SIZE * BLOCKS_PER_PROGRAM
 NUM_WARPS = 8  # 256 threads x 16 elements each: 4 x 16-byte fp32 vectors per operand per thread
 ALIGN_BYTES = 16  # widest vector access; addresses must be multiples of this for ALIGNED=True
 
@@ -64,7 +69,7 @@ def blend_many_kernel(
     ref_addrs,  # *i64 [T]: address of each ref tensor (contiguous, written in place)
     policy_addrs,  # *i64 [T]: address of each policy tensor (contiguous, read only)
     numels,  # *i64 [T]: elements of each tensor
-    block_starts,  # *i64 [T + 1]: blocks before tensor t; block_starts[T] = grid size
+    block_starts,  # *i64 [T + 1]: programs (chunks) before tensor t; block_starts[T] = grid size
     num_tensors,  # i32: T
     search_steps,  # i32: ceil(log2(T)) binary-search steps
     alpha,  # fp32
@@ -73,6 +78,7 @@ def blend_many_kernel(
     COPY: tl.constexpr,  # alpha == 1: store the policy rounded into the ref dtype
     ALIGNED: tl.constexpr,  # every address is a multiple of 16 bytes
     BLOCK: tl.constexpr,
+    BLOCKS_PER_PROGRAM: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     # Largest t with block_starts[t] <= pid; invariant block_starts[lo] <= pid < block_starts[hi].
@@ -84,7 +90,7 @@ def blend_many_kernel(
         lo = tl.where(go_right, mid, lo)
         hi = tl.where(go_right, hi, mid)
     t = lo
-    start = (pid - tl.load(block_starts + t)) * BLOCK
+    chunk_start = (pid - tl.load(block_starts + t)) * (BLOCK * BLOCKS_PER_PROGRAM)
     n = tl.load(numels + t)
     ref_addr = tl.load(ref_addrs + t)
     policy_addr = tl.load(policy_addrs + t)
@@ -93,26 +99,26 @@ def blend_many_kernel(
     if ALIGNED:  # the hint must sit on the pointer (after the cast) to reach the vectorizer
         ref_ptr = tl.multiple_of(ref_ptr, 16)
         policy_ptr = tl.multiple_of(policy_ptr, 16)
-    ref_ptr += start
-    policy_ptr += start
     offs = tl.arange(0, BLOCK)
-    if start + BLOCK <= n:  # full block: no mask, so the accesses vectorize
-        p = tl.load(policy_ptr + offs).to(tl.float32)
-        if COPY:
-            out = p
-        else:
-            r = tl.load(ref_ptr + offs).to(tl.float32)
-            out = r + alpha * (p - r)
-        tl.store(ref_ptr + offs, _round_to_ref(out, REF_DTYPE))
-    else:  # the tail of a tensor
-        mask = offs < n - start
-        p = tl.load(policy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if COPY:
-            out = p
-        else:
-            r = tl.load(ref_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            out = r + alpha * (p - r)
-        tl.store(ref_ptr + offs, _round_to_ref(out, REF_DTYPE), mask=mask)
+    for b in range(BLOCKS_PER_PROGRAM):  # one search serves several blocks of the same tensor
+        start = chunk_start + b * BLOCK
+        if start + BLOCK <= n:  # full block: no mask, so the accesses vectorize
+            p = tl.load(policy_ptr + start + offs).to(tl.float32)
+            if COPY:
+                out = p
+            else:
+                r = tl.load(ref_ptr + start + offs).to(tl.float32)
+                out = r + alpha * (p - r)
+            tl.store(ref_ptr + start + offs, _round_to_ref(out, REF_DTYPE))
+        elif start < n:  # the tail of a tensor
+            mask = offs < n - start
+            p = tl.load(policy_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
+            if COPY:
+                out = p
+            else:
+                r = tl.load(ref_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
+                out = r + alpha * (p - r)
+            tl.store(ref_ptr + start + offs, _round_to_ref(out, REF_DTYPE), mask=mask)
 
 
 def _search_steps(num_tensors: int) -> int:
@@ -134,7 +140,7 @@ def launch_blend(refs, policies, alpha: float) -> None:
     numels = [r.numel() for r in refs]
     block_starts = [0]
     for n in numels:
-        block_starts.append(block_starts[-1] + triton.cdiv(n, BLOCK_SIZE))
+        block_starts.append(block_starts[-1] + triton.cdiv(n, CHUNK))
     aligned = all(a % ALIGN_BYTES == 0 for a in ref_addrs + policy_addrs)
     # One small host->device copy of the whole table (4 rows), then views into it.
     table = torch.tensor(ref_addrs + policy_addrs + numels + block_starts, dtype=torch.int64)
@@ -147,7 +153,8 @@ def launch_blend(refs, policies, alpha: float) -> None:
             table[0:T], table[T:2 * T], table[2 * T:3 * T], table[3 * T:],
             T, _search_steps(T), float(alpha),
             REF_DTYPE=_TORCH_TO_TL[ref_dtype], POLICY_DTYPE=_TORCH_TO_TL[policy_dtype],
-            COPY=(alpha == 1.0), ALIGNED=aligned, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS,
+            COPY=(alpha == 1.0), ALIGNED=aligned, BLOCK=BLOCK_SIZE,
+            BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM, num_warps=NUM_WARPS,
         )
     # The kernel writes through raw addresses: tell autograd's version counter that refs changed.
     torch.autograd.graph.increment_version(refs)
@@ -161,7 +168,7 @@ def aot_specs():
         "ref_addrs": "*i64", "policy_addrs": "*i64", "numels": "*i64", "block_starts": "*i64",
         "num_tensors": "i32", "search_steps": "i32", "alpha": "fp32",
         "REF_DTYPE": "constexpr", "POLICY_DTYPE": "constexpr", "COPY": "constexpr",
-        "ALIGNED": "constexpr", "BLOCK": "constexpr",
+        "ALIGNED": "constexpr", "BLOCK": "constexpr", "BLOCKS_PER_PROGRAM": "constexpr",
     }
     specs = []
     for ref_dtype, policy_dtype in SUPPORTED_PAIRS:
@@ -174,7 +181,8 @@ def aot_specs():
                     "fn": blend_many_kernel,
                     "signature": dict(signature),
                     "constexprs": {"REF_DTYPE": rt, "POLICY_DTYPE": pt, "COPY": copy,
-                                   "ALIGNED": aligned, "BLOCK": BLOCK_SIZE},
+                                   "ALIGNED": aligned, "BLOCK": BLOCK_SIZE,
+                                   "BLOCKS_PER_PROGRAM": BLOCKS_PER_PROGRAM},
                     "num_warps": NUM_WARPS,
                     "num_stages": 1,
                     "no_spill": True,
