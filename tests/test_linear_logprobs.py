@@ -27,6 +27,7 @@ import math
 
 import pytest
 import torch
+import torch._dynamo.testing
 from hypothesis import given, settings, strategies as st
 
 import fasttrdpo
@@ -367,7 +368,8 @@ def test_torch_compile_matches_eager(backend):
         return ((pol - ref) * 0.5 + single).sum(), pol, ref
 
     torch._dynamo.reset()
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, backend=counter, fullgraph=True)
     results = []
     for fn in (f, compiled):
         h, w, b = _leaves(hidden, weight, bias)
@@ -375,6 +377,9 @@ def test_torch_compile_matches_eager(backend):
         results.append((loss, pol, ref) + torch.autograd.grad(loss, [h, w, b]))
     for eager_t, compiled_t in zip(*results):
         assert torch.equal(eager_t.detach(), compiled_t.detach())
+    # one graph, in which both calls are the opaque custom op (not a trace through the Python code)
+    assert counter.frame_count == 1
+    assert str(counter.graphs[0].code).count("fasttrdpo.linear_logprobs_fwd") == 2
 
 
 def test_torch_compile_with_validation_graph_breaks_cleanly():

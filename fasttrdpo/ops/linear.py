@@ -12,8 +12,9 @@ log p(y_t) = log_softmax(transform(h_t @ W.T + b))[y_t] without storing the [N, 
 - backend "cpp": the C++ extension covers the logits level and the blend only; asking for it here
   raises. When "auto" resolves to cpp (extension built, CPU tensors) this op runs eager.
 
-Both are registered as torch.library custom ops (forward and backward), with fake implementations and
-an autograd formula, so they trace under torch.compile. The label range check (`validate=True`) reads
+Under torch.compile the op goes through torch.library custom ops (forward and backward, with fake
+implementations and an autograd formula), so it traces as one opaque node; outside compile the same
+functions run as a plain autograd.Function. The label range check (`validate=True`) reads
 the labels on the host, which torch.compile turns into a graph break; `validate=False` traces fully.
 """
 from __future__ import annotations
@@ -27,8 +28,8 @@ from torch import Tensor
 from .. import _backend
 from .._validate import check_float, check_label_range, check_labels_tensor, check_same_device
 
-# Each eager chunk holds at most this many bytes of fp32 logits (the backward keeps ~2 such buffers,
-# 3 with softcap).
+# Each eager chunk holds at most this many bytes of fp32 logits, in one buffer reused by every chunk
+# (the backward with softcap keeps a second one).
 EAGER_CHUNK_BYTES = 32 * 2 ** 20
 
 _OP_SINGLE = "linear_token_logprobs"
@@ -40,15 +41,18 @@ def _eager_chunk_rows(V: int) -> int:
     return max(1, EAGER_CHUNK_BYTES // (4 * V))
 
 
-def _eager_logits(h32: Tensor, w32: Tensor, b32: Optional[Tensor], scale: float,
+def _eager_logits(out: Tensor, h32: Tensor, w32: Tensor, b32: Optional[Tensor], scale: float,
                   softcap: Optional[float]) -> Tensor:
-    """fp32 transformed logits of one chunk, transformed in place."""
-    z = torch.addmm(b32, h32, w32.T) if b32 is not None else h32 @ w32.T
+    """fp32 transformed logits of one chunk, written into (and transformed in) the buffer `out`."""
+    if b32 is not None:
+        torch.addmm(b32, h32, w32.T, out=out)
+    else:
+        torch.mm(h32, w32.T, out=out)
     if scale != 1.0:
-        z.mul_(scale)
+        out.mul_(scale)
     if softcap is not None:
-        z.div_(softcap).tanh_().mul_(softcap)
-    return z
+        out.div_(softcap).tanh_().mul_(softcap)
+    return out
 
 
 def _label_masks(labels: Tensor, V: int, ignore_index: int):
@@ -58,6 +62,9 @@ def _label_masks(labels: Tensor, V: int, ignore_index: int):
     return ignored, in_range, safe
 
 
+# One logits buffer per call, reused by every chunk, and in-place math on it: no other [chunk, V]
+# temporary is allocated (fresh chunk-sized temporaries also fragment the CPU heap, which keeps
+# freed memory resident).
 def _eager_forward(hidden, weight, bias, labels, ignore_index, scale, softcap):
     N = hidden.shape[0]
     V = weight.shape[0]
@@ -66,13 +73,15 @@ def _eager_forward(hidden, weight, bias, labels, ignore_index, scale, softcap):
     ignored, in_range, safe = _label_masks(labels, V, ignore_index)
     z_label = torch.empty(N, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
-    step = _eager_chunk_rows(V)
+    step = min(N, _eager_chunk_rows(V))
+    buf = torch.empty((step, V), dtype=torch.float32, device=hidden.device)
     for s in range(0, N, step):
         e = min(N, s + step)
-        z = _eager_logits(hidden[s:e].float(), w32, b32, scale, softcap)
-        lse[s:e] = torch.logsumexp(z, dim=-1)
+        z = _eager_logits(buf[: e - s], hidden[s:e].float(), w32, b32, scale, softcap)
         z_label[s:e] = z.gather(1, safe[s:e, None])[:, 0]
-        del z
+        m = z.amax(dim=1)
+        lse[s:e] = m + z.sub_(m[:, None]).exp_().sum(dim=1).log_()
+    del buf
     logp = torch.where(ignored, torch.zeros_like(lse),
                        torch.where(in_range, z_label - lse, torch.full_like(lse, math.nan)))
     return logp, lse
@@ -92,18 +101,19 @@ def _eager_backward(grad, hidden, weight, bias, labels, lse, ignore_index, scale
     gh = torch.empty((N, H), dtype=torch.float32, device=dev) if need_hidden else None
     gw = torch.zeros((V, H), dtype=torch.float32, device=dev) if need_weight else None
     gb = torch.zeros((V,), dtype=torch.float32, device=dev) if need_bias else None
-    step = _eager_chunk_rows(V)
+    step = min(N, _eager_chunk_rows(V))
+    buf = torch.empty((step, V), dtype=torch.float32, device=dev)
+    deriv_buf = torch.empty((step, V), dtype=torch.float32, device=dev) if softcap is not None else None
     for s in range(0, N, step):
         e = min(N, s + step)
         h32 = hidden[s:e].float()
-        dz = _eager_logits(h32, w32, b32, scale, softcap)  # transformed logits, reused in place
-        if softcap is not None:
-            deriv = (dz / softcap).square_().neg_().add_(1.0).mul_(scale)  # scale·(1 − tanh²)
+        dz = _eager_logits(buf[: e - s], h32, w32, b32, scale, softcap)  # transformed logits
+        if softcap is not None:  # scale·(1 − tanh²), tanh = zt / softcap
+            deriv = torch.div(dz, softcap, out=deriv_buf[: e - s]).square_().neg_().add_(1.0).mul_(scale)
         dz.sub_(lse[s:e, None]).exp_().mul_(-g[s:e, None])  # −g·softmax
         dz.scatter_add_(1, safe[s:e, None], g[s:e, None])  # + g·onehot (g = 0 on ignored rows)
         if softcap is not None:
             dz.mul_(deriv)
-            del deriv
         elif scale != 1.0:
             dz.mul_(scale)
         if need_hidden:
@@ -112,7 +122,6 @@ def _eager_backward(grad, hidden, weight, bias, labels, lse, ignore_index, scale
             gw.addmm_(dz.T, h32)
         if need_bias:
             gb.add_(dz.sum(dim=0))
-        del dz
     return gh, gw, gb
 
 
@@ -153,11 +162,8 @@ def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_ind
     return hidden.new_empty(shape, dtype=torch.float32), hidden.new_empty(shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("fasttrdpo::linear_logprobs_bwd", mutates_args=())
-def _linear_logprobs_bwd(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                         labels: Tensor, lse: Tensor, ignore_index: int, logit_scale: float,
-                         softcap: Optional[float], backend: str, need_hidden: bool,
-                         need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_impl(grad, hidden, weight, bias, labels, lse, ignore_index, logit_scale, softcap, backend,
+                   need_hidden, need_weight, need_bias):
     """(grad_hidden, grad_weight, grad_bias) in the input dtypes; an empty tensor where not needed."""
     if backend == "triton":
         from fasttrdpo.kernels.linear_logprobs import linear_logprobs_backward
@@ -176,6 +182,15 @@ def _linear_logprobs_bwd(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Opt
             gb.to(bias.dtype) if need_bias else empty)
 
 
+@torch.library.custom_op("fasttrdpo::linear_logprobs_bwd", mutates_args=())
+def _linear_logprobs_bwd(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                         labels: Tensor, lse: Tensor, ignore_index: int, logit_scale: float,
+                         softcap: Optional[float], backend: str, need_hidden: bool,
+                         need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward_impl(grad, hidden, weight, bias, labels, lse, ignore_index, logit_scale, softcap,
+                          backend, need_hidden, need_weight, need_bias)
+
+
 @_linear_logprobs_bwd.register_fake
 def _(grad, hidden, weight, bias, labels, lse, ignore_index, logit_scale, softcap, backend,
       need_hidden, need_weight, need_bias):
@@ -185,27 +200,50 @@ def _(grad, hidden, weight, bias, labels, lse, ignore_index, logit_scale, softca
             torch.empty_like(bias) if need_bias else empty)
 
 
-def _setup_context(ctx, inputs, output):
+def _save(ctx, inputs, lse):
     hidden, weight, bias, _rh, _rw, _rb, labels, ignore_index, logit_scale, softcap, backend = inputs
-    _logp, lse = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse)
     ctx.args = (ignore_index, logit_scale, softcap, backend)
 
 
-def _backward(ctx, grad_logp, _grad_lse):
+def _grads(ctx, grad_logp, backward_fn):
+    """Gradients for the 11 forward inputs: the policy's hidden, weight, bias; None for the rest."""
     hidden, weight, bias, labels, lse = ctx.saved_tensors
     ignore_index, logit_scale, softcap, backend = ctx.args
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = need_b and bias is not None
     if grad_logp is None or not (need_h or need_w or need_b):
         return (None,) * 11
-    gh, gw, gb = _linear_logprobs_bwd(grad_logp[0].contiguous(), hidden, weight, bias, labels,
-                                      lse[0].contiguous(), ignore_index, logit_scale, softcap,
-                                      backend, need_h, need_w, need_b)
+    gh, gw, gb = backward_fn(grad_logp[0].contiguous(), hidden, weight, bias, labels, lse[0].contiguous(),
+                             ignore_index, logit_scale, softcap, backend, need_h, need_w, need_b)
     return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 8
 
 
-_linear_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
+_linear_logprobs_fwd.register_autograd(
+    lambda ctx, grad_logp, _grad_lse: _grads(ctx, grad_logp, _linear_logprobs_bwd),
+    setup_context=lambda ctx, inputs, output: _save(ctx, inputs, output[1]))
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """The same forward/backward outside torch.compile, without the custom-op dispatch (whose first
+    call imports torch's tracing stack: ~150 MB of resident memory a plain eager user does not need)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        logp, lse = _forward_impl(*inputs)
+        _save(ctx, inputs, lse)
+        ctx.mark_non_differentiable(lse)
+        return logp, lse
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_lse):
+        return _grads(ctx, grad_logp, _backward_impl)
+
+
+def _linear_logprobs(*inputs):
+    if torch.compiler.is_compiling():
+        return _linear_logprobs_fwd(*inputs)
+    return _LinearLogprobs.apply(*inputs)
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -292,7 +330,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
     if validate:
         check_label_range(labels, V, ignore_index)
     chosen = _resolve(_OP_SINGLE, backend, hidden.device)
-    logp, _lse = _linear_logprobs_fwd(_flat_rows(hidden), _prepare_weight(weight), bias, None, None,
+    logp, _lse = _linear_logprobs(_flat_rows(hidden), _prepare_weight(weight), bias, None, None,
                                       None, labels.reshape(-1).contiguous(), ignore_index,
                                       float(logit_scale), None if softcap is None else float(softcap),
                                       chosen)
@@ -323,7 +361,7 @@ def paired_linear_token_logprobs(policy_hidden: Tensor, policy_weight: Tensor, r
     if validate:
         check_label_range(labels, V, ignore_index)
     chosen = _resolve(_OP_PAIRED, backend, policy_hidden.device)
-    logp, _lse = _linear_logprobs_fwd(
+    logp, _lse = _linear_logprobs(
         _flat_rows(policy_hidden), _prepare_weight(policy_weight), policy_bias,
         _flat_rows(ref_hidden.detach()), _prepare_weight(ref_weight.detach()),
         None if ref_bias is None else ref_bias.detach(), labels.reshape(-1).contiguous(),
