@@ -14,9 +14,8 @@ Instead of scaling that [chunk × V] gradient by c, the buffer becomes p − one
 over z, then one scatter of n elements) and c_t is applied on the thin [chunk × H] side:
     grad_h[t]  = −c_t·((p − onehot) @ W)[t]
     grad_W    += −(p − onehot)ᵀ(c⊙h)                  (addmm_ into the accumulator)
-so each chunk costs the three matmuls plus two read passes (row max of z and of p) and one in-place
-softmax. log p_y = z_y − max z + log max p is exact without a separate log-sum-exp pass (max p ≥ 1/V
-never underflows). With softcap the transform's derivative is elementwise, so p is multiplied by it
+so each policy chunk costs its three matmuls plus one fused in-place log_softmax (log p_y is read from
+it at full precision) and one in-place exp; a reference chunk costs one matmul and the log_softmax. With softcap the transform's derivative is elementwise, so p is multiplied by it
 in place (one more buffer and a few passes; only models with a softcap pay that).
 """
 from __future__ import annotations
@@ -53,20 +52,14 @@ def _project(h32, weight32, bias32, logit_scale, out):
 
 
 def _softcap_(z, softcap):
-    """z ← softcap·tanh(z/softcap) in place; returns tanh(z/softcap) as a new tensor (for the derivative)."""
-    z.div_(softcap).tanh_()
-    t = z.clone()
-    z.mul_(softcap)
-    return t
+    """z ← softcap·tanh(z/softcap), in place."""
+    return z.div_(softcap).tanh_().mul_(softcap)
 
 
-def _logprobs_softmax_(z, y):
-    """log p(y) per row from logits z [n, V]; leaves softmax(z) in z (in place)."""
-    zmax = torch.amax(z, dim=1)
-    z_y = z.gather(1, y.unsqueeze(1)).squeeze(1)
-    torch._softmax(z, 1, False, out=z)
-    pmax = torch.amax(z, dim=1)
-    return z_y - zmax + torch.log(pmax)
+def _label_logprobs_(z, y):
+    """log p(y) per row from logits z [n, V]; leaves log_softmax(z) in z (in place, one fused pass)."""
+    torch._log_softmax(z, 1, False, out=z)
+    return z.gather(1, y.unsqueeze(1)).squeeze(1)
 
 
 class ChunkedTRDPOFunction(torch.autograd.Function):
@@ -118,7 +111,7 @@ class ChunkedTRDPOFunction(torch.autograd.Function):
             z = _project(ref_h[valid[s:e]].to(f32), rw32, rb32, logit_scale, buf[: e - s])
             if softcap is not None:
                 _softcap_(z, softcap)
-            ref_tok[s:e] = _logprobs_softmax_(z, y[s:e])
+            ref_tok[s:e] = _label_logprobs_(z, y[s:e])
         ref_logps = torch.zeros(B, dtype=f32, device=device).index_add_(0, rows, ref_tok)
 
         # Mean logit over the vocabulary, without logits (linear case): mean_v(s·(h·W_v + b_v)) = s·(h·mean_v W + mean b).
@@ -159,7 +152,8 @@ class ChunkedTRDPOFunction(torch.autograd.Function):
                 t.copy_(z.div_(softcap).tanh_())
                 z.mul_(softcap)
                 tok_mean = z.mean(1)
-            logp = _logprobs_softmax_(z, yc)
+            logp = _label_logprobs_(z, yc)
+            z.exp_()  # softmax, in place: what the gradient needs
 
             pol_rows = torch.zeros(2 * k, dtype=f32, device=device).index_add_(0, local_row, logp)
             policy_logps[chunk_rows_ids] = pol_rows
