@@ -436,3 +436,18 @@ def test_cpp_backend_is_not_offered_at_lm_head_level(monkeypatch):
     L.TRDPOLoss()(ph, pw, labels, rh, rw)
     import fasttrdpo
     assert fasttrdpo.last_backend("TRDPOLoss") == "eager"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_does_not_lower_precision(backend):
+    # Under a bf16 autocast region (TRL's mixed precision) the loss still runs fp32 math on the stored inputs:
+    # the same inputs give the same loss and gradients as outside autocast (same code path, same order).
+    inputs = make_inputs(seed=14, bias=True)
+    fn = L.TRDPOLoss(beta=0.1, backend=backend)
+    loss0, _, grads0 = _run(fn, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss1, _, grads1 = _run(fn, inputs)
+    assert loss1.dtype == torch.float32
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    for a, b in zip(grads1, grads0):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -166,11 +166,14 @@ class TRDPOLoss(nn.Module):
                 ref_bias=None):
         self._check(policy_hidden, policy_weight, labels, ref_hidden, ref_weight, policy_bias, ref_bias)
         backend = self._resolve(labels.device)
-        if backend == "eager":
-            return self._forward_eager(policy_hidden, policy_weight, labels, ref_hidden, ref_weight,
-                                       policy_bias, ref_bias)
-        return self._forward_op(policy_hidden, policy_weight, labels, ref_hidden, ref_weight,
-                                policy_bias, ref_bias, backend)
+        # fp32 math whatever autocast says: the inputs are used as stored (bf16 hidden from an autocast
+        # backbone is fine), but no matmul in here may drop to bf16.
+        with torch.autocast(device_type=labels.device.type, enabled=False):
+            if backend == "eager":
+                return self._forward_eager(policy_hidden, policy_weight, labels, ref_hidden, ref_weight,
+                                           policy_bias, ref_bias)
+            return self._forward_op(policy_hidden, policy_weight, labels, ref_hidden, ref_weight,
+                                    policy_bias, ref_bias, backend)
 
     def _forward_eager(self, policy_hidden, policy_weight, labels, ref_hidden, ref_weight, policy_bias, ref_bias):
         # Out-of-range labels would index out of bounds in the chunked path: always checked here.
