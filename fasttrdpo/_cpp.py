@@ -94,6 +94,23 @@ def is_built() -> bool:
     return (build_dir() / f"{_library_name()}.so").is_file()
 
 
+STALE_LOCK_S = 600  # a cold build takes under a minute; an older lock was left by a killed build
+
+
+def _clear_stale_lock(bdir: Path) -> None:
+    """torch's build lock (`<build dir>/lock`) is removed only by the process that took it: a build
+    killed mid-way leaves it behind and every later load would wait on it forever."""
+    lock = bdir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        print(f"fasttrdpo: removing a stale build lock ({age:.0f} s old, left by an interrupted build): {lock}",
+              file=sys.stderr, flush=True)
+        lock.unlink(missing_ok=True)
+
+
 def _error_summary(exc: BaseException, max_lines: int = 20) -> str:
     lines = [ln for ln in str(exc).splitlines() if ln.strip()]
     errors = [ln for ln in lines if "error" in ln.lower()]
@@ -123,6 +140,7 @@ def load():
         t0 = time.perf_counter()
         try:
             bdir.mkdir(parents=True, exist_ok=True)
+            _clear_stale_lock(bdir)
             cpp_extension.load(
                 name=_library_name(),
                 sources=[str(src / s) for s in SOURCES],

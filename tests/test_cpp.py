@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -34,10 +35,10 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BUILD_MESSAGE = "fasttrdpo: building the C++ CPU kernels"
 
 
-def _run_python(code: str, **env_extra) -> subprocess.CompletedProcess:
+def _run_python(code: str, _timeout: float = 600, **env_extra) -> subprocess.CompletedProcess:
     env = dict(os.environ, **env_extra)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                          timeout=600)
+                          timeout=_timeout)
 
 
 @pytest.fixture(scope="session")
@@ -108,6 +109,25 @@ def test_env_switch_loads_cpp(cpp_build):
     """, FASTTRDPO_BACKEND="cpp")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "False cpp True"
+
+
+def test_stale_build_lock_is_cleared(cpp_build, tmp_path):
+    """A lock left by a killed build would make torch wait forever: an old one is removed (reported)."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    bdir = cache / _cpp.build_dir().name
+    shutil.copytree(_cpp.build_dir(), bdir)  # a built cache (mtimes kept: ninja has nothing to do)
+    (bdir / "lock").unlink(missing_ok=True)
+    (bdir / "lock").touch()
+    old = time.time() - 2 * _cpp.STALE_LOCK_S
+    os.utime(bdir / "lock", (old, old))
+    proc = _run_python("import fasttrdpo._cpp as c; c.load(); print(c.is_loaded())",
+                       FASTTRDPO_CACHE=str(cache), _timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "True"
+    assert "removing a stale build lock" in proc.stderr and BUILD_MESSAGE not in proc.stderr
+    assert not (bdir / "lock").exists()
 
 
 def test_build_failure_raises_with_compiler_summary(cpp_build, tmp_path, monkeypatch):
