@@ -418,3 +418,25 @@ def test_gpu_compiled_kernels(h_dtype, w_dtype, opts):
     out, grads = check_linear_op("triton", to(hidden), to(weight), to(labels), bias=to(bias),
                                  logit_scale=opts["logit_scale"], softcap=opts["softcap"])
     assert out.is_cuda
+
+
+# ------------------------------------------------------------------------------------------ layouts, frozen weights
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weight_and_noncontiguous_inputs(backend):
+    """LoRA-style frozen lm_head (no weight grad asked), a sliced [B, T-1, H] hidden, a transposed
+    weight view: same values and gradients as the contiguous inputs with everything trainable."""
+    hidden, weight, bias, labels = _make((N_B, N_T + 1), H, V, torch.float32, torch.float32, torch.float32)
+    labels = labels[:, :-1]
+    h_full, w_t, b = _leaves(hidden, weight.T.contiguous(), bias)  # w_t: [H, V] storage
+    h_view = h_full[:, :-1]                                       # non-contiguous [B, T, H]
+    w_view = w_t.detach().T                                       # [V, H] view with stride (1, V), frozen
+    out = fasttrdpo.linear_token_logprobs(h_view, w_view, labels, bias=b, backend=backend)
+    g = torch.randn(labels.shape, generator=torch.Generator().manual_seed(4))
+    gh, gb = torch.autograd.grad((out * g).sum(), [h_full, b])
+
+    h2, w2, b2 = _leaves(hidden[:, :-1].contiguous(), weight, bias)
+    out2 = fasttrdpo.linear_token_logprobs(h2, w2, labels, bias=b2, backend=backend)
+    gh2, _gw2, gb2 = torch.autograd.grad((out2 * g).sum(), [h2, w2, b2])
+    assert torch.equal(out, out2)
+    assert torch.equal(gh[:, :-1], gh2) and not gh[:, -1].any()
+    assert torch.equal(gb, gb2)
