@@ -25,9 +25,12 @@ Every output element is owned by exactly one program and summed in a fixed order
 bit-for-bit deterministic (needed for exact resume). The price: the logits matmul is recomputed twice,
 so the backward costs 4 matmul-equivalents (2 recomputes + dh + dW) = 8·N·V·H FLOPs, against 3 for a
 CCE-style single pass that scatters dh and dW with fp32 atomics (non-deterministic summation order).
-Each program's fp32 accumulator rows are read and written once per tile (BLOCK_N·H or BLOCK_V·H floats,
-the same order of bytes as the W or h tile it reads). The fp32 buffers are cast to the input dtypes by
-the caller (round to nearest even).
+Accumulator traffic: each program's fp32 accumulator rows are read and written once per tile, in all
+8·N·V·H·(1/BLOCK_V + 1/BLOCK_N) bytes (grad_hidden + grad_weight) — twice the 4·N·V·H·(1/BLOCK_V +
+1/BLOCK_N) bytes of fp32 atomics a CCE-style pass with the same tiles issues. At large H this traffic,
+not the FLOPs, bounds the backward; larger tiles cut it proportionally (register budget permitting,
+see `launch_config`). The fp32 buffers are cast to the input dtypes by the caller (round to nearest
+even).
 
 Precision: every accumulation is fp32. When hidden and weight are both bf16 (or both fp16) the dots run
 on that dtype with an fp32 accumulator (products of half values are exact in fp32); in the backward the
