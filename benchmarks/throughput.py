@@ -82,7 +82,8 @@ def plan(args, device_type):
         loss_shapes = [dict(pairs=8, seq=256, hidden=512, vocab=v) for v in (8000, 16000, 32000)]
         op_shapes = [dict(tokens=4096, hidden=256, vocab=32000)]  # issue 2's memory figure
         logit_shapes = [dict(pairs=8, seq=256, vocab=32000)]
-        blend_lists = [("pythia-160m", 1.0), ("pythia-2.8b-layers", 0.5), ("llama-8b-layers", 0.5)]
+        # Pythia-160M at full size (148 tensors, 162M elements); the big models' layers at 1/4 width
+        blend_lists = [("pythia-160m", 1.0), ("pythia-2.8b-layers", 0.25), ("llama-8b-layers", 0.25)]
     blend_shapes = []
     for name, scale in blend_lists:
         shapes = [list(s) for s in param_list(name, scale)]
@@ -116,6 +117,10 @@ def plan(args, device_type):
                 tasks.append(task)
     # the measurements the issue's targets use run first: a run cut short still has them
     tasks.sort(key=lambda t: 0 if _primary(t, cuda) else 1)
+    if args.part != "all":
+        keep = args.part == "primary"
+        tasks = [t for t in tasks if _primary(t, cuda) == keep]
+        skipped = [t for t in skipped if _primary(t, cuda) == keep]
     return tasks, skipped
 
 
@@ -467,6 +472,12 @@ def parse_args(argv=None):
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds per measurement before it is an error")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--part", choices=("all", "primary", "secondary"), default="all",
+                    help="primary: the shapes the issue's targets use (loss step at the target V, lm_head op, "
+                         "Pythia-160M blend, e2e); secondary: the rest (V sweep, logits level, other blends)")
+    ap.add_argument("--plot-with", nargs="*", default=[],
+                    help="result JSONs of other runs whose loss-step points join the plot (e.g. a --part "
+                         "secondary run); their ratios stay their own")
     return ap.parse_args(argv)
 
 
@@ -523,6 +534,7 @@ def main(argv=None):
             "pending": [{k: t[k] for k in ("case", "impl")} | {"shape": _shape_str(t["case"], t["shape"])}
                         for t in pending],
             "quick": args.quick,
+            "part": args.part,
             "warmup": args.warmup,
             "repeats": args.repeats,
             "repeats_note": ("--quick: median of 3 timed runs (fewer than the 5 of a full run), tiny shapes; not "
@@ -532,7 +544,7 @@ def main(argv=None):
             "implementations": _descriptions(),
             "results": rows,
         }
-        doc["targets"] = targets(rows, device_type, args.quick)
+        doc["targets"] = targets(rows, device_type, args.quick) if args.part != "secondary" else []
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
             json.dump(doc, f, indent=1)
@@ -562,7 +574,11 @@ def main(argv=None):
             mark = {True: "MET ", False: "MISS", None: "n/a "}[t["met"]]
             print(f"  [{mark}] {t['name']}: {_fmt(t['measured'], '.3f')} (target {t['target']}) {t['note']}")
     if args.plot:
-        p = plot(results, args.plot)
+        extra = []
+        for path in args.plot_with:
+            with open(path) as f:
+                extra += [r for r in json.load(f)["results"] if r["case"] == "loss_step"]
+        p = plot(results + extra, args.plot)
         if p:
             print(f"plot: {os.path.relpath(p)}")
     print(f"json: {os.path.relpath(args.json)}  (load average start {load_start}, end {env['loadavg_end']})")
