@@ -440,3 +440,18 @@ def test_frozen_weight_and_noncontiguous_inputs(backend):
     assert torch.equal(out, out2)
     assert torch.equal(gh[:, :-1], gh2) and not gh[:, -1].any()
     assert torch.equal(gb, gb2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_enclosing_autocast_changes_nothing(backend):
+    """The op computes in fp32 itself: an autocast region around it must not downcast its matmuls."""
+    hidden, weight, bias, labels = _make((2, 20), H, V, torch.float32, torch.float32, torch.float32)
+    results = []
+    for autocast in (False, True):
+        h, w, b = _leaves(hidden, weight, bias)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fasttrdpo.linear_token_logprobs(h, w, labels, bias=b, backend=backend)
+            grads = torch.autograd.grad(out.sum(), [h, w, b])
+        results.append((out,) + grads)
+    for a, c in zip(*results):
+        assert a.dtype == c.dtype and torch.equal(a, c)

@@ -19,6 +19,7 @@ the labels on the host, which torch.compile turns into a graph break; `validate=
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -37,6 +38,13 @@ _OP_PAIRED = "paired_linear_token_logprobs"
 
 
 # ------------------------------------------------------------------------------------------ eager
+def _no_autocast(device: torch.device):
+    """The eager path computes in fp32 by itself: an enclosing autocast must not downcast its matmuls."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _eager_chunk_rows(V: int) -> int:
     return max(1, EAGER_CHUNK_BYTES // (4 * V))
 
@@ -135,11 +143,12 @@ def _forward_impl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels
         return linear_logprobs_forward(hidden, weight, bias, labels, ref, ignore_index=ignore_index,
                                        logit_scale=logit_scale, softcap=softcap,
                                        precision=_backend.dot_precision())
-    logp, lse = _eager_forward(hidden, weight, bias, labels, ignore_index, logit_scale, softcap)
-    if ref_hidden is None:
-        return logp[None], lse[None]
-    r_logp, r_lse = _eager_forward(ref_hidden, ref_weight, ref_bias, labels, ignore_index,
-                                   logit_scale, softcap)
+    with _no_autocast(hidden.device):
+        logp, lse = _eager_forward(hidden, weight, bias, labels, ignore_index, logit_scale, softcap)
+        if ref_hidden is None:
+            return logp[None], lse[None]
+        r_logp, r_lse = _eager_forward(ref_hidden, ref_weight, ref_bias, labels, ignore_index,
+                                       logit_scale, softcap)
     return torch.stack([logp, r_logp]), torch.stack([lse, r_lse])
 
 
@@ -173,8 +182,9 @@ def _backward_impl(grad, hidden, weight, bias, labels, lse, ignore_index, logit_
             need_weight=need_weight, need_bias=need_bias, ignore_index=ignore_index,
             logit_scale=logit_scale, softcap=softcap, precision=_backend.dot_precision())
     else:
-        gh, gw, gb = _eager_backward(grad, hidden, weight, bias, labels, lse, ignore_index,
-                                     logit_scale, softcap, need_hidden, need_weight, need_bias)
+        with _no_autocast(hidden.device):
+            gh, gw, gb = _eager_backward(grad, hidden, weight, bias, labels, lse, ignore_index,
+                                         logit_scale, softcap, need_hidden, need_weight, need_bias)
     empty = hidden.new_empty((0,))
     # fp32 accumulators -> storage dtypes (round to nearest even); .to is a no-op for fp32
     return (gh.to(hidden.dtype) if need_hidden else empty,
