@@ -88,7 +88,7 @@ def _grad_tols(hidden, weight, bias, labels, g, ignore_index, logit_scale, softc
     z64 = ref_linear_logits(h64, W64, bias, logit_scale, softcap)
     Nn, Vv = z64.shape
     active = y != ignore_index
-    g64 = torch.where(active, g.reshape(-1).double(), torch.zeros((), dtype=torch.float64))
+    g64 = torch.where(active, g.reshape(-1).double(), 0.0)
     p = torch.softmax(z64, dim=-1)
     onehot = torch.zeros_like(p)
     onehot[active.nonzero()[:, 0], y[active]] = 1.0
@@ -237,10 +237,15 @@ def test_backends_agree_and_backward_is_deterministic():
 # ------------------------------------------------------------------------------------------ paired
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_paired_distinct_models(backend):
+    check_paired(backend, torch.device("cpu"))
+
+
+def check_paired(backend, device, shape=(N_B, N_T), H_=H, V_=V):
     # policy: fp32 with bias; reference: bf16 weights of its own, another hidden size, its own bias
-    hidden, weight, bias, labels = _make((N_B, N_T), H, V, torch.float32, torch.float32, torch.float32)
-    r_hidden, r_weight, r_bias, _ = _make((N_B, N_T), 48, V, torch.bfloat16, torch.bfloat16,
-                                          torch.bfloat16, seed=5)
+    to = lambda *ts: [t.to(device) for t in ts]  # noqa: E731
+    hidden, weight, bias, labels = to(*_make(shape, H_, V_, torch.float32, torch.float32, torch.float32))
+    r_hidden, r_weight, r_bias, _ = to(*_make(shape, 48, V_, torch.bfloat16, torch.bfloat16,
+                                              torch.bfloat16, seed=5))
     labels[2, :10] = -100
     h, w, b = _leaves(hidden, weight, bias)
     rh, rw, rb = _leaves(r_hidden, r_weight, r_bias)  # even with requires_grad, no grad flows to ref
@@ -259,7 +264,7 @@ def test_paired_distinct_models(backend):
                                              softcap=6.0, backend=backend)
     assert torch.equal(pol.detach(), single)
 
-    g = torch.randn(labels.shape, generator=torch.Generator().manual_seed(3))
+    g = torch.randn(labels.shape, generator=torch.Generator().manual_seed(3)).to(device)
     (pol * g).sum().backward()
     assert rh.grad is None and rw.grad is None and rb.grad is None
     _, grads64 = _ref_grads(hidden, weight, bias, labels, g, -100, 0.9, 6.0)
@@ -271,8 +276,9 @@ def test_paired_distinct_models(backend):
 
 # ------------------------------------------------------------------------------------------ bad labels
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_out_of_range_labels(backend):
-    hidden, weight, _, labels = _make((2, 9), H, V, torch.float32, torch.float32, ignore_frac=0)
+def test_out_of_range_labels(backend, device="cpu"):
+    hidden, weight, _, labels = [t if t is None else t.to(device)
+                                 for t in _make((2, 9), H, V, torch.float32, torch.float32, ignore_frac=0)]
     bad = labels.clone()
     bad[0, 3] = V + 5
     bad[1, 4] = -3
@@ -455,3 +461,19 @@ def test_enclosing_autocast_changes_nothing(backend):
         results.append((out,) + grads)
     for a, c in zip(*results):
         assert a.dtype == c.dtype and torch.equal(a, c)
+
+
+@pytest.mark.gpu
+def test_gpu_paired_bad_labels_and_determinism():
+    cuda = torch.device("cuda")
+    check_paired("triton", cuda, shape=(3, 90), H_=256, V_=1000)
+    test_out_of_range_labels("triton", device="cuda")
+    hidden, weight, bias, labels = [t.cuda() for t in _make((2, 300), 256, 1000, torch.bfloat16, torch.bfloat16,
+                                                           torch.bfloat16)]
+    runs = []
+    for _ in range(2):
+        h, w, b = _leaves(hidden, weight, bias)
+        out = fasttrdpo.linear_token_logprobs(h, w, labels, bias=b, backend="triton")
+        runs.append((out,) + torch.autograd.grad(out.sum(), [h, w, b]))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c), "the triton backward must be bit-for-bit reproducible"
