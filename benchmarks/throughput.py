@@ -278,8 +278,11 @@ def analyse(results):
                 continue
             rat = {}
             if best_t:
-                # time ratio < 1 is faster; for e2e it is the throughput ratio (> 1 is faster)
-                rat["time_vs_best_trl" if case != "e2e" else "tokens_per_s_vs_trl"] = r[metric] / best_t
+                if case == "e2e":  # throughput ratio (> 1 is faster), and the step-time ratio beside it
+                    rat["tokens_per_s_vs_trl"] = r[metric] / best_t
+                    rat["time_vs_best_trl"] = r["median_s"] / min(b["median_s"] for b in base_ok)
+                else:  # < 1 is faster
+                    rat["time_vs_best_trl"] = r[metric] / best_t
             if best_m is not None and best_m >= MIN_RATIO_BASE and r.get("peak_growth_bytes") is not None:
                 rat["mem_vs_best_trl"] = r["peak_growth_bytes"] / best_m
             for peer in ("liger", "liger-compiled", "trl-chunked"):
@@ -418,7 +421,7 @@ def table(results) -> str:
             extra = f"{r['tflops']:.1f} TFLOP/s"
         elif r.get("tflops"):
             extra = f"{r['tflops'] * 1e3:.0f} GFLOP/s"
-        tr = rat.get("time_vs_best_trl", rat.get("tokens_per_s_vs_trl"))
+        tr = rat.get("time_vs_best_trl")
         num = {True: "ok", False: "MISMATCH", None: "-"}[r.get("numerics_ok")]
         rows.append([r["case"], shape, r["impl"], _fmt(r.get("median_s"), ".3f"),
                      _fmt(None if peak is None else peak / MB, ".0f"), _fmt(None if first is None else first / MB, ".0f"),
@@ -426,6 +429,42 @@ def table(results) -> str:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown(doc) -> str:
+    """A README-ready table of one result file (measured rows; skipped ones listed with the reason)."""
+    env = doc["environment"]
+    v = env["versions"]
+    lines = [f"Run {doc['created_utc']} on {env.get('device_name')} ({env['device']}, {env['threads']} threads), "
+             f"torch {v.get('torch')}, trl {v.get('trl')}, liger-kernel {v.get('liger-kernel')}; "
+             f"{doc['repeats_note']}; load average {', '.join(f'{x:.2f}' for x in env['loadavg_start'])} at start, "
+             f"max 1-min {env.get('loadavg_max_1min') or 0:.2f} during the run.", "",
+             "| case | shape | implementation | median s | peak MiB | × best TRL time | × best TRL memory | extra |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    skipped = []
+    for r in sorted(doc["results"], key=lambda r: r.get("order", 10 ** 6)):
+        shape = _shape_str(r["case"], r["shape"])
+        if r["status"] != "ok":
+            skipped.append(f"{r['case']} / {r['impl']}: {r['status']} ({r.get('reason')})")
+            continue
+        rat = r.get("ratios", {})
+        tr = rat.get("time_vs_best_trl")
+        extra = ""
+        if r["case"] == "blend":
+            extra = f"{r['gbps']:.2f} GB/s"
+        elif r["case"] == "e2e":
+            extra = f"{r['tokens_per_s']:.0f} tok/s ({r['tokens_per_step']} tok/step)"
+        lines.append(f"| {r['case']} | {shape} | {r['impl']} | {r['median_s']:.3f} | "
+                     f"{r['peak_growth_bytes'] / MB:.0f} | {_fmt(tr, '.2f')} | {_fmt(rat.get('mem_vs_best_trl'), '.3f')} | "
+                     f"{extra} |")
+    if skipped:
+        lines += ["", "Not measured: " + "; ".join(sorted(set(skipped))) + "."]
+    if doc.get("targets"):
+        lines += ["", "| target | measured | wanted | met |", "|---|---:|---|---|"]
+        for t in doc["targets"]:
+            met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
+            lines.append(f"| {t['name']} | {_fmt(t['measured'], '.3f')} | {t['target']} | {met} |")
     return "\n".join(lines)
 
 
@@ -472,6 +511,8 @@ def parse_args(argv=None):
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds per measurement before it is an error")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--markdown", nargs="+", default=None, metavar="JSON",
+                    help="print result files as markdown tables (runs nothing)")
     ap.add_argument("--part", choices=("all", "primary", "secondary"), default="all",
                     help="primary: the shapes the issue's targets use (loss step at the target V, lm_head op, "
                          "Pythia-160M blend, e2e); secondary: the rest (V sweep, logits level, other blends)")
@@ -483,6 +524,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.markdown:
+        for path in args.markdown:
+            with open(path) as f:
+                print(markdown(json.load(f)))
+        return None
     # the children must run the compiled code paths, not the Triton interpreter the test-suite switches on
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.pop("FASTTRDPO_BACKEND", None)

@@ -147,3 +147,19 @@ def test_loss_step_matches_float64(run):
             err = abs(r["numerics"]["loss"] - loss64)
             assert err <= tol, (r["impl"], r["numerics"]["loss"], loss64, err, tol)
             assert math.isfinite(r["numerics"]["grad_weight"]["norm"]) and r["numerics"]["grad_weight"]["norm"] > 0
+
+
+def test_markdown_report_lists_every_row(run, tmp_path):
+    doc, _, _ = run
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(doc))
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "throughput.py"), "--markdown", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "| case | shape | implementation |" in out
+    ok = [r for r in doc["results"] if r["status"] == "ok"]
+    assert out.count("\n| ") - 1 == len(ok)  # one table row per measured implementation (+ the header)
+    for r in doc["results"]:
+        if r["status"] != "ok":
+            assert f"{r['case']} / {r['impl']}: skipped" in out
