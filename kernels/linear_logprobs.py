@@ -300,8 +300,8 @@ def linear_logprobs_bwd_weight_kernel(
         row_mask = rows < N
         target, lse, g = _row_grad_inputs(labels_ptr, lse_ptr, grad_ptr, rows, N, V, ignore_index)
         dz_t = _dz_tile(h_ptr, w_ptr, b_ptr, rows, cols, target, lse, g, N, V, H,
-                      stride_hn, stride_wv, scale, softcap,
-                      HAS_BIAS, SOFTCAP, DOT, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H, True)
+                        stride_hn, stride_wv, scale, softcap,
+                        HAS_BIAS, SOFTCAP, DOT, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H, True)
         if HAS_BIAS:
             gb += tl.sum(dz_t, axis=1)
         dz_t = _to_dot(dz_t, DOT)
