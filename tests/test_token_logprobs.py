@@ -202,6 +202,27 @@ def test_all_ignored(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_never_leak(backend):
+    """Padding positions may hold anything (here NaN and inf): an ignored row still gives exactly 0
+    in the log-prob and the gradient, and the other rows are unaffected."""
+    device = backend_device(backend)
+    V = 50
+    clean = make_logits((4, V), torch.float32, device, 12)
+    dirty = clean.clone()
+    dirty[1] = float("nan")
+    dirty[3, :7] = float("inf")
+    labels = torch.tensor([3, IGNORE, 49, IGNORE], device=device)
+    outs = []
+    for z in (clean, dirty):
+        z = z.clone().requires_grad_(True)
+        logp = fasttrdpo.token_logprobs(z, labels, backend=backend)
+        (logp * torch.tensor([1.0, 2.0, -1.0, 3.0], device=device)).sum().backward()
+        outs.append((logp.detach(), z.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert bool((outs[1][1][[1, 3]] == 0).all()) and outs[1][0][1].item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_custom_ignore_index_and_scalar_label(backend):
     device = backend_device(backend)
     logits = make_logits((5, 33), torch.float32, device, 10)
