@@ -468,3 +468,23 @@ def test_torch_compile_matches_eager(backend, inplace):
     assert torch.equal(l0, l1)
     assert torch.equal(gh0, gh1)
     assert torch.equal(gw0, gw1)
+
+
+# ---- compiled kernels on a real GPU (skipped without one; the same kernels run above in the interpreter) ----
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("V", [50304, 50277], ids=["V-mult-16", "V-odd"])  # vectorised and generic launches
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_realistic_shapes(V, dtype):
+    B, T = 4, 256
+    full = make_logits((B, T + 1, V), dtype, "cuda", 50).requires_grad_(True)
+    ref = make_logits((B, T, V), torch.bfloat16, "cuda", 51)
+    labels = make_labels((B, T), V, "cuda", 50)
+    g = make_logits((B, T), torch.float32, "cuda", 52, scale=1.0)
+    inner = full * 1
+    policy_logp, ref_logp = fasttrdpo.paired_token_logprobs(inner[:, :-1], ref, labels, backend="triton",
+                                                            inplace_backward=True)
+    check_values(policy_logp, full[:, :-1], labels, f"gpu {dtype} policy")
+    check_values(ref_logp, ref, labels, "gpu bf16 ref")
+    (policy_logp * g).sum().backward()
+    check_grad(full.grad[:, :-1], full[:, :-1], labels, g, f"gpu {dtype} grad")
