@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 import torch
 
@@ -17,6 +18,7 @@ ENV_VAR = "FASTTRDPO_BACKEND"
 
 _log = logging.getLogger("fasttrdpo")
 _last_used: dict[str, str] = {}
+_env_warned: set[tuple[str, str]] = set()
 
 
 def triton_available() -> bool:
@@ -37,20 +39,36 @@ def _cpp_ready() -> bool:
     return _cpp.is_loaded()
 
 
-def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
-    """Return the concrete backend ("triton" | "eager" | "cpp") that `op` runs on `device`."""
+def resolve_backend(op: str, backend: str | None, device: torch.device,
+                    provides: tuple[str, ...] = ("triton", "eager", "cpp")) -> str:
+    """Return the concrete backend ("triton" | "eager" | "cpp") that `op` runs on `device`.
+
+    `provides` lists the backends `op` implements. An explicit `backend=` the op does not provide
+    raises. FASTTRDPO_BACKEND is a process-wide preference: for an op that does not provide it (the
+    lm_head level has no C++ path) the op resolves as auto among what it provides, and says so once
+    in a warning. auto only picks among `provides`.
+    """
     requested = backend if backend is not None else "auto"
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if requested != "auto" and requested not in provides:
+        raise NotImplementedError(f"{op}: backend={requested!r} is not provided for this op "
+                                  f"(it provides {', '.join(provides)})")
     if requested == "auto":
         env = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
         if env not in BACKENDS:
             raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {env!r}")
+        if env != "auto" and env not in provides:
+            if (op, env) not in _env_warned:
+                _env_warned.add((op, env))
+                warnings.warn(f"{ENV_VAR}={env}: {op} has no {env} backend (it provides "
+                              f"{', '.join(provides)}); it runs on its auto choice", stacklevel=3)
+            env = "auto"
         requested = env
     if requested == "auto":
-        if device.type == "cuda" and triton_available():
+        if device.type == "cuda" and triton_available() and "triton" in provides:
             chosen = "triton"
-        elif device.type == "cpu" and _cpp_ready():
+        elif device.type == "cpu" and "cpp" in provides and _cpp_ready():
             chosen = "cpp"
         else:
             chosen = "eager"

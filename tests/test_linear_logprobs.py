@@ -340,9 +340,13 @@ def test_cpp_backend_is_not_offered_here(monkeypatch):
     a = _args()
     with pytest.raises(NotImplementedError, match="linear_token_logprobs"):
         fasttrdpo.linear_token_logprobs(a["hidden"], a["weight"], a["labels"], backend="cpp")
+    # FASTTRDPO_BACKEND=cpp is a process-wide preference: this op has no C++ path, so it warns once and
+    # runs its auto choice (eager on CPU tensors), and last_backend says so.
+    monkeypatch.setattr(_backend, "_env_warned", set())  # the warning is once per process and op
     monkeypatch.setenv("FASTTRDPO_BACKEND", "cpp")
-    with pytest.raises(NotImplementedError, match="paired_linear_token_logprobs"):
+    with pytest.warns(UserWarning, match="paired_linear_token_logprobs has no cpp backend"):
         fasttrdpo.paired_linear_token_logprobs(a["hidden"], a["weight"], a["hidden"], a["weight"], a["labels"])
+    assert fasttrdpo.last_backend("paired_linear_token_logprobs") == "eager"
     # auto resolving to a built C++ extension runs eager here, and says so
     monkeypatch.delenv("FASTTRDPO_BACKEND")
     monkeypatch.setattr(_backend, "_cpp_ready", lambda: True)

@@ -295,19 +295,8 @@ def _check_model(prefix, hidden, weight, bias, vocab=None):
 
 
 def _resolve(op, backend, device):
-    """resolve_backend, but "cpp" is not offered at this level: explicit cpp raises, auto's cpp -> eager."""
-    import os
-
-    explicit = backend if backend not in (None, "auto") else os.environ.get(_backend.ENV_VAR, "auto").strip().lower()
-    if explicit == "cpp":
-        raise NotImplementedError(
-            f"{op}: backend='cpp' is not provided at the lm_head level (the C++ extension covers "
-            "token_logprobs/paired_token_logprobs and blend_); use backend='eager' or 'triton'")
-    chosen = _backend.resolve_backend(op, backend, device)
-    if chosen == "cpp":  # auto picked the built C++ extension, which has no lm_head op
-        chosen = "eager"
-        _backend._last_used[op] = chosen
-    return chosen
+    # The C++ extension covers token_logprobs/paired_token_logprobs and blend_, not the lm_head level.
+    return _backend.resolve_backend(op, backend, device, provides=("triton", "eager"))
 
 
 def _flat_rows(t: Tensor) -> Tensor:
