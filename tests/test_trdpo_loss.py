@@ -213,16 +213,24 @@ def test_trdpo_logit_scale_and_softcap(backend, scale, cap):
         torch.testing.assert_close(metrics[k].double(), ref["metrics"][k], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 4 * 67 * 20, 1 << 30])
-def test_eager_chunking_does_not_change_results(chunk_bytes):
-    # 1 byte: every chunk is one pair (the minimum); 20 tokens: a few pairs; 1 GiB: a single chunk
+@pytest.mark.parametrize("chunk_bytes,max_pair_bytes,cap", [
+    (1, 1 << 30, None),              # every chunk is one pair (the minimum for a single pass)
+    (4 * 67 * 20, 1 << 30, None),    # ~20 tokens: a few pairs per chunk
+    (1 << 30, 1 << 30, None),        # everything in one chunk
+    (4 * 67 * 4, 1, None),           # pairs longer than max_pair_bytes: two passes over 4-token blocks
+    (4 * 67 * 5, 4 * 67 * 7, 2.5),   # the same with a softcap (its derivative buffer), uneven blocks
+])
+def test_eager_chunking_does_not_change_results(chunk_bytes, max_pair_bytes, cap):
     inputs = make_inputs(B=8, seed=3, bias=True)
-    ref = reference(*inputs, 0.1, "sigmoid", 0.0)
-    loss_tol, _, _, grad_tols = _bounds(ref, inputs, 0.1, "sigmoid", 0.0, 1.0, None, [torch.float32] * 3)
-    loss, _, grads = _run(L.TRDPOLoss(beta=0.1, backend="eager", chunk_bytes=chunk_bytes), inputs)
+    ref = reference(*inputs, 0.1, "sigmoid", 0.0, 1.0, cap)
+    loss_tol, _, _, grad_tols = _bounds(ref, inputs, 0.1, "sigmoid", 0.0, 1.0, cap, [torch.float32] * 3)
+    fn = L.TRDPOLoss(beta=0.1, backend="eager", chunk_bytes=chunk_bytes, max_pair_bytes=max_pair_bytes, softcap=cap)
+    loss, metrics, grads = _run(fn, inputs)
     _assert_within(loss, ref["loss"], loss_tol, "loss")
     for got, exp, tol in zip(grads, ref["grads"], grad_tols):
         _assert_within(got, exp, tol, "grad")
+    for k in ("logits/chosen", "logps/rejected"):
+        torch.testing.assert_close(metrics[k].double(), ref["metrics"][k], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -314,7 +322,7 @@ def test_liger_per_sequence_logps_side_by_side():
     lg = liger.LigerFusedLinearDPOLoss(beta=0.1, compiled=False, use_ref_model=True, average_log_prob=False)
     _, aux = lg(pw, ph, labels, None, rh, rw, None)
     from fasttrdpo.loss._chunked import ChunkedTRDPOFunction
-    cfg = (0.1, "sigmoid", 0.0, -100, 1.0, None, 1 << 20, False)
+    cfg = (0.1, "sigmoid", 0.0, -100, 1.0, None, 1 << 20, 1 << 28, False)
     _, policy_logps, _, _ = ChunkedTRDPOFunction.apply(ph, pw, None, rh, rw, None, labels, cfg)
     torch.testing.assert_close(policy_logps[:3], aux[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(policy_logps[3:], aux[1], rtol=1e-5, atol=1e-5)
@@ -345,7 +353,7 @@ def test_trdpo_bad_inputs(mutate, exc, match):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(beta=0.0), "beta"), (dict(loss_type="dpo"), "loss_type"), (dict(label_smoothing=0.7), "label_smoothing"),
     (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing"), (dict(logit_scale=0.0), "logit_scale"),
-    (dict(softcap=-1.0), "softcap"), (dict(chunk_bytes=0), "chunk_bytes"),
+    (dict(softcap=-1.0), "softcap"), (dict(chunk_bytes=0), "chunk_bytes"), (dict(max_pair_bytes=-1), "max_pair_bytes"),
 ])
 def test_trdpo_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -5,7 +5,8 @@ No [tokens × vocab] tensor beyond one chunk ever exists, and nothing is recompu
 - reference log-probs: under no_grad, in token chunks; only one float per token survives;
 - policy: chunks of *whole pairs*, so that each chunk knows its pairs' Δ and can finish the loss and
   its gradient at once (Liger-style): the forward already accumulates grad_hidden / grad_weight /
-  grad_bias, and the backward only scales them by grad_output.
+  grad_bias, and the backward only scales them by grad_output. (Only a pair whose logits exceed
+  max_pair_bytes is recomputed: log-probs first, gradients in a second pass.)
 
 Per policy chunk, with z the fp32 logits (formed once into a reused buffer) and c_t = ∂loss/∂logp_t
 (a per-row constant, from a tiny autograd graph of the pair losses, so every loss_type works):
@@ -24,9 +25,11 @@ import torch
 
 from .preference import preference_loss
 
-# Size of one chunk's fp32 logits. A chunk holds at least one whole pair, so a single long pair can
-# exceed it (its logits are needed together to finish its loss without recompute).
+# Size of one chunk's fp32 logits. A chunk holds at least one whole pair (its logits are needed together
+# to finish its loss without recompute), up to MAX_PAIR_BYTES; a pair longer than that is done in two
+# passes over chunk-sized token blocks (its policy logits formed twice), so memory stays bounded.
 DEFAULT_CHUNK_BYTES = 32 << 20
+DEFAULT_MAX_PAIR_BYTES = 256 << 20
 
 
 def _plan_pair_chunks(row_counts: list[int], n_pairs: int, max_tokens: int) -> list[tuple[int, int]]:
@@ -67,7 +70,7 @@ class ChunkedTRDPOFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels, cfg):
-        beta, loss_type, eps, ignore_index, logit_scale, softcap, chunk_bytes, grad_enabled = cfg
+        beta, loss_type, eps, ignore_index, logit_scale, softcap, chunk_bytes, max_pair_bytes, grad_enabled = cfg
         B = labels.shape[0]
         P = B // 2
         device = labels.device
@@ -98,8 +101,12 @@ class ChunkedTRDPOFunction(torch.autograd.Function):
         rw32 = ref_weight.to(f32)
         rb32 = ref_bias.to(f32) if ref_bias is not None else None
 
+        # Buffer rows: at least the chunk budget, and a whole pair when it fits max_pair_bytes (single pass,
+        # no recompute); a longer pair is done in two passes over budget-sized token chunks instead.
+        budget_rows = max(1, chunk_bytes // (4 * V))
+        cap_rows = max(budget_rows, max_pair_bytes // (4 * V))
         max_pair = max((row_counts[i] + row_counts[P + i] for i in range(P)), default=0)
-        chunk_rows = max(1, chunk_bytes // (4 * V), max_pair)
+        chunk_rows = max(budget_rows, min(max_pair, cap_rows))
         buf = torch.empty(chunk_rows, V, dtype=f32, device=device)
         tbuf = torch.empty(chunk_rows, V, dtype=f32, device=device) if softcap is not None else None
 
@@ -118,63 +125,29 @@ class ChunkedTRDPOFunction(torch.autograd.Function):
         w_mean = w32.mean(0) if softcap is None else None
         b_mean = b32.mean() if (softcap is None and b32 is not None) else None
 
+        need_grad = need_h or need_w or need_b
         grad_h = torch.zeros(pol_h.shape, dtype=f32, device=device) if need_h else None
         grad_w = torch.zeros(V, H, dtype=f32, device=device) if need_w else None
         grad_b = torch.zeros(V, dtype=f32, device=device) if need_b else None
         gh_buf = torch.empty(chunk_rows, H, dtype=f32, device=device) if need_h else None
         arange_n = torch.arange(chunk_rows, device=device)
 
-        policy_logps = torch.empty(B, dtype=f32, device=device)
-        mean_logit_sums = torch.empty(B, dtype=f32, device=device)
-        loss = torch.zeros((), dtype=f32, device=device)
-
-        for p0, p1 in _plan_pair_chunks(row_counts, P, chunk_rows):
-            k = p1 - p0
-            sel = torch.cat([valid[offsets[p0]:offsets[p1]], valid[offsets[P + p0]:offsets[P + p1]]])
-            tok_slice = torch.cat([torch.arange(offsets[p0], offsets[p1], device=device),
-                                   torch.arange(offsets[P + p0], offsets[P + p1], device=device)])
-            chunk_rows_ids = torch.cat([torch.arange(p0, p1, device=device), torch.arange(P + p0, P + p1, device=device)])
-            local_row = torch.repeat_interleave(
-                torch.arange(2 * k, device=device),
-                torch.as_tensor(row_counts[p0:p1] + row_counts[P + p0:P + p1], device=device))
-            n = sel.numel()
-            yc = y[tok_slice]
-            h = pol_h[sel].to(f32)
-
+        def logits_(h, n):
+            """fp32 logits of h [n, H] into buf (softcapped), tanh into tbuf; per-token vocabulary mean."""
             z = _project(h, w32, b32, logit_scale, buf[:n])
             if softcap is None:
                 tok_mean = h @ w_mean
                 if b_mean is not None:
                     tok_mean = tok_mean + b_mean
-                tok_mean = tok_mean * logit_scale
-            else:
-                t = tbuf[:n]
-                t.copy_(z.div_(softcap).tanh_())
-                z.mul_(softcap)
-                tok_mean = z.mean(1)
-            logp = _label_logprobs_(z, yc)
-            z.exp_()  # softmax, in place: what the gradient needs
+                return z, None, tok_mean * logit_scale
+            t = tbuf[:n]
+            t.copy_(z.div_(softcap).tanh_())
+            z.mul_(softcap)
+            return z, t, z.mean(1)
 
-            pol_rows = torch.zeros(2 * k, dtype=f32, device=device).index_add_(0, local_row, logp)
-            policy_logps[chunk_rows_ids] = pol_rows
-            mean_logit_sums[chunk_rows_ids] = torch.zeros(2 * k, dtype=f32, device=device).index_add_(
-                0, local_row, tok_mean)
-
-            # Pair losses of this chunk and ∂loss/∂(row log-prob), by autograd on [k] tensors.
-            with torch.enable_grad():
-                lc = pol_rows[:k].detach().requires_grad_(True)
-                lr = pol_rows[k:].detach().requires_grad_(True)
-                losses, _, _ = preference_loss(
-                    lc, lr, ref_logps[p0:p1], ref_logps[P + p0:P + p1], beta=beta, loss_type=loss_type,
-                    label_smoothing=eps, chosen_lengths=lengths[p0:p1], rejected_lengths=lengths[P + p0:P + p1])
-                chunk_loss = losses.sum() / P
-                if need_h or need_w or need_b:
-                    g_c, g_r = torch.autograd.grad(chunk_loss, (lc, lr))
-            loss += chunk_loss.detach()
-            if not (need_h or need_w or need_b):
-                continue
-
-            c = torch.cat([g_c, g_r])[local_row]  # ∂loss/∂logp_t, per token
+        def accumulate_grads_(z, t, h, yc, c, sel):
+            """z holds softmax p; c = ∂loss/∂logp per token. Adds this chunk's gradients (h is overwritten)."""
+            n = z.shape[0]
             if softcap is None:
                 c = c * logit_scale  # ∂z/∂(h·W) = logit_scale
                 g_y = 1.0
@@ -191,6 +164,67 @@ class ChunkedTRDPOFunction(torch.autograd.Function):
                 grad_w.addmm_(z.T, h.mul_(c.unsqueeze(1)), alpha=-1.0)  # h is a private fp32 copy
             if need_b:
                 grad_b.addmv_(z.T, c, alpha=-1.0)
+
+        policy_logps = torch.empty(B, dtype=f32, device=device)
+        mean_logit_sums = torch.empty(B, dtype=f32, device=device)
+        loss = torch.zeros((), dtype=f32, device=device)
+
+        for p0, p1 in _plan_pair_chunks(row_counts, P, chunk_rows):
+            k = p1 - p0
+            sel = torch.cat([valid[offsets[p0]:offsets[p1]], valid[offsets[P + p0]:offsets[P + p1]]])
+            tok_slice = torch.cat([torch.arange(offsets[p0], offsets[p1], device=device),
+                                   torch.arange(offsets[P + p0], offsets[P + p1], device=device)])
+            chunk_rows_ids = torch.cat([torch.arange(p0, p1, device=device), torch.arange(P + p0, P + p1, device=device)])
+            local_row = torch.repeat_interleave(
+                torch.arange(2 * k, device=device),
+                torch.as_tensor(row_counts[p0:p1] + row_counts[P + p0:P + p1], device=device))
+            n = sel.numel()
+            yc = y[tok_slice]
+            single_pass = n <= chunk_rows
+
+            if single_pass:
+                h = pol_h[sel].to(f32)
+                z, t, tok_mean = logits_(h, n)
+                logp = _label_logprobs_(z, yc)
+                z.exp_()  # softmax, in place: what the gradient needs
+            else:  # a pair longer than the buffer: log-probs now, gradients in a second pass (recompute)
+                logp = torch.empty(n, dtype=f32, device=device)
+                tok_mean = torch.empty(n, dtype=f32, device=device)
+                for s in range(0, n, chunk_rows):
+                    e = min(s + chunk_rows, n)
+                    z, _, tok_mean[s:e] = logits_(pol_h[sel[s:e]].to(f32), e - s)
+                    logp[s:e] = _label_logprobs_(z, yc[s:e])
+
+            pol_rows = torch.zeros(2 * k, dtype=f32, device=device).index_add_(0, local_row, logp)
+            policy_logps[chunk_rows_ids] = pol_rows
+            mean_logit_sums[chunk_rows_ids] = torch.zeros(2 * k, dtype=f32, device=device).index_add_(
+                0, local_row, tok_mean)
+
+            # Pair losses of this chunk and ∂loss/∂(row log-prob), by autograd on [k] tensors.
+            with torch.enable_grad():
+                lc = pol_rows[:k].detach().requires_grad_(True)
+                lr = pol_rows[k:].detach().requires_grad_(True)
+                losses, _, _ = preference_loss(
+                    lc, lr, ref_logps[p0:p1], ref_logps[P + p0:P + p1], beta=beta, loss_type=loss_type,
+                    label_smoothing=eps, chosen_lengths=lengths[p0:p1], rejected_lengths=lengths[P + p0:P + p1])
+                chunk_loss = losses.sum() / P
+                if need_grad:
+                    g_c, g_r = torch.autograd.grad(chunk_loss, (lc, lr))
+            loss += chunk_loss.detach()
+            if not need_grad:
+                continue
+
+            c = torch.cat([g_c, g_r])[local_row]  # ∂loss/∂logp_t, per token
+            if single_pass:
+                accumulate_grads_(z, t, h, yc, c, sel)
+            else:
+                for s in range(0, n, chunk_rows):
+                    e = min(s + chunk_rows, n)
+                    h = pol_h[sel[s:e]].to(f32)
+                    z, t, _ = logits_(h, e - s)
+                    _label_logprobs_(z, yc[s:e])
+                    z.exp_()
+                    accumulate_grads_(z, t, h, yc[s:e], c[s:e], sel[s:e])
 
         ctx.grads = (
             grad_h.view(policy_hidden.shape) if grad_h is not None else None,

@@ -10,7 +10,7 @@ from torch import nn
 from .. import _backend
 from .._backend import resolve_backend
 from .._validate import check_float, check_label_range, check_labels_tensor, check_same_device
-from ._chunked import DEFAULT_CHUNK_BYTES, ChunkedTRDPOFunction
+from ._chunked import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_PAIR_BYTES, ChunkedTRDPOFunction
 from .preference import check_loss_config, preference_loss, sequence_logprobs
 
 
@@ -98,14 +98,16 @@ class TRDPOLoss(nn.Module):
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  ignore_index: int = -100, *, logit_scale: float = 1.0, softcap: float | None = None,
-                 validate: bool = True, backend: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                 validate: bool = True, backend: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 max_pair_bytes: int = DEFAULT_MAX_PAIR_BYTES):
         super().__init__()
         check_loss_config(beta, loss_type, label_smoothing)
         _check_transform(logit_scale, softcap)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-        if not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-            raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+        for name, v in (("chunk_bytes", chunk_bytes), ("max_pair_bytes", max_pair_bytes)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.beta = float(beta)
         self.loss_type = loss_type
         self.label_smoothing = float(label_smoothing)
@@ -115,6 +117,7 @@ class TRDPOLoss(nn.Module):
         self.validate = bool(validate)
         self.backend = backend
         self.chunk_bytes = chunk_bytes
+        self.max_pair_bytes = max_pair_bytes
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}, "
@@ -179,7 +182,7 @@ class TRDPOLoss(nn.Module):
         # Out-of-range labels would index out of bounds in the chunked path: always checked here.
         check_label_range(labels, policy_weight.shape[0], self.ignore_index)
         cfg = (self.beta, self.loss_type, self.label_smoothing, self.ignore_index, self.logit_scale, self.softcap,
-               self.chunk_bytes, torch.is_grad_enabled())
+               self.chunk_bytes, self.max_pair_bytes, torch.is_grad_enabled())
         loss, policy_logps, ref_logps, mean_logit_sums = ChunkedTRDPOFunction.apply(
             policy_hidden, policy_weight, policy_bias, ref_hidden.detach(), ref_weight.detach(),
             None if ref_bias is None else ref_bias.detach(), labels, cfg)
