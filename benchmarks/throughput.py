@@ -321,6 +321,20 @@ def analyse(results):
     return results
 
 
+def device_fractions(results, peaks):
+    """On a GPU with known datasheet peaks: useful TFLOP/s as a fraction of the fp32 peak (all cases here
+    run fp32 with IEEE dots, TF32 off) and blend GB/s as a fraction of the HBM peak."""
+    if not peaks:
+        return
+    for r in results:
+        if r.get("status") != "ok":
+            continue
+        if r.get("tflops"):
+            r["tflops_fraction_of_fp32_peak"] = r["tflops"] / peaks["fp32_tflops"]
+        if r.get("gbps"):
+            r["fraction_of_hbm_peak"] = r["gbps"] / (peaks["hbm_tbps"] * 1000)
+
+
 def _find(results, case, impl, **shape):
     for r in results:
         if r["case"] == case and r["impl"] == impl and all(r["shape"].get(k) == v for k, v in shape.items()):
@@ -569,6 +583,7 @@ def main(argv=None):
         """The JSON after every measurement: a run stopped early leaves a valid, marked-incomplete file."""
         rows = [dict(r) for r in results] + [dict(r) for r in skipped]
         analyse(rows)
+        device_fractions(rows, env.get("peaks"))
         env.update(loadavg_end=loadavg(), loadavg_max_1min=max((x[0] for x in loads), default=None),
                    wall_s=time.time() - t_start,
                    memory_method=next((r["memory_method"] for r in rows if r.get("memory_method")), None))
