@@ -202,7 +202,8 @@ class TRDPOLoss(nn.Module):
         flat_labels = labels.reshape(B, -1)
         policy_logps, lengths = sequence_logprobs(policy_tok.reshape(B, -1), flat_labels, self.ignore_index)
         ref_logps, _ = sequence_logprobs(ref_tok.reshape(B, -1), flat_labels, self.ignore_index)
-        loss = _loss_from_sequence_logps(self, policy_logps, ref_logps, lengths)
+        loss = _loss_from_sequence_logps(policy_logps, ref_logps, lengths, self.beta, self.loss_type,
+                                         self.label_smoothing)
         mask = labels != self.ignore_index
         chunk_tokens = max(1, self.chunk_bytes // (4 * policy_weight.shape[0]))
         mean_tok = _mean_logit_per_token(policy_hidden, policy_weight, policy_bias, self.logit_scale, self.softcap,
@@ -211,18 +212,13 @@ class TRDPOLoss(nn.Module):
         return loss, _pair_metrics(policy_logps, ref_logps, self.beta, mean_logit_sums, lengths)
 
 
-def _loss_from_sequence_logps(cfg, policy_logps, ref_logps, lengths):
-    """Mean over pairs of the preference loss (cfg: anything with beta, loss_type, label_smoothing)."""
+def _loss_from_sequence_logps(policy_logps, ref_logps, lengths, beta, loss_type, label_smoothing):
+    """Mean over pairs of the preference loss; rows: first half chosen, second half rejected."""
     P = policy_logps.shape[0] // 2
     losses, _, _ = preference_loss(
-        policy_logps[:P], policy_logps[P:], ref_logps[:P], ref_logps[P:], beta=cfg.beta, loss_type=cfg.loss_type,
-        label_smoothing=cfg.label_smoothing, chosen_lengths=lengths[:P], rejected_lengths=lengths[P:])
+        policy_logps[:P], policy_logps[P:], ref_logps[:P], ref_logps[P:], beta=beta, loss_type=loss_type,
+        label_smoothing=label_smoothing, chosen_lengths=lengths[:P], rejected_lengths=lengths[P:])
     return losses.mean()
-
-
-class _LossConfig:
-    def __init__(self, beta, loss_type, label_smoothing):
-        self.beta, self.loss_type, self.label_smoothing = float(beta), loss_type, float(label_smoothing)
 
 
 def trdpo_loss_from_logits(policy_logits, ref_logits, labels, *, beta: float = 0.1, loss_type: str = "sigmoid",
@@ -245,7 +241,7 @@ def trdpo_loss_from_logits(policy_logits, ref_logits, labels, *, beta: float = 0
     flat_labels = labels.reshape(B, -1)
     policy_logps, lengths = sequence_logprobs(policy_tok.reshape(B, -1), flat_labels, ignore_index)
     ref_logps, _ = sequence_logprobs(ref_tok.reshape(B, -1), flat_labels, ignore_index)
-    loss = _loss_from_sequence_logps(_LossConfig(beta, loss_type, label_smoothing), policy_logps, ref_logps, lengths)
+    loss = _loss_from_sequence_logps(policy_logps, ref_logps, lengths, beta, loss_type, label_smoothing)
     with torch.no_grad():
         mean_tok = policy_logits.detach().mean(-1, dtype=torch.float32)
         mean_tok = torch.where(labels != ignore_index, mean_tok, torch.zeros((), device=mean_tok.device))
