@@ -60,7 +60,7 @@ def _mean_logit_per_token(hidden, weight, bias, logit_scale, softcap, mask, chun
         h = hidden.reshape(-1, H)
         out = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
         if softcap is None:
-            w_mean = weight.float().mean(0)
+            w_mean = weight.mean(0, dtype=torch.float32)  # no fp32 copy of a bf16 weight
             m = h.float() @ w_mean
             if bias is not None:
                 m = m + bias.float().mean()
