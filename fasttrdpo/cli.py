@@ -17,12 +17,12 @@ import time
 from .trainer import TRDPOConfig
 
 # Hyper-parameters of the embedded demo (tiny model + synthetic task), applied only where the user did
-# not set the field. tau=25 with alpha=0.5 fires six soft updates in 160 steps: enough to see the KL to
+# not set the field. tau=30 with alpha=0.5 fires eight soft updates in 240 steps: enough to see the KL to
 # the reference stay bounded while the KL to the initial model keeps growing.
 DEMO_DEFAULTS = dict(
-    learning_rate=1e-3, lr_scheduler_type="linear", warmup_steps=10, beta=0.1, alpha=0.5, tau=25,
-    per_device_train_batch_size=16, per_device_eval_batch_size=128, max_steps=160, max_length=64,
-    logging_steps=10, eval_steps=20, save_steps=80,
+    learning_rate=1e-3, lr_scheduler_type="linear", warmup_steps=10, beta=0.1, alpha=0.5, tau=30,
+    per_device_train_batch_size=16, per_device_eval_batch_size=128, max_steps=240, max_length=64,
+    logging_steps=10, eval_steps=30, save_steps=120,
 )
 DEMO_TRAIN_PAIRS = 4096
 DEMO_EVAL_PAIRS = 256
@@ -170,6 +170,9 @@ def _summary(final: dict, seconds: float, output_dir: str) -> str:
         lines.append(f"held-out reward accuracy: {final['eval_rewards/accuracies']:.3f} "
                      f"on {final['eval_pairs']} pairs (margin {final['eval_rewards/margins']:.3f}, "
                      f"loss {final['eval_loss']:.4f}, {final.get('ref_updates', 0)} reference updates)")
+        if "eval_init_rewards/accuracies" in final:
+            lines.append(f"  measured against the initial model instead: accuracy "
+                         f"{final['eval_init_rewards/accuracies']:.3f}, margin {final['eval_init_rewards/margins']:.3f}")
         if "eval_kl/ref" in final:
             kl = f"per-token KL on held-out completions: KL(policy || reference) = {final['eval_kl/ref']:.4f}"
             if "eval_kl/init" in final:
@@ -235,7 +238,7 @@ def cmd_eval(args) -> int:
         torch.set_num_threads(args.threads)
     values = {k: getattr(args, k) for k in ("beta", "bf16", "max_length", "per_device_eval_batch_size", "seed")
               if getattr(args, k) is not None}
-    config = TRDPOConfig(output_dir=os.path.join(os.getcwd(), "fasttrdpo-eval"), plot=False, disable_tqdm=True,
+    config = TRDPOConfig(output_dir=os.path.join(os.getcwd(), "outputs", "fasttrdpo-eval"), plot=False, disable_tqdm=True,
                          **values)
     model, tokenizer = load_model_and_tokenizer(args.model, seed=config.seed,
                                                 attn_implementation=args.attn_implementation)

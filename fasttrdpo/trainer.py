@@ -41,7 +41,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 class TRDPOConfig:
     """Training configuration. Defaults follow TRL / the TR-DPO paper (the CLI demo overrides some)."""
 
-    output_dir: str = "fasttrdpo-output"
+    output_dir: str = "outputs/fasttrdpo"  # outputs/ is git-ignored
     # loss
     beta: float = 0.1
     loss_type: str = "sigmoid"
@@ -814,6 +814,10 @@ def plot_metrics(history: list[dict], path: str) -> str | None:
         ax.plot([r["step"] for r in train], [r[k_train] for r in train], label="train")
         if evals:
             ax.plot([r["step"] for r in evals], [r[k_eval] for r in evals], "o-", label="eval")
+        init_key = k_eval.replace("eval_rewards/", "eval_init_rewards/")
+        pts = [(r["step"], r[init_key]) for r in evals if init_key in r]
+        if pts and init_key != k_eval:
+            ax.plot(*zip(*pts), "s--", label="eval, vs initial model")
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.legend()
