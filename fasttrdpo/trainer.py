@@ -663,7 +663,9 @@ class TRDPOTrainer:
         tmp = os.path.join(c.output_dir, f".tmp-{name}")
         if self.is_main:
             os.makedirs(c.output_dir, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            for leftover in os.listdir(c.output_dir):  # debris of a save or a deletion cut by a kill
+                if leftover.startswith((".tmp-checkpoint-", ".trash-checkpoint-")):
+                    shutil.rmtree(os.path.join(c.output_dir, leftover), ignore_errors=True)
             os.makedirs(tmp)
         self._barrier()
         torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{self.rank}.pt"))

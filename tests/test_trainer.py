@@ -143,6 +143,35 @@ def test_checkpoints_are_complete_rotated_and_reloadable(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), trainer.ref_model.parameters()))
 
 
+def test_a_save_interrupted_midway_leaves_the_previous_checkpoint_latest(tmp_path, monkeypatch):
+    import fasttrdpo.trainer as tr
+
+    cfg = _config(tmp_path, max_steps=2, save_steps=2)
+    trainer = TRDPOTrainer(tiny_model(0, **SMALL), tiny_tokenizer(), synthetic_preference_dataset(16, seed=0), cfg)
+    trainer.train()
+    good = find_latest_checkpoint(cfg.output_dir)
+    assert good.endswith("checkpoint-2")
+    real_save, calls = tr.save_weights, []
+
+    def dies_on_the_reference(model, folder):
+        calls.append(folder)
+        if len(calls) == 2:  # the policy is written, the process "dies" while writing the reference
+            raise KeyboardInterrupt
+        real_save(model, folder)
+
+    monkeypatch.setattr(tr, "save_weights", dies_on_the_reference)
+    trainer.global_step = 3
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint()
+    assert os.path.isdir(os.path.join(cfg.output_dir, ".tmp-checkpoint-3"))
+    assert find_latest_checkpoint(cfg.output_dir) == good  # the half-written save is invisible
+    monkeypatch.setattr(tr, "save_weights", real_save)
+    trainer.global_step = 4
+    trainer.save_checkpoint()  # the next save clears the leftover and lands complete
+    assert find_latest_checkpoint(cfg.output_dir).endswith("checkpoint-4")
+    assert not os.path.exists(os.path.join(cfg.output_dir, ".tmp-checkpoint-3"))
+
+
 def test_in_process_resume_is_exact(tmp_path):
     # constant schedule: a 3-step run then resumed to 5 steps follows the same learning rates as 5 in one go
     data = synthetic_preference_dataset(32, seed=0)

@@ -44,8 +44,8 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     # Same pairs per step; only the reduction order differs (each rank pads its 2 pairs to its own
     # length, gradients are averaged by all-reduce): fp32 round-off, ~1e-7 relative per step, grown by 8
     # Adam steps. Measured: 1.2e-7 on the loss (1 ulp), 1.4e-6 on the reference weights; tolerance 1e-5
-    # on the loss (~0.6931, i.e. ~100 ulp) and 1e-4 on weights. A wrong batch split or a missing gradient
-    # average moves the loss by > 1e-3 after one step.
+    # on the loss (~0.6931, i.e. ~100 ulp) and 1e-4 on weights. (Step 1's loss is log 2 whatever the
+    # batch, policy = reference; from step 2 on, a wrong split or a missing gradient average shows.)
     for a, b in zip(losses1, losses2):
         assert abs(a - b) <= 1e-5, (losses1, losses2)
     assert [r["ref_updates"] for r in two if "loss" in r] == [s // 3 for s in range(1, STEPS + 1)]
