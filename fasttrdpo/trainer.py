@@ -313,6 +313,9 @@ class TRDPOTrainer:
             raise TypeError(f"config must be a TRDPOConfig, got {type(config).__name__}")
         if train_dataset is None and eval_dataset is None:
             raise ValueError("give a train_dataset (to train) or an eval_dataset (to evaluate)")
+        causal_lm_parts(model)  # a causal LM with a plain lm_head, checked before anything moves
+        if ref_model is not None:
+            causal_lm_parts(ref_model)
         self.config = config
         self.tokenizer = tokenizer
         self._init_distributed()
@@ -324,10 +327,15 @@ class TRDPOTrainer:
         self.collator = PreferenceCollator(tokenizer.pad_token_id)
         self.train_pairs = self._tokenize(train_dataset)
         self.eval_pairs = self._tokenize(eval_dataset)
+        self.global_step = 0
+        self.total_steps = self._total_steps() if self.train_pairs else 0  # raises on too little data
 
         self.model = model.to(self.device)
         if config.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(self.model, "activation_checkpointing_enable"):  # the transformers >= 5 name
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
         self.policy = _HiddenStates(self.model)
         self.ref_model = (_frozen_copy(self.model, self.ref_dtype) if ref_model is None
@@ -354,8 +362,6 @@ class TRDPOTrainer:
         self.updater = (RefModelUpdater(policy=self.model, ref=self.ref_model, alpha=config.alpha, tau=config.tau)
                         if config.sync_ref_model else None)
 
-        self.global_step = 0
-        self.total_steps = self._total_steps() if self.train_pairs else 0
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                            eps=config.adam_epsilon, weight_decay=config.weight_decay)
@@ -570,7 +576,7 @@ class TRDPOTrainer:
             return
         from tqdm.auto import tqdm
 
-        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}
+        shown = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in record.items()}
         tqdm.write(json.dumps(shown))
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
