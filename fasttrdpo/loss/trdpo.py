@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import nn
 
-from .. import _backend
 from .._backend import resolve_backend
 from .._validate import check_float, check_label_range, check_labels_tensor, check_same_device
 from ._chunked import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_PAIR_BYTES, ChunkedTRDPOFunction
@@ -93,7 +91,7 @@ class TRDPOLoss(nn.Module):
     backend: "eager" runs the chunked path of `_chunked.py` (loss and gradient finished chunk by chunk
     over whole pairs; one host sync to plan the chunks); "triton" runs the paired lm_head kernel
     (`fasttrdpo.ops.linear.paired_linear_token_logprobs`) with the loss on top; "auto" picks as every op
-    does (DESIGN.md §4), with the eager path standing for the CPU ("cpp" is logits-level only).
+    does (DESIGN.md §4) among triton and eager ("cpp" is logits-level only: asking for it raises).
     """
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
@@ -152,18 +150,8 @@ class TRDPOLoss(nn.Module):
                           ref_hidden=ref_hidden, ref_weight=ref_weight, policy_bias=policy_bias, ref_bias=ref_bias)
 
     def _resolve(self, device):
-        # The C++ extension covers the logits level only: an explicit "cpp" (argument or FASTTRDPO_BACKEND)
-        # raises; auto's "cpp" (extension loaded, CPU tensors) means "the CPU path", which is the eager one.
-        explicit = self.backend if self.backend not in (None, "auto") else \
-            os.environ.get(_backend.ENV_VAR, "auto").strip().lower()
-        if explicit == "cpp":
-            raise ValueError("TRDPOLoss: backend='cpp' is not provided at the lm_head level (the C++ extension "
-                             "covers the logits level); use backend='eager' (the CPU path) or 'triton'")
-        chosen = resolve_backend("TRDPOLoss", self.backend, device)
-        if chosen == "cpp":
-            chosen = "eager"
-            _backend._last_used["TRDPOLoss"] = chosen
-        return chosen
+        # The C++ extension covers the logits level only: TRDPOLoss provides triton and eager (its CPU path).
+        return resolve_backend("TRDPOLoss", self.backend, device, provides=("triton", "eager"))
 
     def forward(self, policy_hidden, policy_weight, labels, ref_hidden, ref_weight, *, policy_bias=None,
                 ref_bias=None):
