@@ -99,12 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------------------------------
 
-def _attn_implementation(requested: str) -> str:
+def _attn_implementation(requested: str, half_precision: bool = True) -> str:
+    """auto: flash_attention_2 on CUDA when flash-attn imports and activations are bf16 (it has no fp32
+    kernels), sdpa otherwise."""
     if requested != "auto":
         return requested
     import torch
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and half_precision:
         try:
             import flash_attn  # noqa: F401
 
@@ -114,11 +116,12 @@ def _attn_implementation(requested: str) -> str:
     return "sdpa"
 
 
-def load_model_and_tokenizer(name: str, *, seed: int = 0, attn_implementation: str = "auto"):
-    """'tiny' = the in-process GPTNeoX + byte tokenizer; anything else goes to from_pretrained."""
+def load_model_and_tokenizer(name: str, *, seed: int = 0, attn_implementation: str = "auto", bf16: bool = True):
+    """'tiny' = the in-process GPTNeoX + byte tokenizer; anything else goes to from_pretrained (fp32
+    weights: the master copy; bf16 training autocasts)."""
     import torch
 
-    attn = _attn_implementation(attn_implementation)
+    attn = _attn_implementation(attn_implementation, bf16)
     if name == "tiny":
         from .tiny import tiny_model, tiny_tokenizer
 
@@ -190,11 +193,11 @@ def cmd_train(args) -> int:
         torch.set_num_threads(args.threads)
     config = resolve_config(args)
     t0 = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(args.model, seed=config.seed,
+    model, tokenizer = load_model_and_tokenizer(args.model, seed=config.seed, bf16=config.bf16,
                                                 attn_implementation=args.attn_implementation)
     ref_model = None
     if args.ref_model:
-        ref_model, _ = load_model_and_tokenizer(args.ref_model, seed=config.seed,
+        ref_model, _ = load_model_and_tokenizer(args.ref_model, seed=config.seed, bf16=config.bf16,
                                                 attn_implementation=args.attn_implementation)
     train = _load_data(args.data, args.split, args.format, args.skip_malformed,
                        synthetic_size=DEMO_TRAIN_PAIRS, synthetic_seed=config.seed)
@@ -240,17 +243,18 @@ def cmd_eval(args) -> int:
               if getattr(args, k) is not None}
     config = TRDPOConfig(output_dir=os.path.join(os.getcwd(), "outputs", "fasttrdpo-eval"), plot=False, disable_tqdm=True,
                          **values)
-    model, tokenizer = load_model_and_tokenizer(args.model, seed=config.seed,
+    model, tokenizer = load_model_and_tokenizer(args.model, seed=config.seed, bf16=config.bf16,
                                                 attn_implementation=args.attn_implementation)
     ref_path = args.ref_model
     if ref_path is None and os.path.isdir(os.path.join(args.model, "reference")):
         ref_path = os.path.join(args.model, "reference")
     if ref_path is None:
         raise SystemExit("fasttrdpo eval: give --ref-model (or a checkpoint directory that has reference/)")
-    ref_model, _ = load_model_and_tokenizer(ref_path, seed=config.seed, attn_implementation=args.attn_implementation)
+    ref_model, _ = load_model_and_tokenizer(ref_path, seed=config.seed, bf16=config.bf16,
+                                            attn_implementation=args.attn_implementation)
     init_model = None
     if args.init_model:
-        init_model, _ = load_model_and_tokenizer(args.init_model, seed=config.seed,
+        init_model, _ = load_model_and_tokenizer(args.init_model, seed=config.seed, bf16=config.bf16,
                                                  attn_implementation=args.attn_implementation)
     data = _load_data(args.data, args.split, args.format, args.skip_malformed,
                       synthetic_size=args.eval_size or DEMO_EVAL_PAIRS, synthetic_seed=config.seed + 1_000_003)

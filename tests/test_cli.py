@@ -61,6 +61,17 @@ def test_no_arguments_is_the_embedded_demo_and_flags_override():
         cli.resolve_config(cli.build_parser().parse_args(["train", "--alpha", "2"]))
 
 
+def test_config_file_then_flags(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"tau": 64, "beta": 0.05, "bf16": True}))
+    cfg = cli.resolve_config(cli.build_parser().parse_args(["train", "--data", "d.jsonl", "--config", str(path),
+                                                            "--beta", "0.2"]))
+    assert (cfg.tau, cfg.beta, cfg.bf16) == (64, 0.2, True)
+    path.write_text(json.dumps({"taus": 3}))
+    with pytest.raises(SystemExit, match="unknown config field"):
+        cli.resolve_config(cli.build_parser().parse_args(["train", "--config", str(path)]))
+
+
 def test_module_entry_point_help_lists_the_config_flags():
     res = subprocess.run([sys.executable, "-m", "fasttrdpo", "train", "--help"], capture_output=True, text=True,
                          timeout=120)
