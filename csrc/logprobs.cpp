@@ -21,11 +21,16 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <tuple>
 #include <vector>
 
 #include "vec_io.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace fasttrdpo {
 namespace {
@@ -85,8 +90,8 @@ MaxSum range_max_sum(const T* z, int64_t n) {
     // A lane that has only seen -inf keeps max -inf; shift by 0 there so exp(-inf - 0) = 0 instead
     // of exp(-inf + inf) = NaN.
     const VecF shift = VecF::blendv(blk_max, zero, blk_max == neg_inf);
-    run_sum = run_sum * (run_max - shift).exp();
-    for (int64_t s = 0; s < 2 * steps; ++s) run_sum = run_sum + (x[s] - shift).exp();
+    run_sum = run_sum * vec_exp(run_max - shift);
+    for (int64_t s = 0; s < 2 * steps; ++s) run_sum = run_sum + vec_exp(x[s] - shift);
     run_max = blk_max;
     v += steps * kStep;
   }
@@ -260,7 +265,7 @@ void backward_kernel(const at::Tensor& grad, const at::Tensor& logits, const at:
       int64_t v = v0;
       for (; v + kStep <= v1; v += kStep) {
         load_step(zr + v, a, b);
-        store_step(orow + v, neg_g * (a - vl).exp(), neg_g * (b - vl).exp());
+        store_step(orow + v, neg_g * vec_exp(a - vl), neg_g * vec_exp(b - vl));
       }
       for (; v < v1; ++v) orow[v] = from_f32<T>(-gi * std::exp(to_f32(zr[v]) - li));
       if (has_label) orow[y] = from_f32<T>(gi * (1.f - std::exp(zy - li)));
@@ -285,10 +290,27 @@ void check_backward_args(const at::Tensor& grad, const at::Tensor& logits, const
   check_vector("labels", labels, at::kLong, N);
 }
 
+// A fresh [N, V] output is written once, front to back: on Linux, ask for transparent huge pages
+// on its 2 MiB-aligned interior (where THP is in "madvise" mode, first-touch page faults on 4 KiB
+// pages otherwise cost about as much as the kernel itself). A hint only: failure changes nothing.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+  if (last > first && last - first >= 4 * kHuge) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
 at::Tensor logprobs_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& lse,
                              const at::Tensor& labels, int64_t ignore_index) {
   check_backward_args(grad, logits, lse, labels);
-  return backward_impl(grad, logits, lse, labels, ignore_index, at::empty(logits.sizes(), logits.options()));
+  at::Tensor out = at::empty(logits.sizes(), logits.options());
+  advise_huge_pages(out);
+  return backward_impl(grad, logits, lse, labels, ignore_index, out);
 }
 
 at::Tensor& logprobs_backward_(const at::Tensor& grad, at::Tensor& logits, const at::Tensor& lse,
@@ -301,13 +323,35 @@ at::Tensor& logprobs_backward_(const at::Tensor& grad, at::Tensor& logits, const
 }  // namespace
 }  // namespace fasttrdpo
 
+namespace fasttrdpo {
+namespace {
+// The kernels' vector exp on a contiguous fp32 tensor (tails through the same vector code): lets
+// the tests measure its error against float64.
+at::Tensor vec_exp_op(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "vec_exp: x must be a contiguous float32 CPU tensor");
+  at::Tensor out = at::empty_like(x);
+  const float* p = x.const_data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t n = x.numel();
+  for (int64_t i = 0; i < n; i += VecF::size()) {
+    const int64_t c = std::min<int64_t>(VecF::size(), n - i);
+    vec_exp(VecF::loadu(p + i, c)).store(o + i, c);
+  }
+  return out;
+}
+}  // namespace
+}  // namespace fasttrdpo
+
 TORCH_LIBRARY_FRAGMENT(fasttrdpo, m) {
+  m.def("vec_exp(Tensor x) -> Tensor");
   m.def("paired_logprobs_forward(Tensor policy, Tensor? ref, Tensor labels, int ignore_index) -> (Tensor, Tensor, Tensor?)");
   m.def("logprobs_backward(Tensor grad, Tensor logits, Tensor lse, Tensor labels, int ignore_index) -> Tensor");
   m.def("logprobs_backward_(Tensor grad, Tensor(a!) logits, Tensor lse, Tensor labels, int ignore_index) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(fasttrdpo, CPU, m) {
+  m.impl("vec_exp", &fasttrdpo::vec_exp_op);
   m.impl("paired_logprobs_forward", &fasttrdpo::paired_logprobs_forward);
   m.impl("logprobs_backward", &fasttrdpo::logprobs_backward);
   m.impl("logprobs_backward_", &fasttrdpo::logprobs_backward_);

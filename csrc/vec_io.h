@@ -52,4 +52,11 @@ static inline T from_f32(float x) {
   return static_cast<T>(x);
 }
 
+// exp(x) in fp32 as the kernels use it: ATen's Vectorized exp (Sleef, 1-ulp class; the test suite
+// measures its error against float64). An inlined Cephes-style polynomial was tried and was slower
+// here: the generic NaN-safe min/max/blend steps cost more than Sleef's call.
+static inline VecF vec_exp(const VecF& x) {
+  return x.exp();
+}
+
 }  // namespace fasttrdpo

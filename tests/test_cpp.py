@@ -487,3 +487,18 @@ def test_finite_flags(cpp, dtype):
     flags = cpp.finite_flags(ts)
     assert flags.tolist() == [bool(torch.isfinite(t).all()) for t in ts] == [False, False, True, False, False, True]
     assert cpp.finite_flags([]).numel() == 0
+
+
+def test_vector_exp_error_bound(cpp):
+    """The kernels' vector exp (tolerances above assume ≤ 2u relative in the normal range, ≤ 2^-126
+    absolute below it): a dense grid over [ln FLT_MIN, 1], random points, and the special values."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.cat([torch.linspace(-87.33654475, 1.0, 2**22), torch.rand(2**20, generator=g) * -104.0,
+                   torch.tensor([0.0, -0.0, -1e-30, float("-inf"), -1000.0])])
+    y = torch.ops.fasttrdpo.vec_exp(x).double()
+    e = torch.exp(x.double())
+    normal = e >= 2.0 ** -126
+    assert ((y - e).abs() / e)[normal].max().item() <= 2 * U32
+    assert (y - e).abs()[~normal].max().item() <= 2.0 ** -126
+    assert y[-5:].tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert torch.isnan(torch.ops.fasttrdpo.vec_exp(torch.tensor([float("nan")] * 17))).all()
