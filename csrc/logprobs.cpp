@@ -21,16 +21,11 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdint>
 #include <limits>
 #include <tuple>
 #include <vector>
 
 #include "vec_io.h"
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace fasttrdpo {
 namespace {
@@ -290,27 +285,10 @@ void check_backward_args(const at::Tensor& grad, const at::Tensor& logits, const
   check_vector("labels", labels, at::kLong, N);
 }
 
-// A fresh [N, V] output is written once, front to back: on Linux, ask for transparent huge pages
-// on its 2 MiB-aligned interior (where THP is in "madvise" mode, first-touch page faults on 4 KiB
-// pages otherwise cost about as much as the kernel itself). A hint only: failure changes nothing.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + t.nbytes();
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
-  if (last > first && last - first >= 4 * kHuge) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
 at::Tensor logprobs_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& lse,
                              const at::Tensor& labels, int64_t ignore_index) {
   check_backward_args(grad, logits, lse, labels);
-  at::Tensor out = at::empty(logits.sizes(), logits.options());
-  advise_huge_pages(out);
-  return backward_impl(grad, logits, lse, labels, ignore_index, out);
+  return backward_impl(grad, logits, lse, labels, ignore_index, at::empty(logits.sizes(), logits.options()));
 }
 
 at::Tensor& logprobs_backward_(const at::Tensor& grad, at::Tensor& logits, const at::Tensor& lse,
