@@ -1,6 +1,7 @@
 """Benchmarks of the C++ CPU backend (issue 7), same run, same machine:
 
-  1. the machine's bandwidth: a multi-threaded `copy_` of the bytes the blend moves;
+  1. the machine's bandwidth: a multi-threaded `copy_` of the bytes the blend moves, and a bf16
+     `out = a + b` stream with the blend's traffic pattern (2 reads + 1 write per element);
   2. logits-level paired log-probs, forward + backward, N=4096, V=32000, fp32: fasttrdpo with
      backend="cpp" (out of place and in place) against backend="eager" (the library's chunked fp32
      PyTorch) and the plain PyTorch recipe (log_softmax + gather); time and peak memory growth;
@@ -34,7 +35,8 @@ from fasttrdpo import _cpp  # noqa: E402
 
 N, V = 4096, 32000
 ALPHA = 0.6
-ROUNDS = 5
+ROUNDS = 5          # log-probs: ~0.3-1 s per round
+FAST_ROUNDS = 15    # bandwidth and blend: ~50-200 ms per round
 RESULTS: dict[str, dict] = {}
 
 
@@ -107,16 +109,30 @@ def test_copy_bandwidth(benchmark, blend_lists):
     src = torch.ones(nbytes // 2 // 4, dtype=torch.float32)
     dst = torch.empty_like(src)
     dst.copy_(src)  # fault the pages in
-    benchmark.pedantic(dst.copy_, args=(src,), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(dst.copy_, args=(src,), rounds=FAST_ROUNDS, iterations=1, warmup_rounds=1)
     _record(benchmark, "copy", bytes=nbytes, GBps=nbytes / benchmark.stats.stats.min / 1e9,
             threads=torch.get_num_threads())
+
+
+def test_stream_add_bandwidth(benchmark, blend_lists):
+    """out = a + b over flat bf16 buffers of the blend's element count: the blend's exact traffic
+    pattern (two streams read, one written, 6 B per element) with trivial arithmetic."""
+    refs, _ = blend_lists
+    n = sum(r.numel() for r in refs)
+    a = torch.ones(n, dtype=torch.bfloat16)
+    b = torch.ones(n, dtype=torch.bfloat16)
+    out = torch.empty_like(a)
+    torch.add(a, b, out=out)
+    benchmark.pedantic(torch.add, args=(a, b), kwargs={"out": out}, rounds=FAST_ROUNDS, iterations=1,
+                       warmup_rounds=1)
+    _record(benchmark, "stream_add", GBps=6 * n / benchmark.stats.stats.min / 1e9)
 
 
 # ---------------------------------------------------------------------------------------- blend
 def test_blend_foreach_lerp(benchmark, blend_lists):
     refs, pols = blend_lists
     _check_blend(lambda r, p: torch._foreach_lerp_(r, p, ALPHA))
-    benchmark.pedantic(torch._foreach_lerp_, args=(refs, pols, ALPHA), rounds=ROUNDS, iterations=1,
+    benchmark.pedantic(torch._foreach_lerp_, args=(refs, pols, ALPHA), rounds=FAST_ROUNDS, iterations=1,
                        warmup_rounds=1)
     _record(benchmark, "blend_foreach_lerp", GBps=_blend_bytes(refs) / benchmark.stats.stats.min / 1e9)
 
@@ -130,7 +146,7 @@ def test_blend_fasttrdpo(benchmark, blend_lists, backend, check_finite):
     benchmark.pedantic(
         lambda: fasttrdpo.blend_(ref_tensors=refs, policy_tensors=pols, alpha=ALPHA, check_finite=check_finite,
                                  backend=backend),
-        rounds=ROUNDS, iterations=1, warmup_rounds=1)
+        rounds=FAST_ROUNDS if backend == "cpp" else ROUNDS, iterations=1, warmup_rounds=1)
     assert fasttrdpo.last_backend("blend_") == backend
     key = f"blend_{backend}" + ("_check_finite" if check_finite else "")
     _record(benchmark, key, GBps=_blend_bytes(refs) / benchmark.stats.stats.min / 1e9)
@@ -140,7 +156,7 @@ def test_blend_cpp_kernel_only(benchmark, blend_lists):
     """The C++ op alone (no Python validation or aliasing checks)."""
     refs, pols = blend_lists
     _check_blend(lambda r, p: _cpp.blend_(r, p, ALPHA))
-    benchmark.pedantic(_cpp.blend_, args=(refs, pols, ALPHA), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(_cpp.blend_, args=(refs, pols, ALPHA), rounds=FAST_ROUNDS, iterations=1, warmup_rounds=1)
     _record(benchmark, "blend_cpp_kernel", GBps=_blend_bytes(refs) / benchmark.stats.stats.min / 1e9)
 
 
@@ -227,10 +243,13 @@ def test_summary(benchmark):
                     "cpu_capability": _cpp.capability(), "torch": torch.__version__,
                     "loadavg": list(os.getloadavg()), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         "copy_GBps": r["copy"]["GBps"],
+        "stream_add_GBps": r.get("stream_add", {}).get("GBps"),
         "blend": {k: r[k]["GBps"] for k in r if k.startswith("blend_")},
         "blend_speedup_cpp_vs_foreach_lerp": r["blend_foreach_lerp"]["min_s"] / r["blend_cpp"]["min_s"],
         "blend_foreach_lerp_fraction_of_copy": r["blend_foreach_lerp"]["GBps"] / r["copy"]["GBps"],
         "blend_cpp_fraction_of_copy": r["blend_cpp"]["GBps"] / r["copy"]["GBps"],
+        "blend_cpp_kernel_fraction_of_stream_add": (r["blend_cpp_kernel"]["GBps"] / r["stream_add"]["GBps"]
+                                                    if "stream_add" in r and "blend_cpp_kernel" in r else None),
         "logprobs_min_s": {k[len("logprobs_"):]: r[k]["min_s"] for k in r if k.startswith("logprobs_")},
         "logprobs_peak_growth_MiB": {k[len("logprobs_"):]: r[k]["peak_growth_MiB"] for k in r
                                      if k.startswith("logprobs_")},
