@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-exec "${FASTTRDPO_VENV:-.venv}/bin/python" -m pytest tests "$@"
+exec "${FASTTRDPO_VENV:-.venv}/bin/python" -m pytest "$@"   # pytest.ini: testpaths = tests
