@@ -25,6 +25,7 @@ setup(
         "transformers>=4.46",
         "datasets>=3.0",
         "tqdm",
+        "ninja",  # torch.utils.cpp_extension builds the C++ CPU kernels (csrc/) with it, on demand
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "trl==1.16.0", "liger-kernel", "matplotlib", "peft"],

@@ -433,3 +433,28 @@ def test_huge_finite_policy_is_not_a_false_alarm(backend):
     assert not bool(torch.isfinite(torch.stack(torch._foreach_norm(pol, 2, dtype=torch.float32))).all())
     fasttrdpo.blend_(ref_tensors=ref, policy_tensors=pol, alpha=0.5, backend=backend)
     assert torch.equal(ref[0], torch.full((8,), 2.5e38)) and torch.equal(ref[1], torch.full((100,), 30000.0).half())
+
+
+@pytest.mark.parametrize("cpp_screen", [False, True])
+def test_finite_screen_both_ways(monkeypatch, cpp_screen):
+    # check_finite screens with one foreach norm, or with the C++ finite_flags once the extension is
+    # loaded (an exact check, a speed choice only): both raise on NaN/inf and write nothing.
+    from fasttrdpo import _cpp
+    from helpers import cpp_loadable
+
+    if cpp_screen and not cpp_loadable():
+        pytest.skip("the C++ extension does not build here")
+    if not cpp_screen:
+        monkeypatch.setattr(_cpp, "is_loaded", lambda: False)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        refs = [torch.randn(33), torch.randn(5, 7).bfloat16()]
+        pols = [torch.randn(33), torch.randn(5, 7)]
+        pols[1][4, 6] = bad
+        before = [r.clone() for r in refs]
+        with pytest.raises(ValueError, match=r"policy_tensors\[1\]"):
+            fasttrdpo.blend_(ref_tensors=refs, policy_tensors=pols, alpha=0.5, backend="eager")
+        assert all(torch.equal(a, b) for a, b in zip(refs, before))
+    huge = [torch.full((8,), 3e38)]  # finite, but its norm overflows: no false alarm either way
+    ref = [torch.zeros(8)]
+    fasttrdpo.blend_(ref_tensors=ref, policy_tensors=huge, alpha=1.0, backend="eager")
+    assert torch.equal(ref[0], huge[0])
