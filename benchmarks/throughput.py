@@ -482,7 +482,7 @@ def markdown(doc) -> str:
     return "\n".join(lines)
 
 
-def plot(results, path):
+def plot(results, path, note=None):
     """Time and peak memory of the loss step vs V (one line per implementation)."""
     import matplotlib
 
@@ -504,7 +504,9 @@ def plot(results, path):
     ax_t.grid(alpha=0.3)
     ax_m.grid(alpha=0.3)
     ax_m.legend(fontsize=8)
-    fig.tight_layout()
+    if note:
+        fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=7, color="0.35")
+    fig.tight_layout(rect=(0, 0.03 if note else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -639,7 +641,11 @@ def main(argv=None):
         for path in args.plot_with:
             with open(path) as f:
                 extra += [r for r in json.load(f)["results"] if r["case"] == "loss_step"]
-        p = plot(results + extra, args.plot)
+        note = None
+        if args.plot_with:
+            note = ("points from " + ", ".join(os.path.basename(x) for x in [args.json] + args.plot_with)
+                    + " (each shape's implementations measured in the same run)")
+        p = plot(results + extra, args.plot, note)
         if p:
             print(f"plot: {os.path.relpath(p)}")
     print(f"json: {os.path.relpath(args.json)}  (load average start {load_start}, end {env['loadavg_end']})")
