@@ -458,3 +458,18 @@ def test_finite_screen_both_ways(monkeypatch, cpp_screen):
     ref = [torch.zeros(8)]
     fasttrdpo.blend_(ref_tensors=ref, policy_tensors=huge, alpha=1.0, backend="eager")
     assert torch.equal(ref[0], huge[0])
+
+
+@pytest.mark.parametrize("pol_dtype,ref_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                                                 (torch.float32, torch.float32)])
+def test_eager_blocks_span_tensors_larger_than_a_block(pol_dtype, ref_dtype):
+    # The eager explicit formula walks each tensor in blocks of blend_mod._EAGER_BLOCK_ELEMS: a tensor of
+    # 2.5 blocks (a partial last block) and a non-contiguous one must both match float64 within the bound.
+    g = torch.Generator().manual_seed(7)
+    n = blend_mod._EAGER_BLOCK_ELEMS * 5 // 2 + 3
+    refs = [torch.randn(n, generator=g).to(ref_dtype), torch.randn(64, 48, generator=g).to(ref_dtype).T]
+    pols = [torch.randn(n, generator=g).to(pol_dtype), torch.randn(48, 64, generator=g).to(pol_dtype)]
+    old = [r.clone() for r in refs]
+    fasttrdpo.blend_(ref_tensors=refs, policy_tensors=pols, alpha=0.6, backend="eager")
+    for new, r, p in zip(refs, old, pols):
+        assert_close_tol(new, ref_blend64(r, p, 0.6).to(ref_dtype), blend_tolerance(r, p, 0.6), "eager blocks")
