@@ -178,7 +178,24 @@ def _probe_backend(call, backend):
 
 
 # ==================================================================================== case 1: loss step
-class LossStep:
+class _Case:
+    """What every case shares: the fasttrdpo backends its last run used, and no FLOP count by default."""
+
+    impl: str
+
+    def backend(self):
+        if self.impl.startswith("fasttrdpo"):
+            import fasttrdpo
+
+            return fasttrdpo.last_backend()
+        return None
+
+    @staticmethod
+    def useful_flops(shape):
+        return None
+
+
+class LossStep(_Case):
     """Paired policy+reference log-probs at the lm_head level + sigmoid DPO loss, forward + backward."""
 
     IMPLS = ("naive", "trl", "trl-chunked", "liger", "liger-compiled", "fasttrdpo-eager",
@@ -297,13 +314,6 @@ class LossStep:
         res["grad_weight"] = _grad_summary(self.x["weight"].grad)
         return res
 
-    def backend(self):
-        if self.impl.startswith("fasttrdpo"):
-            import fasttrdpo
-
-            return fasttrdpo.last_backend()
-        return None
-
     @staticmethod
     def useful_flops(shape):
         # policy forward + backward (h@W^T, grad_h, grad_W: 6NHV) + reference forward (2NHV); recompute is not useful
@@ -312,7 +322,7 @@ class LossStep:
 
 
 # ==================================================================================== issue 2: lm_head op memory
-class LmHeadOp:
+class LmHeadOp(_Case):
     """The per-token op alone, fwd+bwd: fasttrdpo.linear_token_logprobs vs log_softmax(h @ W.T).gather."""
 
     IMPLS = ("naive", "fasttrdpo-eager", "fasttrdpo-cpp", "fasttrdpo-triton")
@@ -366,20 +376,13 @@ class LmHeadOp:
                 "grad_hidden": _grad_summary(self.x["hidden"].grad),
                 "grad_weight": _grad_summary(self.x["weight"].grad)}
 
-    def backend(self):
-        if self.impl.startswith("fasttrdpo"):
-            import fasttrdpo
-
-            return fasttrdpo.last_backend()
-        return None
-
     @staticmethod
     def useful_flops(shape):
         return 6 * shape["tokens"] * shape["hidden"] * shape["vocab"]
 
 
 # ==================================================================================== case 2: logits level
-class LogitsStep:
+class LogitsStep(_Case):
     """Paired log-probs from logits [2P, T, V] (policy with grad, reference without) + DPO loss, fwd+bwd."""
 
     IMPLS = ("naive", "trl", "fasttrdpo-eager", "fasttrdpo-eager-inplace", "fasttrdpo-cpp", "fasttrdpo-triton")
@@ -459,17 +462,6 @@ class LogitsStep:
         return {"loss": float(out["loss"]), "policy_logps": out["policy_logps"].double().cpu().tolist(),
                 "ref_logps": out["ref_logps"].double().cpu().tolist(), "grad_logits": _grad_summary(self.base.grad)}
 
-    def backend(self):
-        if self.impl.startswith("fasttrdpo"):
-            import fasttrdpo
-
-            return fasttrdpo.last_backend()
-        return None
-
-    @staticmethod
-    def useful_flops(shape):
-        return None
-
 
 def _naive_lp(logits, y):
     lp = logits.log_softmax(-1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -514,7 +506,7 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 
 
-class Blend:
+class Blend(_Case):
     """θ_ref ← θ_ref + α(θ − θ_ref) over a whole parameter list, in place."""
 
     IMPLS = ("trl-loop", "foreach-lerp", "fasttrdpo-eager", "fasttrdpo-cpp", "fasttrdpo-triton")
@@ -594,17 +586,6 @@ class Blend:
             worst_ulps = max(worst_ulps, (err / ulp).max().item())
             total += r.double().sum().item()
         return {"checked_tensors": len(refs), "max_err_ulps_of_operand_max": worst_ulps, "checksum": total}
-
-    def backend(self):
-        if self.impl.startswith("fasttrdpo"):
-            import fasttrdpo
-
-            return fasttrdpo.last_backend()
-        return None
-
-    @staticmethod
-    def useful_flops(shape):
-        return None
 
 
 # ==================================================================================== registry
