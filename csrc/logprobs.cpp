@@ -80,7 +80,7 @@ MaxSum range_max_sum(const T* z, int64_t n) {
     VecF blk_max = run_max;
     for (int64_t s = 0; s < steps; ++s) {
       load_step(z + v + s * kStep, x[2 * s], x[2 * s + 1]);
-      blk_max = at::vec::maximum(blk_max, at::vec::maximum(x[2 * s], x[2 * s + 1]));
+      blk_max = max_nan_unsafe(blk_max, max_nan_unsafe(x[2 * s], x[2 * s + 1]));
     }
     // A lane that has only seen -inf keeps max -inf; shift by 0 there so exp(-inf - 0) = 0 instead
     // of exp(-inf + inf) = NaN.
