@@ -502,3 +502,26 @@ def test_vector_exp_error_bound(cpp):
     assert (y - e).abs()[~normal].max().item() <= 2.0 ** -126
     assert y[-5:].tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
     assert torch.isnan(torch.ops.fasttrdpo.vec_exp(torch.tensor([float("nan")] * 17))).all()
+
+
+# The kernels have ISA-specific code (the AVX512 exp and max, AVX2 max) chosen at compile time from
+# torch's CPU capability: the builds this machine does not pick by itself get the same tests, each
+# in a child pytest with ATEN_CPU_CAPABILITY forced and a private cache (one cold build each).
+_ISA_SUBSET = "vector_exp or forward_matches or backward_matches or masked or bad_labels or in_place or blend_matches"
+_ISA_ORDER = ["default", "avx2", "avx512"]
+
+
+@pytest.mark.skipif(bool(os.environ.get("FASTTRDPO_TEST_ISA")), reason="already inside a forced-ISA run")
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+def test_other_isa_builds_pass_the_kernel_tests(cpp_build, isa, tmp_path):
+    native = _cpp.capability().lower()
+    if _ISA_ORDER.index(isa) >= _ISA_ORDER.index(native):
+        pytest.skip(f"{isa} is this machine's own build ({native}) or beyond it")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, FASTTRDPO_CACHE=str(tmp_path), FASTTRDPO_TEST_ISA=isa)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", _ISA_SUBSET],
+                          capture_output=True, text=True, env=env, timeout=900,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert [d.name.split("-")[1] for d in tmp_path.iterdir()] == [isa]  # built for the forced ISA only
+    passed = [line for line in proc.stdout.splitlines() if " passed" in line]
+    assert passed and int(passed[-1].split()[0]) >= 60, proc.stdout[-2000:]
