@@ -385,13 +385,15 @@ class LmHeadOp(_Case):
 class LogitsStep(_Case):
     """Paired log-probs from logits [2P, T, V] (policy with grad, reference without) + DPO loss, fwd+bwd."""
 
-    IMPLS = ("naive", "trl", "fasttrdpo-eager", "fasttrdpo-eager-inplace", "fasttrdpo-cpp", "fasttrdpo-triton")
+    IMPLS = ("naive", "trl", "fasttrdpo-eager", "fasttrdpo-eager-inplace", "fasttrdpo-cpp", "fasttrdpo-cpp-inplace",
+             "fasttrdpo-triton")
     DESCRIPTIONS = {
         "naive": "log_softmax -> gather on policy and reference logits",
         "trl": "trl.trainer.utils.selective_log_softmax on both",
         "fasttrdpo-eager": "fasttrdpo.paired_token_logprobs(backend='eager')",
         "fasttrdpo-eager-inplace": "fasttrdpo.paired_token_logprobs(backend='eager', inplace_backward=True)",
         "fasttrdpo-cpp": "fasttrdpo.paired_token_logprobs(backend='cpp')",
+        "fasttrdpo-cpp-inplace": "fasttrdpo.paired_token_logprobs(backend='cpp', inplace_backward=True)",
         "fasttrdpo-triton": "fasttrdpo.paired_token_logprobs(backend='triton') (CUDA)",
     }
     BASELINES = ("trl",)

@@ -4,7 +4,7 @@
      `out = a + b` stream with the blend's traffic pattern (2 reads + 1 write per element);
   2. logits-level paired log-probs, forward + backward, N=4096, V=32000, fp32: fasttrdpo with
      backend="cpp" (out of place and in place) against backend="eager" (the library's chunked fp32
-     PyTorch) and the plain PyTorch recipe (log_softmax + gather); time and peak memory growth;
+     PyTorch, out of place and in place) and the plain PyTorch recipe (log_softmax + gather); time and peak memory growth;
   3. bf16 blend over a Pythia-160M-shaped parameter list (the 148 tensors of GPTNeoX 768x12,
      vocab 50304, built on the meta device): fasttrdpo.blend_(backend="cpp") against
      `torch._foreach_lerp_` and the library's eager backend, with the copy bandwidth as the limit.
@@ -206,6 +206,7 @@ class _Leaf:
 CASES = {
     "torch": lambda p, r, l: _torch_step(p, r, l),
     "eager": lambda p, r, l: _fasttrdpo_step(p, r, l, "eager", False),
+    "eager_inplace": lambda p, r, l: _fasttrdpo_step(p, r, l, "eager", True),
     "cpp": lambda p, r, l: _fasttrdpo_step(p, r, l, "cpp", False),
     "cpp_inplace": lambda p, r, l: _fasttrdpo_step(p, r, l, "cpp", True),
 }
@@ -214,7 +215,7 @@ CASES = {
 @pytest.mark.parametrize("impl", list(CASES))
 def test_paired_logprobs_fwd_bwd(benchmark, logits_inputs, impl):
     policy_src, ref, labels = logits_inputs
-    leaf = _Leaf(policy_src, copy=impl == "cpp_inplace")
+    leaf = _Leaf(policy_src, copy=impl.endswith("_inplace"))
     step = CASES[impl](leaf, ref, labels)
     peak = _peak_growth(step, leaf.reset)
     benchmark.pedantic(step, setup=leaf.reset, rounds=ROUNDS, iterations=1, warmup_rounds=0)
@@ -259,6 +260,9 @@ def test_summary(benchmark):
     if "logprobs_cpp_inplace" in r:
         summary["logprobs_speedup_cpp_inplace_vs_eager"] = (r["logprobs_eager"]["min_s"]
                                                             / r["logprobs_cpp_inplace"]["min_s"])
+        if "logprobs_eager_inplace" in r:  # like for like: both write the gradient over the logits
+            summary["logprobs_speedup_cpp_inplace_vs_eager_inplace"] = (r["logprobs_eager_inplace"]["min_s"]
+                                                                        / r["logprobs_cpp_inplace"]["min_s"])
     if "logprobs_torch" in r:
         summary["logprobs_speedup_cpp_vs_torch"] = r["logprobs_torch"]["min_s"] / r["logprobs_cpp"]["min_s"]
     print("\n" + json.dumps(summary, indent=2))

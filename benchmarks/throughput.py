@@ -372,6 +372,25 @@ def targets(results, device_type, quick):
                 v = (b or {}).get("ratios", {}).get("time_vs_best_trl") if (b or {}).get("status") == "ok" else None
                 add(f"blend pythia-160m {pdt}->bf16 {impl} speed-up over trl-loop", None if not v else 1 / v,
                     ">= 1.5", None if not v else 1 / v >= 1.5)
+    if device_type == "cpu" and not quick:
+        # issue 7: the C++ backend against the library's eager backend at the logits level (same
+        # gradient semantics compared: out of place with out of place, in place with in place)
+        shape = dict(pairs=8, seq=256, vocab=32000)
+        for cpp_impl, eager_impl in (("fasttrdpo-cpp", "fasttrdpo-eager"), ("fasttrdpo-cpp-inplace", "fasttrdpo-eager"),
+                                     ("fasttrdpo-cpp-inplace", "fasttrdpo-eager-inplace")):
+            c, e = _find(results, "logits_step", cpp_impl, **shape), _find(results, "logits_step", eager_impl, **shape)
+            if not (c and e and c.get("status") == e.get("status") == "ok"):
+                continue
+            speed = e["median_s"] / c["median_s"]
+            lower = c["peak_growth_bytes"] < e["peak_growth_bytes"]
+            add(f"logits_step N=4096 V=32000 {cpp_impl} speed-up over {eager_impl} (peak memory lower: {lower})",
+                speed, ">= 2 with lower peak memory", speed >= 2 and lower)
+        for pdt in ("fp32", "bf16"):
+            c = _find(results, "blend", "fasttrdpo-cpp", params="pythia-160m", policy_dtype=pdt)
+            f = _find(results, "blend", "foreach-lerp", params="pythia-160m", policy_dtype=pdt)
+            if c and f and c.get("status") == f.get("status") == "ok":
+                v = f["median_s"] / c["median_s"]
+                add(f"blend pythia-160m {pdt}->bf16 fasttrdpo-cpp speed-up over foreach-lerp", v, ">= 1.2", v >= 1.2)
     e = [r for r in results if r["case"] == "e2e" and r["impl"] == "fasttrdpo" and r.get("status") == "ok"]
     if e and not quick:
         rat = e[0].get("ratios", {})
