@@ -130,6 +130,8 @@ def _primary(task, cuda):
         return s["vocab"] == (128256 if cuda else 32000)
     if task["case"] == "blend":
         return s["params"] == "pythia-160m"
+    if task["case"] == "logits_step":  # issue 7's C++-vs-eager target on CPU
+        return not cuda
     return task["case"] in ("lmhead_op", "e2e")
 
 
@@ -550,7 +552,8 @@ def parse_args(argv=None):
                     help="print result files as markdown tables (runs nothing)")
     ap.add_argument("--part", choices=("all", "primary", "secondary"), default="all",
                     help="primary: the shapes the issue's targets use (loss step at the target V, lm_head op, "
-                         "Pythia-160M blend, e2e); secondary: the rest (V sweep, logits level, other blends)")
+                         "Pythia-160M blend, e2e, on CPU the logits level); secondary: the rest (V sweep, "
+                         "other blends, on CUDA the logits level)")
     ap.add_argument("--plot-with", nargs="*", default=[],
                     help="result JSONs of other runs whose loss-step points join the plot (e.g. a --part "
                          "secondary run); their ratios stay their own")
