@@ -42,6 +42,18 @@ static inline void store_step(c10::Half* p, const VecF& a, const VecF& b) {
   at::vec::convert_float_half(a, b).store(p);
 }
 
+// Software prefetch of kPrefetchBytes ahead of p, kBytes of it (a multiple of the 64-byte line). The
+// hardware prefetcher alone left the streaming kernels short of the read bandwidth on the 2-core
+// AVX-512 CI machine (paired log-probs forward at N=4096, V=32000 fp32: 0.072 s without, 0.057 s with;
+// distances of 2-64 KiB tried, 16 KiB best). prefetcht0 never faults: reading past the end of a
+// tensor is harmless.
+constexpr int64_t kPrefetchBytes = 16384;
+template <int64_t kBytes, typename T>
+static inline void prefetch_ahead(const T* p) {
+  const char* c = reinterpret_cast<const char*>(p) + kPrefetchBytes;
+  for (int64_t k = 0; k < kBytes; k += 64) __builtin_prefetch(c + k);
+}
+
 // Scalar conversions for tails (round to nearest even into the storage dtype).
 template <typename T>
 static inline float to_f32(T x) {
