@@ -243,7 +243,9 @@ def test_summary(benchmark):
     summary = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "cpu_capability": _cpp.capability(), "torch": torch.__version__,
-                    "loadavg": list(os.getloadavg()), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                    "loadavg": list(os.getloadavg()),
+                    # PyTorch's switch for 2 MiB-aligned, MADV_HUGEPAGE CPU allocations (read at start-up)
+                    "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         "copy_GBps": r["copy"]["GBps"],
         "stream_add_GBps": r.get("stream_add", {}).get("GBps"),
         "blend": {k: r[k]["GBps"] for k in r if k.startswith("blend_")},
