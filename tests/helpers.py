@@ -161,7 +161,8 @@ def logprob_grad_tolerance(z64: torch.Tensor, labels: torch.Tensor, grad_logp: t
     The kernels compute p' = exp(z − lse') with lse' off by at most T (`logprob_tolerance`, which
     bounds the lse error as it bounds the log-prob's); the fp32 subtraction z − lse' adds
     u·(|z| + |lse|) ≤ u·(max|z| + |lse|), so the exponent is off by e ≤ T + u·(max|z| + |lse|) and,
-    with exp's own error ≤ 8u (ex2.approx on GPUs, libm/Sleef on CPU, plus the ·log2(e) rounding),
+    with exp's own error ≤ 8u (ex2.approx on GPUs, libm / Sleef / the C++ kernels' ≤ 2u exp on CPU, plus the
+    ·log2(e) rounding),
         |p' − p| ≤ p·(expm1(e) + 8u·(1 + expm1(e))).
     onehot − p' and g·(…) are one fp32 rounding each (≤ u·1 and ≤ u·|g|), so the fp32 result is off by
         E = |g|·(|p' − p| bound + 2u).

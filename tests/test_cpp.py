@@ -298,8 +298,8 @@ def test_forward_strided_rows_and_bad_arguments(cpp):
 def grad_tolerance(logits: torch.Tensor, lse_tol: torch.Tensor, grad: torch.Tensor, labels: torch.Tensor):
     """Bound on |kernel grad − float64 grad| per element, for a kernel given an lse within lse_tol.
 
-    The kernel forms d = fl(z − lse) (error ≤ lse_tol + u·|z − lse|), p = exp(d) (Sleef, ≤ 1 ulp,
-    i.e. ≤ 2u relative), then fl(−g·p) or fl(g·(1 − p)) (≤ 2 more roundings, relative to |g|·p and
+    The kernel forms d = fl(z − lse) (error ≤ lse_tol + u·|z − lse|), p = exp(d) (≤ 2u relative:
+    test_vector_exp_error_bound), then fl(−g·p) or fl(g·(1 − p)) (≤ 2 more roundings, relative to |g|·p and
     |g|·|1 − p|), then one rounding into the logits dtype (u_dtype relative + half a subnormal
     spacing); fp32 exp of very negative arguments may flush below 2^-126 (absolute |g|·2^-126).
     e^x − 1 ≤ 1.01·x for the small x involved.
