@@ -4,7 +4,8 @@
      `out = a + b` stream with the blend's traffic pattern (2 reads + 1 write per element);
   2. logits-level paired log-probs, forward + backward, N=4096, V=32000, fp32: fasttrdpo with
      backend="cpp" (out of place and in place) against backend="eager" (the library's chunked fp32
-     PyTorch, out of place and in place) and the plain PyTorch recipe (log_softmax + gather); time and peak memory growth;
+     PyTorch, out of place and in place) and the plain PyTorch recipe (log_softmax + gather); time
+     and peak memory growth;
   3. bf16 blend over a Pythia-160M-shaped parameter list (the 148 tensors of GPTNeoX 768x12,
      vocab 50304, built on the meta device): fasttrdpo.blend_(backend="cpp") against
      `torch._foreach_lerp_` and the library's eager backend, with the copy bandwidth as the limit.
@@ -245,7 +246,8 @@ def test_summary(benchmark):
                     "cpu_capability": _cpp.capability(), "torch": torch.__version__,
                     "loadavg": list(os.getloadavg()),
                     # PyTorch's switch for 2 MiB-aligned, MADV_HUGEPAGE CPU allocations (read at start-up)
-                    "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                    "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         "copy_GBps": r["copy"]["GBps"],
         "stream_add_GBps": r.get("stream_add", {}).get("GBps"),
         "blend": {k: r[k]["GBps"] for k in r if k.startswith("blend_")},

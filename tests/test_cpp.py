@@ -249,6 +249,27 @@ def test_forward_masked_vocabulary_minus_inf(cpp, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_anywhere_in_a_row_makes_its_lse_nan(cpp, dtype):
+    """The running max does not propagate NaN (one instruction); the running sum must. NaN at the first
+    element, inside and at the edges of a vector step and of a block, and in the scalar tail, of
+    otherwise ordinary rows (one task per row, no segments): exactly those rows' outputs are NaN."""
+    n, v = 72, 1000  # 1000 = 3 blocks of 256 + 7 steps of 32 + a tail of 8
+    policy, ref, labels = _make(n, v, dtype, seed=21, ignore_frac=0.0)
+    cols = [0, 15, 16, 31, 32, 255, 256, 511, 767, 768, 991, 992, 999]
+    for row, col in enumerate(cols):
+        policy[row, col] = float("nan")
+    ref[len(cols), 500] = float("nan")  # a NaN reference row leaves the policy row alone
+    lp, lse, lr = cpp.paired_logprobs_forward(policy, ref, labels, -100)
+    bad = torch.zeros(n, dtype=torch.bool)
+    bad[: len(cols)] = True
+    assert torch.isnan(lp[bad]).all() and torch.isnan(lse[bad]).all()
+    assert not torch.isnan(lp[~bad]).any() and torch.isnan(lr[len(cols)])
+    good = ~bad
+    assert_close_tol(lp[good], ref_token_logprobs(policy[good], labels[good]),
+                     logprob_tolerance(policy[good].double()), "logp beside NaN rows")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_split_rows_masked_segments_and_bad_labels(cpp, dtype):
     """Short batch, long rows (segmented): whole -inf segments, a NaN row, bad labels, in-place grad."""
     n, v = 4, 20000
