@@ -64,6 +64,20 @@ def _build_cpp():
     return fasttrdpo
 
 
+def _fasttrdpo_backend(impl: str, device: torch.device, attr: str):
+    """(backend, fasttrdpo) for an implementation named "fasttrdpo-<backend>[-variant]" that calls
+    fasttrdpo.<attr>: skips what this device cannot run and builds the C++ extension when it is asked for."""
+    backend = impl.split("-")[1]
+    if backend == "triton":
+        _need_cuda(device)
+    ft = _fasttrdpo(attr)
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise Skip("the C++ backend runs on CPU tensors only")
+        _build_cpp()
+    return backend, ft
+
+
 def _sample(t: torch.Tensor, k: int = 64) -> list[float]:
     """k entries spread over the tensor (same positions for every implementation)."""
     flat = t.detach().reshape(-1)
@@ -270,16 +284,7 @@ class LossStep(_Case):
 
             return fn
         if impl.startswith("fasttrdpo-"):
-            backend = impl.split("-", 1)[1]
-            if backend == "triton":
-                _need_cuda(device)
-            elif device.type != "cpu" and backend in ("eager", "cpp"):
-                pass  # eager runs anywhere; cpp raises on CUDA tensors and is reported as skipped
-            ft = _fasttrdpo("loss.TRDPOLoss")
-            if backend == "cpp":
-                if device.type != "cpu":
-                    raise Skip("the C++ backend runs on CPU tensors only")
-                _build_cpp()
+            backend, ft = _fasttrdpo_backend(impl, device, "loss.TRDPOLoss")
             loss_mod = ft.loss.TRDPOLoss(beta=BETA, loss_type="sigmoid", ignore_index=IGNORE, backend=backend)
             _probe_backend(lambda: loss_mod.forward(*_tiny_lm_head(device)), backend)
 
@@ -340,14 +345,7 @@ class LmHeadOp(_Case):
         if impl == "naive":
             self._tok = lambda h, w, y: _naive_tok(h, w, y)
         else:
-            backend = impl.split("-", 1)[1]
-            if backend == "triton":
-                _need_cuda(device)
-            ft = _fasttrdpo("linear_token_logprobs")
-            if backend == "cpp":
-                if device.type != "cpu":
-                    raise Skip("the C++ backend runs on CPU tensors only")
-                _build_cpp()
+            backend, ft = _fasttrdpo_backend(impl, device, "linear_token_logprobs")
             self._tok = lambda h, w, y: ft.linear_token_logprobs(h, w, y, backend=backend)
         g = torch.Generator().manual_seed(seed)
         n, hdim, v = shape["tokens"], shape["hidden"], shape["vocab"]
@@ -420,14 +418,7 @@ class LogitsStep(_Case):
                     ref = selective_log_softmax(rl, y.clamp(min=0)).masked_fill(m, 0.0)
                 return selective_log_softmax(pl, y.clamp(min=0)).masked_fill(m, 0.0), ref
         else:
-            backend = impl.split("-")[1]
-            if backend == "triton":
-                _need_cuda(device)
-            ft = _fasttrdpo("paired_token_logprobs")
-            if backend == "cpp":
-                if device.type != "cpu":
-                    raise Skip("the C++ backend runs on CPU tensors only")
-                _build_cpp()
+            backend, ft = _fasttrdpo_backend(impl, device, "paired_token_logprobs")
 
             def pair(pl, rl, y):
                 return ft.paired_token_logprobs(pl, rl, y, inplace_backward=self.inplace, backend=backend)
@@ -526,14 +517,7 @@ class Blend(_Case):
         self.device = device
         pdt, rdt = _DTYPES[shape["policy_dtype"]], _DTYPES[shape["ref_dtype"]]
         if impl.startswith("fasttrdpo-"):
-            backend = impl.split("-", 1)[1]
-            if backend == "triton":
-                _need_cuda(device)
-            ft = _fasttrdpo("blend_")
-            if backend == "cpp":
-                if device.type != "cpu":
-                    raise Skip("the C++ backend runs on CPU tensors only")
-                _build_cpp()
+            backend, ft = _fasttrdpo_backend(impl, device, "blend_")
             self._blend = lambda refs, pols, a: ft.blend_(ref_tensors=refs, policy_tensors=pols, alpha=a,
                                                          backend=backend)
         elif impl == "trl-loop":
