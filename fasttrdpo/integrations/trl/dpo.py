@@ -20,6 +20,7 @@ settings raise at construction instead of silently training something else.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 import warnings
@@ -58,20 +59,32 @@ def _logit_transform(model):
     return (1.0 if scale is None else float(scale)), (None if softcap is None else float(softcap))
 
 
-def add_hidden_state_forward(model) -> None:
+def add_hidden_state_forward(model, *, mixed_precision=None) -> None:
     """Patch `model.forward` so that `model(..., fasttrdpo_hidden=True)` returns the backbone's last hidden
     state [B, T, H] (no lm_head). Calls go through the (possibly DDP/PEFT-wrapped) model as usual, so
-    gradient synchronization and adapters still apply; without the flag the previous forward runs."""
+    gradient synchronization and adapters still apply; without the flag the previous forward runs.
+
+    mixed_precision: a context-manager factory (e.g. `accelerator.autocast`) to run the hidden branch under,
+    with half-precision outputs returned in fp32. Needed when `model.forward` was ALREADY wrapped by
+    accelerate's autocast (TRL prepares `ref_model` in its constructor, before this patch): the hidden
+    branch goes to the backbone directly and would otherwise skip that wrapper. A model patched before
+    accelerate wraps it (the policy, prepared in `train()`) gets the wrapper around this forward and needs none.
+    """
     if getattr(model, "_fasttrdpo_hidden_forward", False):
         return
     previous_forward = model.forward
+    precision = mixed_precision if mixed_precision is not None else contextlib.nullcontext
 
     @functools.wraps(type(model).forward)
     def forward(self, *args, **kwargs):
         if not kwargs.pop(_HIDDEN_FLAG, False):
             return previous_forward(*args, **kwargs)
         kwargs["use_cache"] = False
-        return self.base_model(*args, **kwargs).last_hidden_state
+        with precision():
+            hidden = self.base_model(*args, **kwargs).last_hidden_state
+        if mixed_precision is not None and hidden.dtype in (torch.float16, torch.bfloat16):
+            hidden = hidden.float()  # as accelerate's convert_outputs_to_fp32 does for the wrapped forward
+        return hidden
 
     model.forward = types.MethodType(forward, model)
     model._fasttrdpo_hidden_forward = True
@@ -108,7 +121,13 @@ def use_trdpo_loss(trainer, *, backend: str = "auto") -> "DPOTrainer":
     policy = trainer.model.get_base_model() if _is_peft(trainer.model) else trainer.model
     add_hidden_state_forward(policy)
     if trainer.ref_model is not None:
-        add_hidden_state_forward(trainer.accelerator.unwrap_model(trainer.ref_model))
+        ref = trainer.accelerator.unwrap_model(trainer.ref_model)
+        # TRL runs its reference through `accelerator.prepare_model(ref_model, evaluation_mode=True)`, which (with
+        # native mixed precision, e.g. DPOConfig(bf16=True), TRL's default) wraps ref.forward in autocast and
+        # records the unwrapped forward as `_original_forward`. Run the hidden branch under that same autocast;
+        # under DeepSpeed/FSDP TRL prepares the reference without the wrapper, and so do we.
+        wrapped = getattr(ref, "_original_forward", None) is not None
+        add_hidden_state_forward(ref, mixed_precision=trainer.accelerator.autocast if wrapped else None)
     scale, softcap = _logit_transform(policy)
     eps = float(trainer.args.label_smoothing) if trainer.loss_types[0] == "robust" else 0.0
     trainer._trdpo_loss = TRDPOLoss(beta=trainer.beta, loss_type=trainer.loss_types[0], label_smoothing=eps,
