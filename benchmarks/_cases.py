@@ -506,7 +506,8 @@ class Blend(_Case):
     DESCRIPTIONS = {
         "trl-loop": "for each tensor: p_ref.mul_(1 - α).add_(p, alpha=α) (trl SyncRefModelCallback)",
         "foreach-lerp": "torch._foreach_lerp_(refs, policies, α) (policy cast to the ref dtype first when they differ)",
-        "fasttrdpo-eager": "fasttrdpo.blend_(refs, policies, α, backend='eager') (check_finite=True, the default)",
+        "fasttrdpo-eager": "fasttrdpo.blend_(ref_tensors=refs, policy_tensors=policies, alpha=α, backend='eager') "
+                           "(check_finite=True, the default)",
         "fasttrdpo-cpp": "fasttrdpo.blend_(..., backend='cpp') after fasttrdpo.build_cpp() (check_finite=True)",
         "fasttrdpo-triton": "fasttrdpo.blend_(..., backend='triton') (CUDA; check_finite=True)",
     }

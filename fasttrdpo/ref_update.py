@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .ops.blend import blend_, check_alpha
+from .ops.blend import blend_, check_alpha, keyword_only
 
 STATE_FORMAT = "fasttrdpo.RefModelUpdater/1"
 
@@ -92,7 +92,8 @@ def _is_lora_factor(name: str) -> bool:
 class RefModelUpdater:
     """Blend the reference model toward the policy every `tau` optimizer steps (see module docstring).
 
-    Args (use keywords: the updater takes (policy, ref) while blend_ takes (ref, policy)):
+    Args (keywords only, a positional call raises a TypeError: the updater takes (policy, ref) while blend_
+    takes (ref, policy), so a positional swap would blend the reference into the policy):
         policy, ref: nn.Module (DDP/compile wrappers are unwrapped); the same PeftModel for both with
             `policy_adapter`/`ref_adapter` to update a reference adapter.
         alpha: α ∈ [0, 1]; 1 is the hard update (copy). tau: τ ≥ 1 optimizer steps between updates.
@@ -101,7 +102,8 @@ class RefModelUpdater:
         lora_soft: "error" (α < 1 with LoRA factors raises) or "factors" (blend A and B separately).
     """
 
-    def __init__(self, policy: nn.Module, ref: nn.Module, *, alpha: float = 0.6, tau: int = 512,
+    @keyword_only("RefModelUpdater(policy=..., ref=..., alpha=..., tau=...)", bound=1)
+    def __init__(self, *, policy: nn.Module, ref: nn.Module, alpha: float = 0.6, tau: int = 512,
                  check_finite: bool = True, backend: str = "auto", policy_adapter: str | None = None,
                  ref_adapter: str | None = None, lora_soft: str = "error"):
         for what, m in (("policy", policy), ("ref", ref)):

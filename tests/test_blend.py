@@ -473,3 +473,24 @@ def test_eager_blocks_span_tensors_larger_than_a_block(pol_dtype, ref_dtype):
     fasttrdpo.blend_(ref_tensors=refs, policy_tensors=pols, alpha=0.6, backend="eager")
     for new, r, p in zip(refs, old, pols):
         assert_close_tol(new, ref_blend64(r, p, 0.6).to(ref_dtype), blend_tolerance(r, p, 0.6), "eager blocks")
+
+
+def test_positional_call_raises_and_writes_nothing():
+    """blend_ takes (ref, policy) and RefModelUpdater (policy, ref): a positional call, swapped or not, is a
+    TypeError that shows the keyword form, raised before anything is written (before this, blend_(policy, ref,
+    α) silently blended the reference into the policy). Every documented (keyword) call keeps working."""
+    import inspect
+
+    policy, ref = [torch.full((5,), 2.0)], [torch.zeros(5)]
+    before = _digest(policy + ref)
+    for args in [(policy, ref, 0.5), (ref, policy, 0.5), (ref, policy)]:
+        with pytest.raises(TypeError, match=r"keywords only.*blend_\(ref_tensors=\.\.\., policy_tensors=\.\.\."):
+            fasttrdpo.blend_(*args)
+    with pytest.raises(TypeError, match="keywords only"):
+        fasttrdpo.blend_(policy, ref_tensors=ref, alpha=0.5)
+    assert _digest(policy + ref) == before
+    params = inspect.signature(fasttrdpo.blend_).parameters  # DESIGN §4: blend_(*, ref_tensors, policy_tensors, ...)
+    assert list(params)[:4] == ["ref_tensors", "policy_tensors", "alpha", "check_finite"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
+    fasttrdpo.blend_(ref_tensors=ref, policy_tensors=policy, alpha=0.5, check_finite=True)
+    assert ref[0].tolist() == [1.0] * 5 and policy[0].tolist() == [2.0] * 5

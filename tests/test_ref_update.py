@@ -316,3 +316,24 @@ def test_lora_adapter_mismatch_raises():
         fasttrdpo.RefModelUpdater(policy=model, ref=model, alpha=1.0, tau=1)
     with pytest.raises(ValueError, match="not an adapter"):
         fasttrdpo.RefModelUpdater(policy=model, ref=model, alpha=1.0, tau=1, ref_adapter="nope")
+
+
+def test_positional_call_raises_and_writes_nothing():
+    """RefModelUpdater(ref, policy) used to build an updater that blended the reference INTO the policy;
+    now any positional model argument is a TypeError showing the keyword form, and neither model changes."""
+    import inspect
+
+    policy, ref = _mlp(0), _mlp(1)
+    digests = _digest(policy), _digest(ref)
+    for args in [(ref, policy), (policy, ref), (ref, policy, 1.0, 1)]:
+        with pytest.raises(TypeError, match=r"keywords only.*RefModelUpdater\(policy=\.\.\., ref=\.\.\."):
+            fasttrdpo.RefModelUpdater(*args)
+    with pytest.raises(TypeError, match="keywords only"):
+        fasttrdpo.RefModelUpdater(ref, policy=policy, alpha=1.0, tau=1)
+    assert (_digest(policy), _digest(ref)) == digests
+    params = inspect.signature(fasttrdpo.RefModelUpdater).parameters  # DESIGN §4: (*, policy, ref, alpha=0.6, tau=512)
+    assert list(params)[:4] == ["policy", "ref", "alpha", "tau"]
+    assert params["alpha"].default == 0.6 and params["tau"].default == 512
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
+    upd = fasttrdpo.RefModelUpdater(policy=policy, ref=ref, alpha=1.0, tau=1)
+    assert upd.step(global_step=1) and _digest(ref) == _digest(policy) == digests[0]  # hard update: ref := policy

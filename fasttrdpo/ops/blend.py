@@ -20,6 +20,7 @@ through their local shards (`to_local()` shares storage), with no communication.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -163,12 +164,29 @@ def _check_finite(policies, names) -> None:
                     "into the reference (pass check_finite=False to skip this check)")
 
 
-def blend_(ref_tensors, policy_tensors, alpha, *, check_finite: bool = True, backend: str = "auto",
+def keyword_only(usage: str, *, bound: int = 0):
+    """Decorator: `fn` takes keywords only (its own signature starts with `*`), and a positional call raises a
+    TypeError that shows `usage`. Python's own message ("takes 0 positional arguments but 3 were given") does
+    not say why: blend_ takes (ref, policy), RefModelUpdater (policy, ref), and a swapped positional call
+    would silently overwrite the policy. `bound`: leading positionals that are fine (1 for `self`)."""
+    def decorate(fn):
+        @functools.wraps(fn)  # inspect.signature follows __wrapped__: the keyword-only signature shows
+        def wrapper(*args, **kwargs):
+            if len(args) > bound:
+                raise TypeError(f"{fn.__qualname__.replace('.__init__', '')}() takes its arguments as keywords "
+                                f"only, got {len(args) - bound} positional: call {usage}")
+            return fn(*args, **kwargs)
+        return wrapper
+    return decorate
+
+
+@keyword_only("blend_(ref_tensors=..., policy_tensors=..., alpha=...)")
+def blend_(*, ref_tensors, policy_tensors, alpha, check_finite: bool = True, backend: str = "auto",
            names: Sequence[str] | None = None) -> None:
     """In place, for every pair: ref <- ref + alpha * (policy - ref) (fp32, round to nearest even).
 
-    Call it with keywords (`blend_(ref_tensors=..., policy_tensors=..., alpha=...)`): a swap would
-    overwrite the policy. `names` (optional, one per pair) only makes error messages readable.
+    Keywords only (`blend_(ref_tensors=..., policy_tensors=..., alpha=...)`; a positional call raises a
+    TypeError before anything is read): a swap would overwrite the policy. `names` (optional, one per pair) only makes error messages readable.
     Raises before writing anything on: alpha outside [0, 1]; lists that do not pair up; a shape,
     device or unsupported dtype mismatch; refs that alias each other or a policy; with
     check_finite=True a policy holding NaN/inf. Requesting a backend that cannot run raises too.
