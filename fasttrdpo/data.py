@@ -283,51 +283,142 @@ def synthetic_preference_dataset(n: int = 2048, seed: int = 0, **kwargs):
 # Tokenization and collation
 # ----------------------------------------------------------------------------------------------------
 
+TRUNCATION_MODES = ("keep_prompt_end", "keep_start")
+
+
 @dataclass
 class TokenizedPair:
-    prompt: list[int]
+    prompt: list[int]    # prompt + chosen / prompt + rejected are the sequences the model sees
     chosen: list[int]    # completion tokens (+ EOS unless truncated)
     rejected: list[int]
 
 
-def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, *, max_length: int,
-                  max_prompt_length: int | None = None, add_eos: bool = True) -> TokenizedPair:
-    """Tokenize prompt and completions separately (so the prompt/completion boundary is exact).
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
-    Truncation when prompt + longer completion exceeds max_length: the prompt keeps its END, down to
-    max(max_length - longer completion, max_prompt_length) tokens (max_prompt_length defaults to
-    max_length // 2); then each completion keeps its START to fit max_length (losing its EOS if cut).
-    """
-    if max_length < 2:
-        raise ValueError(f"max_length must be >= 2, got {max_length}")
-    cap = max_length // 2 if max_prompt_length is None else max_prompt_length
-    if not 1 <= cap < max_length:
-        raise ValueError(f"max_prompt_length must be in [1, max_length), got {max_prompt_length}")
-    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    eos = [tokenizer.eos_token_id] if add_eos else []
-    if add_eos and tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token_id")
-    p = encode(prompt)
-    c = encode(chosen) + eos
-    r = encode(rejected) + eos
+
+def _leading_special_count(tokenizer, prompt: str, prompt_ids: list[int]) -> int:
+    """How many of `prompt_ids` are special tokens the tokenizer put in front of the text (a BOS): the ids
+    before the prompt's own tokens (tokenized without special tokens) start."""
+    plain = tokenizer(text=prompt, add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    k = 0
+    while k < len(prompt_ids) and prompt_ids[k] in special and not (plain and prompt_ids[k:k + len(plain)] == plain):
+        k += 1
+    return k
+
+
+def _tokenize_untruncated(tokenizer, prompt: str, chosen: str, rejected: str, add_eos: bool
+                          ) -> tuple[list[int], list[int], list[int]]:
+    """TRL 1.16's DPOTrainer tokenization of a non-conversational row: EOS appended to each completion as
+    text (unless it already ends with it), prompt, prompt + chosen and prompt + rejected tokenized with the
+    tokenizer's special tokens (BOS), and the prompt cut where those three stop sharing a prefix (a BPE merge
+    across the prompt/completion boundary, or a suffix the tokenizer adds to the prompt alone, belongs to
+    the completions). So prompt + chosen is exactly the tokenization of the whole text."""
+    if add_eos:
+        eos = tokenizer.eos_token
+        if eos is None or tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token (needed to end the completions; add_eos=False skips it)")
+        chosen = chosen if chosen.endswith(eos) else chosen + eos
+        rejected = rejected if rejected.endswith(eos) else rejected + eos
+    encode = lambda text: list(tokenizer(text=text)["input_ids"])  # noqa: E731
+    p, pc, pr = encode(prompt), encode(prompt + chosen), encode(prompt + rejected)
+    n = min(_common_prefix_length(p, pc), _common_prefix_length(p, pr))
+    return p[:n], pc[n:], pr[n:]
+
+
+def _truncate(tokenizer, prompt_text: str, p: list[int], c: list[int], r: list[int], *, max_length: int,
+              max_prompt_length: int | None, truncation_mode: str) -> TokenizedPair | None:
+    """Cut a pair to max_length tokens per sequence; None when truncation_mode="keep_start" leaves no
+    completion token (TRL drops such rows)."""
     longer = max(len(c), len(r))
-    if len(p) + longer > max_length:
-        keep = min(len(p), max(max_length - longer, cap))
-        p = p[len(p) - keep:]
+    if len(p) + longer <= max_length:
+        return TokenizedPair(p, c, r)
+    if truncation_mode == "keep_start":  # TRL's collator: each sequence keeps its first max_length tokens
+        if len(p) >= max_length:
+            return None
         room = max_length - len(p)
-        c, r = c[:room], r[:room]
-    return TokenizedPair(p, c, r)
+        return TokenizedPair(p, c[:room], r[:room])
+    cap = max_length // 2 if max_prompt_length is None else max_prompt_length
+    keep = min(len(p), max(max_length - longer, cap))
+    lead = min(_leading_special_count(tokenizer, prompt_text, p), keep)  # the BOS stays first
+    p = p[:lead] + p[len(p) - (keep - lead):]
+    room = max_length - len(p)
+    return TokenizedPair(p, c[:room], r[:room])
 
 
-def tokenize_dataset(dataset, tokenizer, *, max_length: int, max_prompt_length: int | None = None
-                     ) -> list[TokenizedPair]:
-    """Tokenize every row of a prompt/chosen/rejected dataset (kept as Python lists: cheap to index)."""
+def _check_lengths(max_length: int, max_prompt_length: int | None, truncation_mode: str) -> None:
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+    if max_prompt_length is not None:
+        if truncation_mode != "keep_prompt_end":
+            raise ValueError("max_prompt_length applies to truncation_mode='keep_prompt_end' only, got "
+                             f"max_prompt_length={max_prompt_length} with truncation_mode={truncation_mode!r}")
+        if not 1 <= max_prompt_length < max_length:
+            raise ValueError(f"max_prompt_length must be in [1, max_length), got {max_prompt_length}")
+
+
+def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, *, max_length: int,
+                  max_prompt_length: int | None = None, add_eos: bool = True,
+                  truncation_mode: str = "keep_prompt_end") -> TokenizedPair:
+    """Tokenize one pair exactly as TRL 1.16's DPOTrainer does, then fit it into max_length tokens.
+
+    Tokenization (TRL's): EOS is appended to each completion as text; prompt, prompt + chosen and
+    prompt + rejected are tokenized WITH the tokenizer's special tokens (Llama/Mistral/Gemma get their BOS);
+    the prompt ends where the three token lists stop sharing a prefix. A pair whose prompt + longer
+    completion fits max_length gets exactly TRL's token ids.
+
+    Truncation of a pair that does not fit, per `truncation_mode`:
+      "keep_prompt_end" (default): the prompt keeps its END (and its leading special tokens, i.e. the BOS),
+          down to max(max_length - longer completion, max_prompt_length) tokens (max_prompt_length
+          defaults to max_length // 2); then each completion keeps its START to fit max_length (losing its
+          EOS if cut). A completion is never dropped entirely.
+      "keep_start": TRL's default: each sequence keeps its first max_length tokens. A prompt that alone
+          fills max_length leaves no completion token: ValueError here (tokenize_dataset drops such rows,
+          as TRL does). max_prompt_length does not apply.
+    """
+    _check_lengths(max_length, max_prompt_length, truncation_mode)
+    p, c, r = _tokenize_untruncated(tokenizer, prompt, chosen, rejected, add_eos)
+    pair = _truncate(tokenizer, prompt, p, c, r, max_length=max_length, max_prompt_length=max_prompt_length,
+                     truncation_mode=truncation_mode)
+    if pair is None:
+        raise ValueError(f"the prompt alone has {len(p)} tokens >= max_length={max_length}: with "
+                         "truncation_mode='keep_start' no completion token remains (TRL drops such rows)")
+    return pair
+
+
+def tokenize_dataset(dataset, tokenizer, *, max_length: int, max_prompt_length: int | None = None,
+                     truncation_mode: str = "keep_prompt_end") -> list[TokenizedPair]:
+    """Tokenize every row of a prompt/chosen/rejected dataset (kept as Python lists: cheap to index) with
+    `tokenize_pair`. With truncation_mode="keep_start", rows whose prompt alone fills max_length are
+    dropped, as TRL drops them, and counted in a WARNING on the `fasttrdpo` logger."""
     for col in ("prompt", "chosen", "rejected"):
         if col not in dataset.column_names:
             raise ValueError(f"dataset must have columns prompt, chosen, rejected; missing {col!r}")
-    return [tokenize_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"],
-                          max_length=max_length, max_prompt_length=max_prompt_length)
-            for row in dataset]
+    _check_lengths(max_length, max_prompt_length, truncation_mode)
+    pairs, dropped = [], []
+    for i, row in enumerate(dataset):
+        p, c, r = _tokenize_untruncated(tokenizer, row["prompt"], row["chosen"], row["rejected"], True)
+        pair = _truncate(tokenizer, row["prompt"], p, c, r, max_length=max_length,
+                         max_prompt_length=max_prompt_length, truncation_mode=truncation_mode)
+        if pair is None:
+            dropped.append(i)
+        else:
+            pairs.append(pair)
+    if dropped:
+        _log.warning("tokenize_dataset: dropped %d of %d rows whose prompt alone fills max_length=%d "
+                     "(truncation_mode='keep_start'; first: %s)", len(dropped), len(dataset), max_length,
+                     dropped[:10])
+    if not pairs:
+        raise ValueError(f"no row leaves a completion token within max_length={max_length}")
+    return pairs
 
 
 class PreferenceCollator:

@@ -73,6 +73,7 @@ class TRDPOConfig:
     # data
     max_length: int = 512
     max_prompt_length: int | None = None
+    truncation_mode: str = "keep_prompt_end"  # or "keep_start" (TRL's); see fasttrdpo.data.tokenize_pair
     # records
     logging_steps: int = 10
     eval_steps: int = 0  # 0: evaluate at the end only
