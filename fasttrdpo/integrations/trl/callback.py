@@ -6,7 +6,8 @@ This one runs one fused `blend_` over all parameters through `fasttrdpo.RefModel
 rank blends its copy; FSDP2: local shards only), saves the reference beside every checkpoint and
 restores it on resume, and updates a PEFT reference adapter.
 
-Swap it into TRL's DPOTrainer (same schedule: `ref_model_sync_steps`, `ref_model_mixup_alpha`):
+`FusedDPOTrainer(..., args=DPOConfig(sync_ref_model=True, ...))` uses it without further ado. Swap it into
+TRL's own DPOTrainer (same schedule: `ref_model_sync_steps`, `ref_model_mixup_alpha`):
 
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=DPOConfig(..., sync_ref_model=True,
                          ref_model_mixup_alpha=0.6, ref_model_sync_steps=512), ...)
@@ -64,10 +65,14 @@ class FusedSyncRefModelCallback(TrainerCallback):
 
     @classmethod
     def replace_in(cls, trainer, **kwargs) -> "FusedSyncRefModelCallback":
-        """Remove TRL's SyncRefModelCallback from `trainer` and add this callback in its place."""
+        """Remove TRL's SyncRefModelCallback (and any FusedSyncRefModelCallback already there: two would blend
+        twice per update) from `trainer` and add this callback in their place. FusedDPOTrainer with
+        sync_ref_model=True calls this itself."""
         from trl.trainer.callbacks import SyncRefModelCallback
 
-        trainer.remove_callback(SyncRefModelCallback)
+        for old in (SyncRefModelCallback, FusedSyncRefModelCallback):
+            while any(isinstance(cb, old) for cb in trainer.callback_handler.callbacks):
+                trainer.remove_callback(old)
         callback = cls(ref_model=getattr(trainer, "ref_model", None), accelerator=getattr(trainer, "accelerator", None),
                        **kwargs)
         trainer.add_callback(callback)

@@ -14,6 +14,11 @@ or switch an existing trainer: `use_trdpo_loss(trainer)`.
 
 Logged metrics: TRL's `rewards/*`, `logps/*`, `logits/*` and `num_tokens` (TRL's definitions).
 `entropy` and `mean_token_accuracy` need extra per-token outputs of TRL's kernel and are not logged.
+With `sync_ref_model=True` the fused trainer replaces TRL's SyncRefModelCallback by
+`FusedSyncRefModelCallback` itself. Under `DPOConfig(bf16=True)` (TRL's default) the policy and the
+reference backbones run under accelerate's autocast exactly as TRL runs them; TRDPOLoss then does fp32
+math on their fp32 hidden states (TRL's head rounds its logits tiles to bf16 instead).
+
 Supported: loss_type one of sigmoid, hinge, ipo, robust (a single one), the standard reverse-KL DPO,
 no `ld_alpha`, no WPO weighting, no precomputed reference log-probs, no MoE auxiliary loss; other
 settings raise at construction instead of silently training something else.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import types
 import warnings
 
@@ -39,6 +45,7 @@ except ImportError:  # pragma: no cover
 
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 _HIDDEN_FLAG = "fasttrdpo_hidden"
+_log = logging.getLogger("fasttrdpo")
 
 
 def _is_peft(model) -> bool:
@@ -190,8 +197,21 @@ def _compute_loss(self, model, inputs, return_outputs):
 
 class FusedDPOTrainer(DPOTrainer):
     """DPOTrainer whose loss is computed by fasttrdpo's TRDPOLoss (same constructor; `fasttrdpo_backend`
-    picks the TRDPOLoss backend, "auto" by default)."""
+    picks the TRDPOLoss backend, "auto" by default, for the loss and the reference blend).
+
+    With `DPOConfig(sync_ref_model=True)` (TR-DPO) the reference updates run through
+    `FusedSyncRefModelCallback` (one fused blend, saved with checkpoints and restored on resume) in place of
+    TRL's SyncRefModelCallback, on the same schedule (`ref_model_mixup_alpha`, `ref_model_sync_steps`);
+    `self.ref_sync_callback` is that callback (None without sync_ref_model)."""
 
     def __init__(self, *args, fasttrdpo_backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         use_trdpo_loss(self, backend=fasttrdpo_backend)
+        self.ref_sync_callback = None
+        if self.args.sync_ref_model:
+            from .callback import FusedSyncRefModelCallback
+
+            self.ref_sync_callback = FusedSyncRefModelCallback.replace_in(self, backend=fasttrdpo_backend)
+            _log.info("FusedDPOTrainer: sync_ref_model=True, reference updates by FusedSyncRefModelCallback "
+                      "(alpha=%s every %s steps) instead of TRL's SyncRefModelCallback",
+                      self.args.ref_model_mixup_alpha, self.args.ref_model_sync_steps)
