@@ -142,3 +142,62 @@ def test_peft_reference_adapter_in_dpo_trainer(tmp_path):
     assert lora_b and all(not torch.equal(params[n], start[n]) for n in lora_b)  # B started at 0: it moved
     for n in start:  # the last update ran at the last step: the reference adapter equals the policy's
         assert torch.equal(params[n], params[n.replace(".ref.", ".default.")]), n
+
+
+class _SyncSteps(TrainerCallback):
+    """Records the steps at whose end the reference changed (added after the sync callback: sees its update)."""
+
+    def __init__(self, ref_model):
+        self.ref_model, self.steps, self.last = ref_model, [], None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = [p.detach().clone() for p in self.ref_model.parameters()]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = [p.detach().clone() for p in self.ref_model.parameters()]
+        if any(not torch.equal(a, b) for a, b in zip(self.last, now)):
+            self.steps.append(state.global_step)
+        self.last = now
+
+
+def test_fused_dpo_trainer_swaps_in_fused_sync_callback(tmp_path):
+    """FusedDPOTrainer(sync_ref_model=True) removes TRL's SyncRefModelCallback and blends with
+    FusedSyncRefModelCallback itself (before: TRL's callback stayed unless the user called replace_in). Against
+    the same FusedDPOTrainer with TRL's callback put back (same loss path, only the callback differs): syncs
+    at the same steps (τ = 2: steps 2 and 4) and the same final reference within the 1e-6 derived above."""
+    from fasttrdpo.integrations.trl import FusedDPOTrainer
+
+    steps = 4
+
+    def build(name):
+        cfg = DPOConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=2, max_steps=steps,
+                        learning_rate=1e-2, beta=0.1, sync_ref_model=True, ref_model_mixup_alpha=ALPHA,
+                        ref_model_sync_steps=TAU, report_to=[], use_cpu=True, seed=0, logging_steps=10 ** 6,
+                        disable_dropout=True, lr_scheduler_type="constant", dataloader_num_workers=0,
+                        max_length=None, save_strategy="no", bf16=False)
+        return FusedDPOTrainer(model=tiny_model(seed=0, **MODEL_KW), ref_model=tiny_model(seed=1, **MODEL_KW),
+                               args=cfg, train_dataset=Dataset.from_list(_rows()), processing_class=tiny_tokenizer())
+
+    ours = build("ours")
+    assert _callbacks(ours, SyncRefModelCallback) == []
+    fused = _callbacks(ours, FusedSyncRefModelCallback)
+    assert fused == [ours.ref_sync_callback] and fused[0].ref_model is ours.ref_model
+    # an explicit replace_in on top (the old recipe) still leaves one callback: never two blends per update
+    cb = FusedSyncRefModelCallback.replace_in(ours)
+    assert _callbacks(ours, FusedSyncRefModelCallback) == [cb] and _callbacks(ours, SyncRefModelCallback) == []
+
+    peer = build("trl")
+    peer.remove_callback(FusedSyncRefModelCallback)
+    peer.add_callback(SyncRefModelCallback(ref_model=peer.ref_model, accelerator=peer.accelerator))
+    initial = _ref_state(peer)
+    seen = {}
+    for name, trainer in (("ours", ours), ("trl", peer)):
+        seen[name] = _SyncSteps(trainer.ref_model)
+        trainer.add_callback(seen[name])
+        trainer.train()
+        assert trainer.state.global_step == steps
+    assert seen["ours"].steps == seen["trl"].steps == [2, 4]
+    assert cb.updater.num_updates == 2 and cb.updater.last_update_step == steps
+    ours_ref, trl_ref = _ref_state(ours), _ref_state(peer)
+    assert max((trl_ref[n] - ours_ref[n]).abs().max().item() for n in trl_ref) <= 1e-6
+    assert max((trl_ref[n] - initial[n]).abs().max().item() for n in trl_ref) > 1e-2
