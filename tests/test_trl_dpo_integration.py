@@ -124,25 +124,31 @@ def test_step1_identical_policy_and_reference_gives_exactly_zero_rewards(tmp_pat
     rewards/chosen 2e-05, accuracy 0.75 where TRL logs ln 2, 0, 0. "bf16-peft": the reference is the model
     with its LoRA adapter off (B = 0 at init, so the same function)."""
     bf16 = precision.startswith("bf16")
+    policy = tiny_model(seed=0, hidden_size=32)
+    kw = dict(args=_args(tmp_path, precision, max_steps=1, bf16=bf16), train_dataset=_dataset(2),
+              processing_class=tiny_tokenizer())
     if precision.endswith("peft"):
         peft = pytest.importorskip("peft")
         cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query_key_value"], task_type="CAUSAL_LM")
-        trainer = FusedDPOTrainer(model=tiny_model(seed=0, hidden_size=32), train_dataset=_dataset(2),
-                                  args=_args(tmp_path, precision, max_steps=1, bf16=bf16),
-                                  processing_class=tiny_tokenizer(), peft_config=cfg)
-        trainer.train()
-        log = _first_log(trainer)
+        trainer = FusedDPOTrainer(model=policy, peft_config=cfg, **kw)
+        models = {"policy": policy}  # the reference is the same modules with the adapter off
     else:
-        trainer, logs = _train(FusedDPOTrainer, tmp_path, precision, max_steps=1, bf16=bf16)
-        log = logs[0]
-    assert trainer.accelerator.mixed_precision == ("bf16" if bf16 else "no")
+        ref = tiny_model(seed=0, hidden_size=32)
+        trainer = FusedDPOTrainer(model=policy, ref_model=ref, **kw)
+        models = {"policy": policy, "ref": ref}
+    # what each backbone's first matmul produced: bf16 under autocast, fp32 without
+    dtypes = {name: set() for name in models}
+    for name, m in models.items():
+        m.gpt_neox.layers[0].mlp.dense_h_to_4h.register_forward_hook(
+            lambda mod, args, out, name=name: dtypes[name].add(out.dtype))
+    trainer.train()
+    log = _first_log(trainer)
+    want = torch.bfloat16 if bf16 else torch.float32
+    assert all(seen == {want} for seen in dtypes.values()), dtypes
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert log[key] == 0.0, (key, log[key])
     assert log["loss"] == LN2_FP32
     assert log["logps/chosen"] < -10  # real log-probs (about -log(384) per completion token)
-    if precision == "bf16":  # the policy did run under bf16 autocast: its log-probs differ from fp32's
-        fp32 = _train(FusedDPOTrainer, tmp_path, "fp32-peer", max_steps=1)[1][0]
-        assert log["logps/chosen"] != fp32["logps/chosen"]
 
 
 def _bf16_head_bound(model):
