@@ -65,15 +65,18 @@ def _trl_rows(tok, rows, max_length=None, truncation_mode="keep_start"):
                                             "train"))
 
 
+def _fit(pair):
+    return pair.prompt, pair.chosen, pair.rejected
+
+
 def test_rows_that_fit_get_trls_token_ids(case):
     name, tok = case
     expected = _trl_rows(tok, ROWS)
     assert len(expected) == len(ROWS)
     ours = [tokenize_pair(tok, r["prompt"], r["chosen"], r["rejected"], max_length=1024) for r in ROWS]
     for i, (pair, trl) in enumerate(zip(ours, expected)):
-        assert (pair.prompt, pair.chosen, pair.rejected) == (trl["prompt_ids"], trl["chosen_ids"], trl["rejected_ids"]), i
-    assert [(p.prompt, p.chosen, p.rejected) for p in tokenize_dataset(Dataset.from_list(ROWS), tok, max_length=1024)] \
-        == [(p.prompt, p.chosen, p.rejected) for p in ours]
+        assert _fit(pair) == (trl["prompt_ids"], trl["chosen_ids"], trl["rejected_ids"]), i
+    assert [_fit(p) for p in tokenize_dataset(Dataset.from_list(ROWS), tok, max_length=1024)] == [_fit(p) for p in ours]
     # the cases are what they claim to be
     for pair in ours:
         assert pair.chosen[-1] == pair.rejected[-1] == tok.eos_token_id
@@ -87,10 +90,6 @@ def test_rows_that_fit_get_trls_token_ids(case):
         assert len(ours[1].prompt) < len(merged)  # the boundary merge happened: the prompt lost its last token
         assert ours[1].prompt + ours[1].chosen == tok(text="Say hello world</s>")["input_ids"]
         assert ours[1].prompt + ours[1].rejected == tok(text="Say help me</s>")["input_ids"]
-
-
-def _fit(pair):
-    return pair.prompt, pair.chosen, pair.rejected
 
 
 def test_keep_start_truncation_matches_trls_collator(case):

@@ -186,7 +186,8 @@ def blend_(*, ref_tensors, policy_tensors, alpha, check_finite: bool = True, bac
     """In place, for every pair: ref <- ref + alpha * (policy - ref) (fp32, round to nearest even).
 
     Keywords only (`blend_(ref_tensors=..., policy_tensors=..., alpha=...)`; a positional call raises a
-    TypeError before anything is read): a swap would overwrite the policy. `names` (optional, one per pair) only makes error messages readable.
+    TypeError before anything is read): a swap would overwrite the policy. `names` (optional, one per
+    pair) only makes error messages readable.
     Raises before writing anything on: alpha outside [0, 1]; lists that do not pair up; a shape,
     device or unsupported dtype mismatch; refs that alias each other or a policy; with
     check_finite=True a policy holding NaN/inf. Requesting a backend that cannot run raises too.
