@@ -703,7 +703,7 @@ def gpu_markdown(doc) -> str:
     for r in sorted(doc["results"], key=lambda r: r.get("order", 10 ** 6)):
         shape = _shape_str(r["case"], r["shape"])
         m = r.get("model")
-        pred = "-" if not m else " / ".join(f"{m['serial_s'][g] * 1e3:.1f}" for g in ("H100", "H200", "H200-reachable"))
+        pred = "-" if not m else " / ".join(f"{m['serial_s'][g] * 1e3:.3g}" for g in ("H100", "H200", "H200-reachable"))
         if r.get("status") != "ok":
             lines.append(f"| {r['case']} | {shape} | {r['impl']} | not run: {r.get('reason')} | | {pred} | | |")
             continue
@@ -711,7 +711,7 @@ def gpu_markdown(doc) -> str:
         roof = rat.get("time_vs_gemm-chain", rat.get("time_vs_gemm"))
         num = {True: "ok", False: "MISMATCH", None: "-"}[r.get("numerics_ok")]
         peak = r.get("peak_growth_bytes")
-        lines.append(f"| {r['case']} | {shape} | {r['impl']} | {r['median_s'] * 1e3:.2f} | "
+        lines.append(f"| {r['case']} | {shape} | {r['impl']} | {r['median_s'] * 1e3:.3g} | "
                      f"{_fmt(None if peak is None else peak / MB, '.0f')} | {pred} | {_fmt(roof, '.2f')} | {num} |")
     if doc.get("targets"):
         lines += ["", "| target | measured | wanted | met |", "|---|---:|---|---|"]
