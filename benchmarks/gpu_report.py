@@ -35,7 +35,10 @@ def read_peers(path):
 
 
 def read_junit(path, rc):
-    """Counts and failing test ids from pytest's JUnit XML (absent when pytest was killed by the timeout)."""
+    """Counts and failing test ids from pytest's JUnit XML (absent when pytest was killed by the timeout;
+    rc -1: not run, --no-tests)."""
+    if rc == -1:
+        return {"exit_code": None, "not_run": "--no-tests", "timed_out": False, "xml": False}
     out = {"exit_code": rc, "timed_out": rc in (124, 137), "xml": os.path.exists(path)}
     if not out["xml"]:
         return out
@@ -104,6 +107,8 @@ def markdown(doc) -> str:
                           f"errors, {t['skipped']} skipped in {t['time_s']:.0f} s (exit {t['exit_code']})."]
             if t["failed"]:
                 lines += ["Failing: " + ", ".join(t["failed"]) + "."]
+        elif t.get("not_run"):
+            lines += ["", f"CUDA tests (pytest -m gpu): not run ({t['not_run']})."]
         else:
             lines += ["", f"CUDA tests (pytest -m gpu): no result file (exit {t['exit_code']}"
                           + (", killed by the timeout" if t["timed_out"] else "") + "); see pytest-gpu.log."]

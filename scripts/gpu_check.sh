@@ -2,6 +2,7 @@
 # Issue 11's GPU check: one command, one H100/H200, no internet, <= 5 minutes.
 #
 #   bash scripts/gpu_check.sh --out DIR [--wheels DIR] [--python PY] [--budget-s 290] [--tests-timeout 110]
+#                             [--no-tests]     # a re-run that gives the whole budget to the benchmarks
 #   bash scripts/gpu_check.sh --dry-run --out DIR        # the same steps at tiny shapes on CPU (CI)
 #
 # Steps (each logged with its elapsed time to DIR/gpu_check.log):
@@ -25,7 +26,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 T0=$(date +%s)
 
-OUT="" WHEELS="" PY="${FASTTRDPO_PYTHON:-}" BUDGET=290 TESTS_TIMEOUT="" DRY=0
+OUT="" WHEELS="" PY="${FASTTRDPO_PYTHON:-}" BUDGET=290 TESTS_TIMEOUT="" DRY=0 TESTS=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
@@ -34,7 +35,8 @@ while [ $# -gt 0 ]; do
     --budget-s) BUDGET="$2"; shift 2 ;;
     --tests-timeout) TESTS_TIMEOUT="$2"; shift 2 ;;
     --dry-run) DRY=1; shift ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    --no-tests) TESTS=0; shift ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -63,6 +65,10 @@ fatal() {
     --elapsed "setup=$(elapsed)" >/dev/null 2>&1 || true
   exit 2
 }
+# -P: the working directory (this checkout) must not shadow what is imported: its fasttrdpo/ has no
+# kernels/ subpackage (setup.py maps it), so fasttrdpo comes from an install or from the symlink tree below
+PYF=()
+"$PY" -P -c "" >/dev/null 2>&1 && PYF=(-P)
 if ! "$PY" -c "import torch, triton" >>"$OUT/gpu_check.log" 2>&1; then
   fatal "$PY cannot import torch and triton (this script never installs them)"
 fi
@@ -72,12 +78,13 @@ if [ $DRY = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_av
 fi
 
 # ------------------------------------------------------------------------------------- 2. fasttrdpo + peers
-here_ok() {  # fasttrdpo (with its kernels subpackage) imports from this checkout
-  "$PY" - "$ROOT" <<'EOF' >/dev/null 2>&1
+here_ok() {  # fasttrdpo and its kernels subpackage import from this checkout
+  "$PY" "${PYF[@]}" - "$ROOT" <<'EOF' >/dev/null 2>&1
 import os, sys
-import fasttrdpo, fasttrdpo.kernels
+import fasttrdpo, fasttrdpo.kernels.linear_logprobs
 root = os.path.realpath(sys.argv[1])
-sys.exit(0 if os.path.realpath(fasttrdpo.__file__).startswith(root + os.sep) else 1)
+files = (fasttrdpo.__file__, fasttrdpo.kernels.linear_logprobs.__file__)
+sys.exit(0 if all(os.path.realpath(f).startswith(root + os.sep) for f in files) else 1)
 EOF
 }
 if ! here_ok; then
@@ -86,7 +93,7 @@ if ! here_ok; then
   for f in "$ROOT"/fasttrdpo/*; do ln -s "$f" "$SITE/fasttrdpo/$(basename "$f")"; done
   ln -s "$ROOT/kernels" "$SITE/fasttrdpo/kernels"
   ln -s "$ROOT/csrc" "$SITE/fasttrdpo/csrc"
-  here_ok || fatal "fasttrdpo from $ROOT does not import: $("$PY" -c 'import fasttrdpo.kernels' 2>&1 | tail -1)"
+  here_ok || fatal "fasttrdpo from $ROOT does not import: $("$PY" "${PYF[@]}" -c 'import fasttrdpo.kernels' 2>&1 | tail -1)"
   log "fasttrdpo: imported from $ROOT through $SITE/fasttrdpo (symlinks; nothing installed)"
 else
   log "fasttrdpo: already importable from $ROOT"
@@ -97,7 +104,7 @@ PEERS="trl|trl.kernels|trl- datasets- dill- multiprocess-
 liger-kernel|liger_kernel.chunked_loss|liger_kernel-
 cut-cross-entropy|cut_cross_entropy|cut_cross_entropy-"
 probe() {  # one process imports every module named on stdin: "module<TAB>ok<TAB>dir" or "module<TAB>error<TAB>why"
-  "$PY" -c '
+  "$PY" "${PYF[@]}" -c '
 import importlib, os, sys
 for m in sys.stdin.read().split():
     try:
@@ -154,13 +161,19 @@ SETUP_S=$(elapsed)
 
 # ------------------------------------------------------------------------------------- 3. CUDA tests
 mapfile -t GPU_TESTS < <(grep -l "pytest.mark.gpu" tests/test_*.py)
-log "pytest -m gpu over ${GPU_TESTS[*]} (timeout ${TESTS_TIMEOUT}s)"
 T_TESTS=$(date +%s)
-timeout -k 5 "$TESTS_TIMEOUT" "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
-  --junitxml="$SCRATCH/pytest-gpu.xml" "${GPU_TESTS[@]}" >"$OUT/pytest-gpu.log" 2>&1
-TESTS_RC=$?
+if [ $TESTS = 1 ]; then
+  log "pytest -m gpu over ${GPU_TESTS[*]} (timeout ${TESTS_TIMEOUT}s)"
+  timeout -k 5 "$TESTS_TIMEOUT" "$PY" "${PYF[@]}" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
+    --junitxml="$SCRATCH/pytest-gpu.xml" "${GPU_TESTS[@]}" >"$OUT/pytest-gpu.log" 2>&1
+  TESTS_RC=$?
+  log "tests: exit $TESTS_RC in $(( $(date +%s) - T_TESTS ))s: $(tail -1 "$OUT/pytest-gpu.log")"
+else
+  echo "not run: --no-tests" > "$OUT/pytest-gpu.log"
+  TESTS_RC=-1
+  log "tests: not run (--no-tests)"
+fi
 TESTS_S=$(( $(date +%s) - T_TESTS ))
-log "tests: exit $TESTS_RC in ${TESTS_S}s: $(tail -1 "$OUT/pytest-gpu.log")"
 
 # ------------------------------------------------------------------------------------- 4. benchmarks
 LEFT=$(( BUDGET - $(elapsed) - 10 ))  # 10 s kept for the report
@@ -176,12 +189,12 @@ grep '^\[throughput\]' "$OUT/throughput.log" | while read -r line; do log "$line
 log "benchmarks: exit $BENCH_RC in ${BENCH_S}s"
 
 # ------------------------------------------------------------------------------------- 5. report
-"$PY" benchmarks/gpu_report.py --out "$OUT" --scratch "$SCRATCH" --dry-run "$DRY" --tests-rc "$TESTS_RC" \
+"$PY" benchmarks/gpu_report.py --out "$OUT" --scratch "$SCRATCH" --dry-run "$DRY" --tests-rc="$TESTS_RC" \
   --bench-rc "$BENCH_RC" --elapsed "setup=$SETUP_S" "tests=$TESTS_S" "benchmarks=$BENCH_S" \
   >>"$OUT/gpu_check.log" 2>&1
 REPORT_RC=$?
 log "report: exit $REPORT_RC; total $(elapsed)s; $OUT/gpu_check.md"
 [ -f "$OUT/gpu_check.md" ] && cat "$OUT/gpu_check.md"
 rm -rf "$SCRATCH"
-if [ $REPORT_RC -ne 0 ] || [ $BENCH_RC -ne 0 ] || { [ $TESTS_RC -ne 0 ] && [ $TESTS_RC -ne 5 ]; }; then exit 1; fi
+if [ $REPORT_RC -ne 0 ] || [ $BENCH_RC -ne 0 ] || { [ $TESTS_RC -gt 0 ] && [ $TESTS_RC -ne 5 ]; }; then exit 1; fi
 exit 0
