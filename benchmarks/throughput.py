@@ -260,7 +260,7 @@ def plan_gpu_check(args, device_type):
                               + (task["warmup"] + task["repeats"]) * (step if step is not None else 1.0))
         if args.dry_run and impl == "liger-compiled":
             skipped.append(dict(task, status="skipped",
-                                reason="not run in --dry-run: torch.compile's first call takes ~12 s on CPU"))
+                                reason="skipped by --dry-run: torch.compile's first call takes ~12 s on CPU"))
             continue
         tasks.append(task)
     return tasks, skipped
@@ -903,7 +903,7 @@ def main(argv=None):
         left = None if args.budget_s is None else args.budget_s - (t_task - t_start)
         if left is not None and task.get("estimate_s", 0.0) > left:
             r = {k: task[k] for k in ("case", "impl", "shape")}
-            r.update(status="skipped", reason=f"not run: {left:.0f} s of the {args.budget_s:.0f} s budget left, this "
+            r.update(status="skipped", reason=f"{left:.0f} s of the {args.budget_s:.0f} s budget left, this "
                                               f"measurement is estimated at {task['estimate_s']:.0f} s")
         else:
             if left is not None:
