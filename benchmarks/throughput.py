@@ -721,7 +721,9 @@ def gpu_markdown(doc) -> str:
         roof = rat.get("time_vs_gemm-chain", rat.get("time_vs_gemm"))
         num = {True: "ok", False: "MISMATCH", None: "-"}[r.get("numerics_ok")]
         peak = r.get("peak_growth_bytes")
-        lines.append(f"| {r['case']} | {shape} | {r['impl']} | {r['median_s'] * 1e3:.3g} | "
+        used = r.get("backend_used")  # which fasttrdpo backend each op ran (no silent fallback)
+        impl = r["impl"] + (" (" + ", ".join(f"{k}: {b}" for k, b in sorted(used.items())) + ")" if used else "")
+        lines.append(f"| {r['case']} | {shape} | {impl} | {r['median_s'] * 1e3:.3g} | "
                      f"{_fmt(None if peak is None else peak / MB, '.0f')} | {pred} | {_fmt(roof, '.2f')} | {num} |")
     if doc.get("targets"):
         lines += ["", "| target | measured | wanted | met |", "|---|---:|---|---|"]
