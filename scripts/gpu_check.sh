@@ -154,7 +154,10 @@ if [ ${#to_install[@]} -gt 0 ]; then
   log "installing ${#to_install[@]} wheel(s) into $SITE (--no-deps --no-index): $(for w in "${to_install[@]}"; do basename "$w"; done | tr '\n' ' ')"
   "$PY" -m pip install -q --no-deps --no-index --no-compile --no-cache-dir --target "$SITE" "${to_install[@]}" \
     >>"$OUT/gpu_check.log" 2>&1 || log "pip install from $WHEELS failed (see above); continuing, the peers say why"
-  modules_of | sort -u | probe > "$PROBE"
+  # probe again what did not import (one process), keeping the rest of the first probe
+  awk -F'\t' '$2 != "ok" {print $1}' "$PROBE" | probe > "$PROBE.2"
+  awk -F'\t' '$2 == "ok"' "$PROBE" > "$PROBE.1"
+  cat "$PROBE.1" "$PROBE.2" > "$PROBE"
 fi
 PEERS_TSV="$SCRATCH/peers.tsv"
 : > "$PEERS_TSV"
