@@ -259,7 +259,7 @@ def plan_gpu_check(args, device_type):
         task["estimate_s"] = (CHILD_OVERHEAD_S[kind] + first
                               + (task["warmup"] + task["repeats"]) * (step if step is not None else 1.0))
         if args.dry_run and impl == "liger-compiled":
-            skipped.append(dict(task, status="skipped",
+            skipped.append(dict(task, status="skipped", model=pred,
                                 reason="skipped by --dry-run: torch.compile's first call takes ~12 s on CPU"))
             continue
         tasks.append(task)
