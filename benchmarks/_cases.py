@@ -18,6 +18,9 @@ import torch.nn.functional as F
 IGNORE = -100
 BETA = 0.1  # DPO β for the loss-step cases
 ALPHA = 0.6  # TR-DPO soft-update weight (the paper's best α range is 0.5–0.6)
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# GEMM chunk of the "gemm-chain" roof: the valid tokens per chunk issue 11 asks TRDPOLoss to hold on CUDA
+GEMM_CHAIN_CHUNK_TOKENS = 4096
 
 
 class Skip(Exception):
@@ -67,7 +70,8 @@ def _build_cpp():
 def _fasttrdpo_backend(impl: str, device: torch.device, attr: str):
     """(backend, fasttrdpo) for an implementation named "fasttrdpo-<backend>[-variant]" that calls
     fasttrdpo.<attr>: skips what this device cannot run and builds the C++ extension when it is asked for."""
-    backend = impl.split("-")[1]
+    parts = impl.split("-")
+    backend = parts[2] if parts[1] == "op" else parts[1]
     if backend == "triton":
         _need_cuda(device)
     ft = _fasttrdpo(attr)
@@ -94,25 +98,38 @@ def _grad_summary(t: torch.Tensor | None) -> dict | None:
 
 # ==================================================================================== lm_head-level inputs
 def lm_head_inputs(pairs: int, seq: int, hidden: int, vocab: int, device, dtype=torch.float32, seed=0,
-                   prompt: int | None = None):
+                   prompt: int | None = None, valid: float | None = None):
     """Hidden states, weights and labels of a DPO batch: rows [0, P) chosen, [P, 2P) rejected.
 
     Each row starts with an ignored prompt (a quarter of the row) and rows end with varying padding
-    (also ignored), as real preference batches do. Logits come out with a std of ~2.
+    (also ignored), as real preference batches do. With `valid` (the GPU shapes) each row instead has
+    an ignored prompt of round((1 - valid) * seq) positions and no padding, so exactly that fraction
+    of the tokens is valid. Logits come out with a std of ~2. On CUDA the data is drawn on the device
+    (a CPU draw of the GPU shapes' 1e9 values would dominate the run); elsewhere on the CPU generator.
     """
-    g = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
     rows = 2 * pairs
-    prompt = seq // 4 if prompt is None else prompt
-    h = torch.randn(rows, seq, hidden, generator=g)
-    w = torch.randn(vocab, hidden, generator=g) * (2.0 / math.sqrt(hidden))
-    ref_h = h + 0.1 * torch.randn(rows, seq, hidden, generator=g)
-    ref_w = w + 0.02 * torch.randn(vocab, hidden, generator=g) / math.sqrt(hidden)
-    labels = torch.randint(0, vocab, (rows, seq), generator=g)
+    if valid is not None:
+        prompt = int(round((1.0 - valid) * seq))
+    else:
+        prompt = seq // 4 if prompt is None else prompt
+    if device.type == "cuda":
+        g = torch.Generator(device=device).manual_seed(seed)
+        kw = dict(generator=g, device=device)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        kw = dict(generator=g)
+    h = torch.randn(rows, seq, hidden, **kw)
+    w = torch.randn(vocab, hidden, **kw) * (2.0 / math.sqrt(hidden))
+    ref_h = h + 0.1 * torch.randn(rows, seq, hidden, **kw)
+    ref_w = w + 0.02 * torch.randn(vocab, hidden, **kw) / math.sqrt(hidden)
+    labels = torch.randint(0, vocab, (rows, seq), **kw)
     labels[:, :prompt] = IGNORE
-    for r in range(rows):
-        pad = (r * 13) % max(1, seq // 8)
-        if pad:
-            labels[r, seq - pad:] = IGNORE
+    if valid is None:
+        for r in range(rows):
+            pad = (r * 13) % max(1, seq // 8)
+            if pad:
+                labels[r, seq - pad:] = IGNORE
     out = {
         "hidden": h.to(device=device, dtype=dtype).requires_grad_(),
         "weight": w.to(device=device, dtype=dtype).requires_grad_(),
@@ -135,7 +152,7 @@ def dpo_sigmoid(policy_tok, ref_tok, beta=BETA):
 # -------------------------------------------------------------------- per-token log-prob functions (peers)
 def _naive_tok(h, w, labels):
     logits = h @ w.t()
-    lp = logits.log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    lp = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return lp.masked_fill(labels == IGNORE, 0.0)
 
 
@@ -172,6 +189,52 @@ def _trl_chunked_tok_fn():
     return tok
 
 
+def _cce_tok_fn(device):
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except Exception as e:
+        raise Skip(f"cut-cross-entropy not importable: {type(e).__name__}: {e}")
+    if device.type != "cuda":
+        raise Skip("cut-cross-entropy's cce implementation is Triton on CUDA tensors: needs a CUDA device")
+
+    def tok(h, w, labels):
+        # -log p per token (0 at ignored positions); its default gradient filtering (filter_eps="high")
+        # skips the backward tiles whose softmax - onehot is below bf16 resolution
+        nll = linear_cross_entropy(h, w, labels, ignore_index=IGNORE, reduction="none")
+        return (-nll.float()).masked_fill(labels == IGNORE, 0.0)
+
+    return tok
+
+
+def _addmm_fp32_(acc, a, b):
+    """acc += a @ b into an fp32 accumulator without rounding the product to the operands' half dtype
+    (cuBLAS with an fp32 output on CUDA, torch >= 2.8); fp32 operands elsewhere."""
+    if acc.device.type == "cuda" and a.dtype != torch.float32:
+        try:
+            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        except TypeError as e:  # older torch: reported as an error of this implementation, not hidden
+            raise RuntimeError(f"torch.addmm(out_dtype=float32) unavailable: {e}") from e
+    return acc.addmm_(a.float(), b.float())
+
+
+def gemm_chain(x, chunk_tokens=GEMM_CHAIN_CHUNK_TOKENS):
+    """The cuBLAS GEMMs of the chunked TRDPOLoss, alone: per chunk of valid tokens, policy and reference
+    logits, grad_hidden = dz @ W and grad_W += dz^T h (fp32 accumulation), with the policy logits
+    standing in for dz. Nothing else: the reachable roof of the loss step on this device."""
+    mask = x["labels"] != IGNORE
+    hp, hr = x["hidden"].detach()[mask], x["ref_hidden"][mask]
+    wp, wr = x["weight"].detach(), x["ref_weight"]
+    gw = torch.zeros(wp.shape, dtype=torch.float32, device=wp.device)
+    gh = torch.empty_like(hp)
+    for s in range(0, hp.shape[0], chunk_tokens):
+        h = hp[s:s + chunk_tokens]
+        z = h @ wp.T
+        hr[s:s + chunk_tokens] @ wr.T
+        torch.mm(z, wp, out=gh[s:s + chunk_tokens])
+        _addmm_fp32_(gw, z.T, h)
+    return {"grad_weight_fp32": gw, "grad_hidden": gh}
+
+
 def _tiny_lm_head(device):
     g = torch.Generator().manual_seed(1)
     h = torch.randn(2, 3, 8, generator=g).to(device).requires_grad_()
@@ -183,7 +246,7 @@ def _tiny_lm_head(device):
 def _probe_backend(call, backend):
     """One call on tiny inputs: a backend the library does not provide for this op raises here, and the
     implementation is reported as skipped with the library's own message (not as a benchmark error)."""
-    if backend == "eager":
+    if backend in ("eager", "auto"):
         return
     try:
         call()
@@ -214,6 +277,8 @@ class LossStep(_Case):
 
     IMPLS = ("naive", "trl", "trl-chunked", "liger", "liger-compiled", "fasttrdpo-eager",
              "fasttrdpo-op-eager", "fasttrdpo-cpp", "fasttrdpo-triton")
+    # run by the GPU check (throughput.py --gpu-check), not by the CPU plans
+    EXTRA_IMPLS = ("fasttrdpo-auto", "fasttrdpo-op-auto", "cce", "gemm-chain")
     DESCRIPTIONS = {
         "naive": "h @ W.T -> log_softmax -> gather, policy and reference",
         "trl": "h @ W.T -> trl.trainer.utils.selective_log_softmax (TRL's pre-1.16 DPO path)",
@@ -224,8 +289,16 @@ class LossStep(_Case):
         "fasttrdpo-op-eager": "fasttrdpo.paired_linear_token_logprobs(backend='eager') + sigmoid DPO loss",
         "fasttrdpo-cpp": "fasttrdpo.loss.TRDPOLoss(backend='cpp') after fasttrdpo.build_cpp()",
         "fasttrdpo-triton": "fasttrdpo.loss.TRDPOLoss(backend='triton') (CUDA)",
+        "fasttrdpo-auto": "fasttrdpo.loss.TRDPOLoss() (backend auto: triton on CUDA, eager on CPU)",
+        "fasttrdpo-op-auto": "fasttrdpo.paired_linear_token_logprobs() (backend auto) + sigmoid DPO loss: the generic "
+                             "lm_head op",
+        "cce": "cut_cross_entropy.linear_cross_entropy(reduction='none') twice (policy, reference under no_grad) "
+               "+ sigmoid DPO loss",
+        "gemm-chain": "the cuBLAS GEMMs alone (policy + reference logits, dz@W, dz^T h into fp32) per 4096 valid "
+                      "tokens: the reachable roof",
     }
     BASELINES = ("trl", "trl-chunked")
+    NO_NUMERICS = ("gemm-chain",)
 
     def __init__(self, impl: str, shape: dict, device, dtype=torch.float32, seed=0):
         self.impl = impl
@@ -233,26 +306,36 @@ class LossStep(_Case):
         self.device = device
         self.backend_used = None
         self._fn = self._make_fn(impl, device)  # raises Skip before any allocation
-        self.x = lm_head_inputs(shape["pairs"], shape["seq"], shape["hidden"], shape["vocab"], device, dtype, seed)
+        dtype = _DTYPES[shape["dtype"]] if "dtype" in shape else dtype
+        self.x = lm_head_inputs(shape["pairs"], shape["seq"], shape["hidden"], shape["vocab"], device, dtype, seed,
+                                valid=shape.get("valid"))
 
     @staticmethod
     def tokens(shape):
         return 2 * shape["pairs"] * shape["seq"]
 
     def _make_fn(self, impl, device):
-        if impl in ("naive", "trl", "trl-chunked", "fasttrdpo-op-eager"):
+        if impl == "gemm-chain":
+            def fn(x):
+                gemm_chain(x)
+                return {}
+
+            return fn
+        if impl in ("naive", "trl", "trl-chunked", "cce") or impl.startswith("fasttrdpo-op-"):
             if impl == "naive":
                 tok = _naive_tok
             elif impl == "trl":
                 tok = _trl_tok_fn()
             elif impl == "trl-chunked":
                 tok = _trl_chunked_tok_fn()
+            elif impl == "cce":
+                tok = _cce_tok_fn(device)
             else:
-                ft = _fasttrdpo("paired_linear_token_logprobs")
+                backend, ft = _fasttrdpo_backend(impl, device, "paired_linear_token_logprobs")
 
                 def fn(x):
                     pol, ref = ft.paired_linear_token_logprobs(x["hidden"], x["weight"], x["ref_hidden"],
-                                                               x["ref_weight"], x["labels"], backend="eager")
+                                                               x["ref_weight"], x["labels"], backend=backend)
                     loss, pol_s, ref_s = dpo_sigmoid(pol, ref)
                     loss.backward()
                     return {"loss": loss.detach(), "policy_logps": pol_s, "ref_logps": ref_s}
@@ -305,6 +388,8 @@ class LossStep(_Case):
         return self._fn(self.x)
 
     def numerics(self, out):
+        if self.impl in self.NO_NUMERICS:
+            return {}
         res = {"loss": float(out["loss"])}
         if "policy_logps" in out:
             pol = out["policy_logps"].double().cpu()
@@ -320,40 +405,67 @@ class LossStep(_Case):
         return res
 
     @staticmethod
+    def valid_tokens(shape):
+        if "valid" not in shape:
+            return None
+        return 2 * shape["pairs"] * (shape["seq"] - int(round((1.0 - shape["valid"]) * shape["seq"])))
+
+    @staticmethod
     def useful_flops(shape):
-        # policy forward + backward (h@W^T, grad_h, grad_W: 6NHV) + reference forward (2NHV); recompute is not useful
-        n = LossStep.tokens(shape)
+        # policy forward + backward (h@W^T, grad_h, grad_W: 6NHV) + reference forward (2NHV); recompute is not
+        # useful, and where the shape fixes the valid fraction neither are the ignored rows
+        n = LossStep.valid_tokens(shape) or LossStep.tokens(shape)
         return 8 * n * shape["hidden"] * shape["vocab"]
 
 
 # ==================================================================================== issue 2: lm_head op memory
 class LmHeadOp(_Case):
-    """The per-token op alone, fwd+bwd: fasttrdpo.linear_token_logprobs vs log_softmax(h @ W.T).gather."""
+    """The per-token op alone, fwd+bwd (or forward only when the shape says fwd_only):
+    fasttrdpo.linear_token_logprobs vs log_softmax(h @ W.T).gather."""
 
     IMPLS = ("naive", "fasttrdpo-eager", "fasttrdpo-cpp", "fasttrdpo-triton")
+    EXTRA_IMPLS = ("fasttrdpo-auto", "gemm", "cce")
     DESCRIPTIONS = {
-        "naive": "log_softmax(h @ W.T).gather(...), backward of the sum",
+        "naive": "log_softmax(h @ W.T).gather(...) (fp32 log_softmax), backward of the sum",
         "fasttrdpo-eager": "fasttrdpo.linear_token_logprobs(backend='eager')",
         "fasttrdpo-cpp": "fasttrdpo.linear_token_logprobs(backend='cpp')",
         "fasttrdpo-triton": "fasttrdpo.linear_token_logprobs(backend='triton') (CUDA)",
+        "fasttrdpo-auto": "fasttrdpo.linear_token_logprobs() (backend auto)",
+        "gemm": "h @ W.T alone (the op's GEMM, logits written): the op forward's target denominator",
+        "cce": "-cut_cross_entropy.linear_cross_entropy(h, W, y, reduction='none')",
     }
     BASELINES = ("naive",)
+    NO_NUMERICS = ("gemm",)
 
     def __init__(self, impl, shape, device, dtype=torch.float32, seed=0):
         self.impl = impl
         self.device = device
+        self.fwd_only = bool(shape.get("fwd_only"))
+        dtype = _DTYPES[shape["dtype"]] if "dtype" in shape else dtype
         if impl == "naive":
             self._tok = lambda h, w, y: _naive_tok(h, w, y)
+        elif impl == "gemm":
+            if not self.fwd_only:
+                raise Skip("the GEMM alone is the forward's denominator (fwd_only shapes)")
+            self._tok = lambda h, w, y: h @ w.T
+        elif impl == "cce":
+            self._tok = _cce_tok_fn(device)
         else:
             backend, ft = _fasttrdpo_backend(impl, device, "linear_token_logprobs")
             self._tok = lambda h, w, y: ft.linear_token_logprobs(h, w, y, backend=backend)
-        g = torch.Generator().manual_seed(seed)
         n, hdim, v = shape["tokens"], shape["hidden"], shape["vocab"]
-        h = torch.randn(n, hdim, generator=g)
-        w = torch.randn(v, hdim, generator=g) * (2.0 / math.sqrt(hdim))
-        y = torch.randint(0, v, (n,), generator=g)
+        if torch.device(device).type == "cuda":  # drawn on the device (see lm_head_inputs)
+            g = torch.Generator(device=device).manual_seed(seed)
+            kw = dict(generator=g, device=device)
+        else:
+            g = torch.Generator().manual_seed(seed)
+            kw = dict(generator=g)
+        h = torch.randn(n, hdim, **kw)
+        w = torch.randn(v, hdim, **kw) * (2.0 / math.sqrt(hdim))
+        y = torch.randint(0, v, (n,), **kw)
         y[: n // 8] = IGNORE
-        self.x = {"hidden": h.to(device, dtype).requires_grad_(), "weight": w.to(device, dtype).requires_grad_(),
+        grad = not self.fwd_only
+        self.x = {"hidden": h.to(device, dtype).requires_grad_(grad), "weight": w.to(device, dtype).requires_grad_(grad),
                   "labels": y.to(device)}
 
     @staticmethod
@@ -365,18 +477,24 @@ class LmHeadOp(_Case):
         self.x["weight"].grad = None
 
     def step(self):
+        if self.fwd_only:
+            with torch.no_grad():
+                out = self._tok(self.x["hidden"], self.x["weight"], self.x["labels"])
+            return {} if self.impl == "gemm" else {"logps": out}
         lp = self._tok(self.x["hidden"], self.x["weight"], self.x["labels"])
         lp.sum().backward()
         return {"logps": lp.detach()}
 
     def numerics(self, out):
+        if self.impl in self.NO_NUMERICS:
+            return {}
         return {"logps_sum": out["logps"].double().sum().item(), "logps": _sample(out["logps"]),
                 "grad_hidden": _grad_summary(self.x["hidden"].grad),
                 "grad_weight": _grad_summary(self.x["weight"].grad)}
 
     @staticmethod
     def useful_flops(shape):
-        return 6 * shape["tokens"] * shape["hidden"] * shape["vocab"]
+        return (2 if shape.get("fwd_only") else 6) * shape["tokens"] * shape["hidden"] * shape["vocab"]
 
 
 # ==================================================================================== case 2: logits level
@@ -482,7 +600,8 @@ def llama_layer_shapes(hidden=4096, intermediate=14336, heads=32, kv_heads=8, la
 
 
 def param_list(name: str, scale: float = 1.0):
-    """Named parameter lists: Pythia-160M (148 tensors), Pythia-2.8B and Llama-8B layers (scaled by `scale`)."""
+    """Named parameter lists: Pythia-160M (148 tensors), Pythia-2.8B and Llama-8B layers, the whole Llama-8B
+    (291 tensors, 8.03e9 elements at scale 1), widths scaled by `scale`."""
     def s(x):
         return max(8, int(round(x * scale / 8)) * 8)
 
@@ -492,10 +611,12 @@ def param_list(name: str, scale: float = 1.0):
         return pythia_param_shapes(hidden=s(2560), layers=4, vocab=8, heads=32)[1:-3]  # layers only
     if name == "llama-8b-layers":
         return llama_layer_shapes(hidden=s(4096), intermediate=s(14336), heads=32, kv_heads=8, layers=2)
+    if name == "llama-8b":  # the whole model: embedding, 32 layers, final norm, untied lm_head (291 tensors)
+        hid, vocab = s(4096), s(128256)
+        return [(vocab, hid)] + llama_layer_shapes(hidden=hid, intermediate=s(14336), layers=32) + [(hid,), (vocab, hid)]
     raise ValueError(f"unknown parameter list {name!r}")
 
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 
 
@@ -510,7 +631,9 @@ class Blend(_Case):
                            "(check_finite=True, the default)",
         "fasttrdpo-cpp": "fasttrdpo.blend_(..., backend='cpp') after fasttrdpo.build_cpp() (check_finite=True)",
         "fasttrdpo-triton": "fasttrdpo.blend_(..., backend='triton') (CUDA; check_finite=True)",
+        "fasttrdpo-auto": "fasttrdpo.blend_(...) (backend auto; check_finite=True)",
     }
+    EXTRA_IMPLS = ("fasttrdpo-auto",)
     BASELINES = ("trl-loop",)
 
     def __init__(self, impl, shape, device, dtype=None, seed=0):
@@ -534,13 +657,18 @@ class Blend(_Case):
             self._blend = lerp
         else:
             raise ValueError(impl)
-        g = torch.Generator().manual_seed(seed)
         shapes = [tuple(s) for s in shape["shapes"]]
+        if torch.device(device).type == "cuda":  # drawn on the device: the Llama-8B list is 8e9 values
+            g = torch.Generator(device=device).manual_seed(seed)
+            kw = dict(generator=g, device=device)
+        else:
+            g = torch.Generator().manual_seed(seed)
+            kw = dict(generator=g)
         self.policy, self.ref = [], []
         for s in shapes:
-            p = torch.randn(s, generator=g) * 0.05
+            p = torch.randn(s, **kw) * 0.05
             self.policy.append(p.to(device, pdt))
-            self.ref.append((p + 0.01 * torch.randn(s, generator=g)).to(device, rdt))
+            self.ref.append((p + 0.01 * torch.randn(s, **kw)).to(device, rdt))
             del p
         # snapshot of a few small tensors to check the arithmetic after timing (the timed runs blend repeatedly)
         order = sorted(range(len(shapes)), key=lambda i: math.prod(shapes[i]))
@@ -581,8 +709,9 @@ CASES = {"loss_step": LossStep, "lmhead_op": LmHeadOp, "logits_step": LogitsStep
 
 def build(case: str, impl: str, shape: dict, device, seed: int = 0):
     cls = CASES[case]
-    if impl not in cls.IMPLS:
-        raise ValueError(f"{case}: unknown implementation {impl!r} (known: {cls.IMPLS})")
+    known = cls.IMPLS + getattr(cls, "EXTRA_IMPLS", ())
+    if impl not in known:
+        raise ValueError(f"{case}: unknown implementation {impl!r} (known: {known})")
     return cls(impl, shape, device, seed=seed)
 
 

@@ -3,6 +3,8 @@
     python benchmarks/throughput.py            # full run on the default device (CUDA if present)
     python benchmarks/throughput.py --quick    # sub-minute CPU run on tiny shapes (fewer repeats)
     python benchmarks/throughput.py --json benchmarks/results/cpu-2026-11-25.json --plot out.png
+    python benchmarks/throughput.py --gpu-check --budget-s 200 --json out/throughput.json --md out/throughput.md
+    python benchmarks/throughput.py --gpu-check --dry-run ...   # the same plan at tiny shapes (CPU plumbing)
 
 Cases (see benchmarks/_cases.py and _e2e.py):
   loss_step    paired policy+reference log-probs at the lm_head level + sigmoid DPO loss, fwd+bwd
@@ -10,6 +12,13 @@ Cases (see benchmarks/_cases.py and _e2e.py):
   logits_step  paired log-probs from logits + DPO loss, fwd+bwd
   blend        reference update over real models' parameter lists
   e2e          whole training steps: fasttrdpo trainer vs TRL's DPOTrainer(sync_ref_model=True)
+
+--gpu-check (what scripts/gpu_check.sh runs): issue 11's GPU primary shapes only: the loss step at N=16k,
+H=4096, V=128256 bf16 with 60 % and 100 % valid rows (TRDPOLoss, the generic op, TRL's chunked path,
+Liger's LigerFusedLinearDPOLoss, Apple's CCE, and the same cuBLAS GEMMs alone as the reachable roof), the
+lm_head op forward against its GEMM, and the blend of the whole Llama-8B list against a same-run copy_.
+Repeats come from the traffic model (benchmarks/traffic.py) so the run fits --budget-s; what would not
+fit is reported as not run, with the estimate. Each row carries the model's predicted time.
 
 Every (case, shape, implementation) runs in its own child process (forked from a zygote that has only
 imported the libraries): warm-up, then the median of the timed runs; peak memory is the growth over the
@@ -46,6 +55,11 @@ MIN_RATIO_BASE = 16 * MB
 # 1e-3 of each quantity's scale sits between the two: a real bug (a missing term, a wrong sign, a
 # gradient off by a factor) shows up as O(1e-2..1) and is caught.
 NUMERICS_RTOL = 1e-3
+# bf16 shapes (the GPU check): gradients are stored in bf16 (0.5 ulp = 2^-9 relative) and an implementation
+# may hold the logits in a bf16 tile, which moves each logit by <= 2^-9·|z| and so each softmax term by a
+# relative ~2^-9·max|z| (logits here have std 2, max|z| over 128k columns ~ 9: 1.8e-2); with the output
+# rounding that is ~2e-2. 3e-2 leaves room above it; a real bug (missing term, wrong sign, a factor) is O(1e-1..1).
+NUMERICS_RTOL_BF16 = 3e-2
 # blend: the formula's two operands and its result are bounded by M = max(|ref|, |policy|); each bf16
 # rounding errs by <= 0.5 ulp(M), and the worst implementation (mul_ then add_) rounds twice: <= 1 ulp(M)
 # (the fp32 intermediate error is 2^-16 of that).
@@ -65,6 +79,8 @@ def plan(args, device_type):
     """The (case, shapes, implementations) this run measures."""
     from _cases import CASES, param_list
 
+    if getattr(args, "gpu_check", False):
+        return plan_gpu_check(args, device_type)
     quick = args.quick
     cuda = device_type == "cuda"
     if quick:
@@ -135,6 +151,121 @@ def _primary(task, cuda):
     return task["case"] in ("lmhead_op", "e2e")
 
 
+# ============================================================================================ GPU check plan
+# in the order they run: what the issue's targets need first (our loss step, its roof, TRL's chunked
+# path, Liger's default compiled loss, CCE), then the secondary rows (Liger eager, the generic op)
+GPU_LOSS_PRIMARY = ("gemm-chain", "fasttrdpo-auto", "trl-chunked", "liger-compiled", "cce")
+GPU_LOSS_SECONDARY = ("liger", "fasttrdpo-op-auto")
+GPU_LOSS_IMPLS = GPU_LOSS_PRIMARY + GPU_LOSS_SECONDARY
+GPU_OP_IMPLS = ("gemm", "fasttrdpo-auto", "cce", "naive")
+GPU_BLEND_IMPLS = ("fasttrdpo-auto", "trl-loop", "foreach-lerp")
+# the traffic model's implementation for each measured one (the TRDPOLoss row: the issue's fp32-tile design)
+MODEL_IMPL = {
+    "loss_step": {"gemm-chain": "gemm-chain", "fasttrdpo-auto": "fasttrdpo-cuda (tile fp32)",
+                  "fasttrdpo-triton": "fasttrdpo-cuda (tile fp32)", "trl-chunked": "trl-chunked", "liger": "liger",
+                  "liger-compiled": "liger-compiled", "cce": "cce", "fasttrdpo-op-auto": "linear-today"},
+    "lmhead_op": {"gemm": "gemm", "fasttrdpo-auto": "linear-today", "naive": "naive", "cce": "cce"},
+    "blend": {"fasttrdpo-auto": "fasttrdpo (check_finite=True)", "trl-loop": "trl-loop", "foreach-lerp": "foreach-lerp"},
+}
+# seconds a child spends besides the timed steps: process, CUDA context, inputs (CPU dry run: ~1 s),
+# plus a first-call cost (compilation, autotuning) for the implementations that have one
+CHILD_OVERHEAD_S = {"cuda": 3.0, "cpu": 1.5}
+# the first measurement of an implementation compiles (Triton, inductor) or autotunes (CCE); later ones
+# find the kernels in the on-disk caches and pay FIRST_CALL_REPEAT of it
+FIRST_CALL_S = {"cuda": {"liger-compiled": 45.0, "cce": 20.0, "fasttrdpo-auto": 10.0, "fasttrdpo-op-auto": 10.0},
+                "cpu": {"liger-compiled": 15.0}}
+FIRST_CALL_REPEAT = 0.25
+# the roofline time is a floor: the measured step is planned at this multiple of it
+MODEL_SLACK = 2.0
+TIMED_S_PER_MEASUREMENT = 1.5  # repeats are chosen so the timed runs take about this long
+
+
+def gpu_check_shapes(dry_run: bool):
+    """(loss shapes, lm_head op shapes, blend shapes) of the GPU check; tiny ones for --dry-run."""
+    from _cases import param_list
+
+    if dry_run:
+        base = dict(pairs=2, seq=32, hidden=64, vocab=1000, dtype="bf16")
+        op = dict(tokens=256, hidden=64, vocab=1000, dtype="bf16", fwd_only=True)
+        scale = 1 / 128  # the smallest width with one KV head per 32 heads (hidden // 32 * 8 >= 1)
+    else:
+        base = dict(pairs=8, seq=1024, hidden=4096, vocab=128256, dtype="bf16")
+        op = dict(tokens=16384, hidden=4096, vocab=128256, dtype="bf16", fwd_only=True)
+        scale = 1.0
+    loss = [dict(base, valid=v) for v in (0.6, 1.0)]
+    shapes = [list(x) for x in param_list("llama-8b", scale)]
+    blend = [dict(params="llama-8b", scale=scale, tensors=len(shapes), elements=sum(math.prod(x) for x in shapes),
+                  policy_dtype=pdt, ref_dtype="bf16", shapes=shapes) for pdt in ("fp32", "bf16")]
+    return loss, [op], blend
+
+
+def model_prediction(case, impl, shape):
+    """The traffic model's serial time (s) of this measurement on H100, H200 and the H200's reachable roof,
+    or None where the model has no such implementation."""
+    import traffic
+
+    name = MODEL_IMPL.get(case, {}).get(impl)
+    if name is None:
+        return None
+    if case == "loss_step":
+        models = traffic.loss_step_models(dict(shape, valid=shape.get("valid", 1.0)))
+    elif case == "lmhead_op":
+        models = traffic.lmhead_fwd_models(shape)
+    elif case == "blend":
+        models = traffic.blend_models(shape["policy_dtype"], shape["ref_dtype"], elements=shape["elements"])
+    else:
+        return None
+    m = next((m for m in models if m.impl == name), None)
+    if m is None:
+        return None
+    return {"model_impl": name, "bytes": m.bytes, "flops": m.flops,
+            "serial_s": {g: m.serial_s(r) for g, r in traffic.ROOFS.items()},
+            "roofline_s": {g: m.roofline_s(r) for g, r in traffic.ROOFS.items()}}
+
+
+def plan_gpu_check(args, device_type):
+    """Issue 11's GPU check: the primary GPU shapes, repeats sized from the traffic model."""
+    loss, ops, blends = gpu_check_shapes(args.dry_run)
+    order = []  # what the issue's targets need first: the 60 % loss step, the blend, the op, 100 %, the rest
+    order += [("loss_step", loss[0], i) for i in GPU_LOSS_PRIMARY]
+    order += [("blend", b, i) for b in blends for i in GPU_BLEND_IMPLS]
+    order += [("lmhead_op", o, i) for o in ops for i in GPU_OP_IMPLS]
+    order += [("loss_step", loss[1], i) for i in GPU_LOSS_PRIMARY]
+    order += [("loss_step", x, i) for x in loss for i in GPU_LOSS_SECONDARY]
+    if args.cases:
+        wanted = set(args.cases.split(","))
+        order = [t for t in order if t[0] in wanted]
+    if args.impls:
+        wanted = set(args.impls.split(","))
+        order = [t for t in order if t[2] in wanted]
+    kind = "cuda" if device_type == "cuda" else "cpu"
+    tasks, skipped, seen = [], [], set()
+    for i, (case, shape, impl) in enumerate(order):
+        task = dict(case=case, impl=impl, shape=shape, device=args.device_str, seed=args.seed, warmup=args.warmup,
+                    repeats=args.repeats, threads=args.threads, order=i, part=case)
+        pred = model_prediction(case, impl, shape)
+        step = None
+        if kind == "cuda" and pred is not None:
+            step = MODEL_SLACK * pred["serial_s"]["H200-reachable"]
+        elif kind == "cpu":
+            step = 0.05  # tiny shapes
+        if args.repeats_auto:
+            if args.dry_run:  # plumbing only: one timed run after the warm-up
+                task["repeats"] = 1
+            else:
+                task["repeats"] = 3 if step is None else int(min(10, max(3, round(TIMED_S_PER_MEASUREMENT / step))))
+        first = FIRST_CALL_S[kind].get(impl, 0.0) * (FIRST_CALL_REPEAT if (case, impl) in seen else 1.0)
+        seen.add((case, impl))
+        task["estimate_s"] = (CHILD_OVERHEAD_S[kind] + first
+                              + (task["warmup"] + task["repeats"]) * (step if step is not None else 1.0))
+        if args.dry_run and impl == "liger-compiled":
+            skipped.append(dict(task, status="skipped", model=pred,
+                                reason="skipped by --dry-run: torch.compile's first call takes ~12 s on CPU"))
+            continue
+        tasks.append(task)
+    return tasks, skipped
+
+
 # ============================================================================================ running
 def _child(conn, task):
     from _cases import run_task
@@ -172,7 +303,7 @@ def _versions():
     import importlib.metadata as md
 
     v = {"python": platform.python_version()}
-    for name in ("torch", "triton", "trl", "liger-kernel", "transformers", "numpy", "fasttrdpo"):
+    for name in ("torch", "triton", "trl", "liger-kernel", "cut-cross-entropy", "transformers", "numpy", "fasttrdpo"):
         try:
             v[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -251,7 +382,9 @@ def compare_numerics(ref: dict, other: dict) -> float:
     return worst
 
 
-_NUMERICS_REFERENCE = {"loss_step": "naive", "lmhead_op": "naive", "logits_step": "naive"}
+# the implementation every other one is compared with: the first of these that was measured
+_NUMERICS_REFERENCE = {"loss_step": ("naive", "trl-chunked", "liger", "fasttrdpo-eager", "fasttrdpo-auto"),
+                       "lmhead_op": ("naive",), "logits_step": ("naive",)}
 
 
 def analyse(results):
@@ -287,7 +420,10 @@ def analyse(results):
                     rat["time_vs_best_trl"] = r[metric] / best_t
             if best_m is not None and best_m >= MIN_RATIO_BASE and r.get("peak_growth_bytes") is not None:
                 rat["mem_vs_best_trl"] = r["peak_growth_bytes"] / best_m
-            for peer in ("liger", "liger-compiled", "trl-chunked"):
+            roof = {"loss_step": "gemm-chain", "lmhead_op": "gemm"}.get(case)
+            if roof in ok and roof != r["impl"]:  # > 1 is slower than the GEMMs alone
+                rat[f"time_vs_{roof}"] = r["median_s"] / ok[roof]["median_s"]
+            for peer in ("liger", "liger-compiled", "trl-chunked", "cce"):
                 if case == "loss_step" and peer in ok and peer != r["impl"]:
                     rat[f"time_vs_{peer}"] = r["median_s"] / ok[peer]["median_s"]
                     if ok[peer]["peak_growth_bytes"] >= MIN_RATIO_BASE:
@@ -300,16 +436,23 @@ def analyse(results):
                 r["numerics_ok"] = err <= BLEND_MAX_ULPS
                 r["numerics_note"] = f"max error {err:.3f} ulp(max(|ref|,|policy|)), bound {BLEND_MAX_ULPS}"
         elif case in _NUMERICS_REFERENCE:
-            ref = ok.get(_NUMERICS_REFERENCE[case])
+            ref = next((ok[i] for i in _NUMERICS_REFERENCE[case] if i in ok), None)
+            no_numerics = getattr(CASES[case], "NO_NUMERICS", ())
+            shape = rows[0]["shape"]
+            rtol = NUMERICS_RTOL_BF16 if shape.get("dtype") in ("bf16", "fp16") else NUMERICS_RTOL
             for r in ok.values():
+                if r["impl"] in no_numerics:
+                    r["numerics_ok"] = None
+                    r["numerics_note"] = "GEMMs alone: no log-probs or loss to compare"
+                    continue
                 if ref is None:
                     r["numerics_ok"] = None
                     r["numerics_note"] = "reference implementation not measured"
                     continue
                 d = compare_numerics(ref["numerics"], r["numerics"])
                 r["numerics_max_rel_diff"] = d
-                r["numerics_ok"] = d <= NUMERICS_RTOL
-                r["numerics_note"] = f"max relative difference to {ref['impl']}: {d:.2e} (tolerance {NUMERICS_RTOL})"
+                r["numerics_ok"] = d <= rtol
+                r["numerics_note"] = f"max relative difference to {ref['impl']}: {d:.2e} (tolerance {rtol})"
         elif case == "e2e":
             ref = ok.get("trl-dpotrainer")
             for r in ok.values():
@@ -324,14 +467,17 @@ def analyse(results):
 
 
 def device_fractions(results, peaks):
-    """On a GPU with known datasheet peaks: useful TFLOP/s as a fraction of the fp32 peak (all cases here
-    run fp32 with IEEE dots, TF32 off) and blend GB/s as a fraction of the HBM peak."""
+    """On a GPU with known datasheet peaks: useful TFLOP/s as a fraction of the fp32 peak (the CPU-plan
+    cases run fp32 with IEEE dots, TF32 off) or of the bf16 peak (the GPU check's bf16 shapes), and blend
+    GB/s as a fraction of the HBM peak."""
     if not peaks:
         return
     for r in results:
         if r.get("status") != "ok":
             continue
-        if r.get("tflops"):
+        if r.get("tflops") and r["shape"].get("dtype") in ("bf16", "fp16"):
+            r["tflops_fraction_of_bf16_peak"] = r["tflops"] / peaks["bf16_tflops"]
+        elif r.get("tflops"):
             r["tflops_fraction_of_fp32_peak"] = r["tflops"] / peaks["fp32_tflops"]
         if r.get("gbps"):
             r["fraction_of_hbm_peak"] = r["gbps"] / (peaks["hbm_tbps"] * 1000)
@@ -344,8 +490,54 @@ def _find(results, case, impl, **shape):
     return None
 
 
-def targets(results, device_type, quick):
+def gpu_check_targets(results, dry_run):
+    """Issue 11's GPU targets, from one --gpu-check run (met = None where not measured, and in a dry run,
+    whose tiny CPU shapes say nothing about them: there the values only prove the arithmetic runs)."""
+    out = []
+    note = "dry run: tiny CPU shapes, not a measurement of the target" if dry_run else ""
+
+    def add(name, value, target, ok):
+        met = None if (value is None or dry_run) else bool(ok(value))
+        out.append({"name": name, "measured": value, "target": target, "met": met,
+                    "note": note if value is not None else "not measured"})
+
+    def ok_row(case, impl, **shape):
+        r = _find(results, case, impl, **shape)
+        return r if r and r.get("status") == "ok" else None
+
+    for valid in (0.6, 1.0):
+        ours = ok_row("loss_step", "fasttrdpo-auto", valid=valid)
+        tag = f"loss_step valid={valid:.0%} TRDPOLoss"
+        roof = ok_row("loss_step", "gemm-chain", valid=valid)
+        v = roof["median_s"] / ours["median_s"] if ours and roof else None
+        add(f"{tag}: fraction of the same-run cuBLAS GEMM chain (time of the GEMMs / time of the loss)", v,
+            ">= 0.85", lambda x: x >= 0.85)
+        for peer, tgt in (("trl-chunked", 1.15), ("liger-compiled", 1.3)):
+            p = ok_row("loss_step", peer, valid=valid)
+            v = p["median_s"] / ours["median_s"] if ours and p else None
+            add(f"{tag}: speed-up over {peer}", v, f">= {tgt}" + ("" if valid == 0.6 else " (issue: at ~60 %; reported)"),
+                (lambda x, t=tgt: x >= t) if valid == 0.6 else (lambda x: True))
+        if ours:
+            mem = ours.get("peak_growth_bytes")
+            add(f"{tag}: peak memory growth over the inputs (MiB; O(chunk))", None if mem is None else mem / MB,
+                "reported", lambda x: True)
+    op = ok_row("lmhead_op", "fasttrdpo-auto")
+    g = ok_row("lmhead_op", "gemm")
+    v = g["median_s"] / op["median_s"] if op and g else None
+    add("lm_head op forward: rate as a fraction of its GEMM's (time of h @ W.T / time of the op)", v, ">= 0.6",
+        lambda x: x >= 0.6)
+    for pdt in ("fp32", "bf16"):
+        b = ok_row("blend", "fasttrdpo-auto", policy_dtype=pdt)
+        v = b.get("fraction_of_copy") if b else None
+        add(f"blend llama-8b {pdt}->bf16: fraction of a same-run copy_ of the same bytes", v, ">= 0.9",
+            lambda x: x >= 0.9)
+    return out
+
+
+def targets(results, device_type, quick, gpu_check=False, dry_run=False):
     """The issue's targets, evaluated on this run's numbers (met = None where not measured)."""
+    if gpu_check:
+        return gpu_check_targets(results, dry_run)
     out = []
 
     def add(name, value, target, met, note=""):
@@ -419,9 +611,11 @@ def targets(results, device_type, quick):
 # ============================================================================================ output
 def _shape_str(case, s):
     if case == "loss_step":
-        return f"N={2 * s['pairs'] * s['seq']} H={s['hidden']} V={s['vocab']}"
+        extra = (f" {s['dtype']}" if "dtype" in s else "") + (f" valid={s['valid']:.0%}" if "valid" in s else "")
+        return f"N={2 * s['pairs'] * s['seq']} H={s['hidden']} V={s['vocab']}{extra}"
     if case == "lmhead_op":
-        return f"N={s['tokens']} H={s['hidden']} V={s['vocab']}"
+        extra = (f" {s['dtype']}" if "dtype" in s else "") + (" fwd" if s.get("fwd_only") else "")
+        return f"N={s['tokens']} H={s['hidden']} V={s['vocab']}{extra}"
     if case == "logits_step":
         return f"N={2 * s['pairs'] * s['seq']} V={s['vocab']}"
     if case == "blend":
@@ -503,6 +697,45 @@ def markdown(doc) -> str:
     return "\n".join(lines)
 
 
+def gpu_markdown(doc) -> str:
+    """The GPU check's report: every planned measurement (measured, or not run and why) beside the traffic
+    model's prediction for the H100, the H200 and the H200's reachable roof, then the issue's targets."""
+    env = doc["environment"]
+    v = env["versions"]
+    lines = [f"GPU check {doc['created_utc']} on {env.get('device_name')} ({env['device']}), torch {v.get('torch')}, "
+             f"triton {v.get('triton')}, trl {v.get('trl')}, liger-kernel {v.get('liger-kernel')}, "
+             f"cut-cross-entropy {v.get('cut-cross-entropy')}; {doc['repeats_note']}; "
+             f"benchmarks took {env.get('wall_s', 0):.0f} s"
+             + (f" of a {doc['budget_s']:.0f} s budget" if doc.get("budget_s") else "") + ".", "",
+             "| case | shape | implementation | measured ms | peak MiB | model ms H100 / H200 / H200 reachable "
+             "| × GEMM roof | numerics |",
+             "|---|---|---|---:|---:|---|---:|---|"]
+    for r in sorted(doc["results"], key=lambda r: r.get("order", 10 ** 6)):
+        shape = _shape_str(r["case"], r["shape"])
+        m = r.get("model")
+        pred = "-" if not m else " / ".join(f"{m['serial_s'][g] * 1e3:.3g}" for g in ("H100", "H200", "H200-reachable"))
+        if r.get("status") != "ok":
+            lines.append(f"| {r['case']} | {shape} | {r['impl']} | not run: {r.get('reason')} | | {pred} | | |")
+            continue
+        rat = r.get("ratios", {})
+        roof = rat.get("time_vs_gemm-chain", rat.get("time_vs_gemm"))
+        num = {True: "ok", False: "MISMATCH", None: "-"}[r.get("numerics_ok")]
+        peak = r.get("peak_growth_bytes")
+        used = r.get("backend_used")  # which fasttrdpo backend each op ran (no silent fallback)
+        impl = r["impl"] + (" (" + ", ".join(f"{k}: {b}" for k, b in sorted(used.items())) + ")" if used else "")
+        lines.append(f"| {r['case']} | {shape} | {impl} | {r['median_s'] * 1e3:.3g} | "
+                     f"{_fmt(None if peak is None else peak / MB, '.0f')} | {pred} | {_fmt(roof, '.2f')} | {num} |")
+    if doc.get("targets"):
+        lines += ["", "| target | measured | wanted | met |", "|---|---:|---|---|"]
+        for t in doc["targets"]:
+            met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
+            lines.append(f"| {t['name']} | {_fmt(t['measured'], '.3f')} | {t['target']} | {met} |")
+    if doc.get("parts_elapsed_s"):
+        lines += ["", "Elapsed per part: " + ", ".join(f"{k} {x:.1f} s" for k, x in doc["parts_elapsed_s"].items())
+                  + "."]
+    return "\n".join(lines)
+
+
 def plot(results, path, note=None):
     """Time and peak memory of the loss step vs V (one line per implementation)."""
     import matplotlib
@@ -554,6 +787,14 @@ def parse_args(argv=None):
                     help="primary: the shapes the issue's targets use (loss step at the target V, lm_head op, "
                          "Pythia-160M blend, e2e, on CPU the logits level); secondary: the rest (V sweep, "
                          "other blends, on CUDA the logits level)")
+    ap.add_argument("--gpu-check", action="store_true",
+                    help="issue 11's GPU check: the GPU primary shapes only (see the module doc)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="with --gpu-check: the same plan at tiny shapes (on CPU: proves the plumbing)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="wall-clock budget: a measurement whose estimate does not fit what is left is reported "
+                         "as not run; each child's timeout is capped by what is left")
+    ap.add_argument("--md", default=None, help="also write the markdown report to this file")
     ap.add_argument("--plot-with", nargs="*", default=[],
                     help="result JSONs of other runs whose loss-step points join the plot (e.g. a --part "
                          "secondary run); their ratios stay their own")
@@ -577,13 +818,18 @@ def main(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.device_str = args.device
     device_type = torch.device(args.device).type
+    args.repeats_auto = args.repeats is None and args.gpu_check
     if args.repeats is None:
-        args.repeats = 3 if args.quick else 5
+        args.repeats = 3 if (args.quick or args.gpu_check) else 5
+    if args.dry_run and not args.gpu_check:
+        raise SystemExit("--dry-run goes with --gpu-check")
     if args.threads is None:
         args.threads = torch.get_num_threads()
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     if args.json is None:
-        args.json = os.path.join(HERE, "results", f"{device_type}-{date}{'-quick' if args.quick else ''}.json")
+        tag = "-gpu-check" if args.gpu_check else ""
+        tag += "-dry-run" if args.dry_run else ""
+        args.json = os.path.join(HERE, "results", f"{device_type}-{date}{'-quick' if args.quick else ''}{tag}.json")
     if args.plot is None and not args.no_plot:
         args.plot = os.path.splitext(args.json)[0] + ".png"
 
@@ -594,8 +840,10 @@ def main(argv=None):
     t_start = time.time()
     ctx = mp.get_context("forkserver")
     # the zygote imports the heavy libraries once; each measurement is a fresh fork of it
+    # (trl.kernels' backward imports trl.trainer.utils: preloading it saves each TRL child seconds)
     ctx.set_forkserver_preload(["torch", "_measure", "_cases", "trl.trainer.utils", "trl.kernels",
-                                "liger_kernel.chunked_loss", "transformers"])
+                                "liger_kernel.chunked_loss", "transformers", "fasttrdpo", "fasttrdpo.loss",
+                                "cut_cross_entropy"])
     env = device_info(args.device_str)
     env.update(versions=_versions(), platform=platform.platform(), git_commit=_git_commit(),
                loadavg_start=load_start,
@@ -619,17 +867,26 @@ def main(argv=None):
             "pending": [{k: t[k] for k in ("case", "impl")} | {"shape": _shape_str(t["case"], t["shape"])}
                         for t in pending],
             "quick": args.quick,
+            "gpu_check": args.gpu_check,
+            "dry_run": args.dry_run,
+            "budget_s": args.budget_s,
+            "parts_elapsed_s": dict(parts_elapsed),
             "part": args.part,
             "warmup": args.warmup,
             "repeats": args.repeats,
             "repeats_note": ("--quick: median of 3 timed runs (fewer than the 5 of a full run), tiny shapes; not "
                              "for comparison" if args.quick and args.repeats < 5
+                             else "--gpu-check --dry-run: tiny shapes on this device, one timed run, proves the "
+                                  "plumbing only; not for comparison" if args.dry_run
+                             else "median of 3-10 timed runs (sized from the traffic model to fit the budget) after "
+                                  f"{args.warmup} warm-up run(s)" if args.repeats_auto
                              else f"median of {args.repeats} timed runs after {args.warmup} warm-up run(s)"),
             "environment": env,
             "implementations": _descriptions(),
             "results": rows,
         }
-        doc["targets"] = targets(rows, device_type, args.quick) if args.part != "secondary" else []
+        doc["targets"] = (targets(rows, device_type, args.quick, gpu_check=args.gpu_check, dry_run=args.dry_run)
+                          if args.part != "secondary" else [])
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
             json.dump(doc, f, indent=1)
@@ -638,20 +895,43 @@ def main(argv=None):
 
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     results = []
+    parts_elapsed = {}
     bar = tqdm(tasks, desc="benchmarks", unit="run", file=sys.stderr, dynamic_ncols=True)
     for i, task in enumerate(bar):
         bar.set_postfix_str(f"{task['case']}:{task['impl']}")
-        r = run_isolated(ctx, task, args.timeout)
+        timeout = args.timeout
+        part = task.get("part", task["case"])
+        t_task = time.time()
+        left = None if args.budget_s is None else args.budget_s - (t_task - t_start)
+        if left is not None and task.get("estimate_s", 0.0) > left:
+            r = {k: task[k] for k in ("case", "impl", "shape")}
+            r.update(status="skipped", reason=f"{left:.0f} s of the {args.budget_s:.0f} s budget left, this "
+                                              f"measurement is estimated at {task['estimate_s']:.0f} s")
+        else:
+            if left is not None:
+                timeout = max(1.0, min(timeout, left))
+            r = run_isolated(ctx, task, timeout)
+        parts_elapsed[part] = parts_elapsed.get(part, 0.0) + time.time() - t_task
         r["device"] = args.device_str
         r["order"] = task["order"]
+        r["estimate_s"] = task.get("estimate_s")
+        r["elapsed_s"] = time.time() - t_task
+        if args.gpu_check:
+            r["model"] = model_prediction(task["case"], task["impl"], task["shape"])
         r["loadavg_after"] = loadavg()
         loads.append(r["loadavg_after"] or [0.0])
         results.append(r)
         doc, rows = write(results, tasks[i + 1:])
+        if i + 1 == len(tasks) or tasks[i + 1].get("part", tasks[i + 1]["case"]) != part:
+            print(f"[throughput] {part}: {parts_elapsed[part]:.1f} s so far (run {time.time() - t_start:.1f} s)",
+                  file=sys.stderr, flush=True)
     bar.close()
     if not tasks:
         doc, rows = write(results, [])
     results = rows
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write((gpu_markdown(doc) if args.gpu_check else markdown(doc)) + "\n")
     print(table(results))
     if doc["targets"]:
         print("\ntargets:")
