@@ -256,16 +256,16 @@ def test_check_loss_config_default_accepts_only_the_classic_four():
 
 # ---------------------------------------------------------------------------------------------------------------
 # TRL's DPOTrainer end to end (fp32, 3 steps) vs FusedDPOTrainer on the same weights and batches.
-# Each run covers a code path: a batch-dependent list through the op path (RPO: sigmoid + sft), a sorted batch
-# loss with TRL's label smoothing (aot), and every other new pairwise type at once, weighted so no term
-# dominates (a wrong term shifts the sum and its gradient). 4 pairs per step so aot's sort is not trivial.
+# Two runs cover all 15 types through the integration's op path: RPO (sigmoid + the batch-dependent sft), and
+# every other type in one weighted list (aot/aot_unpaired sort the batch; exo_pair, robust and the aot pair read
+# TRL's label_smoothing; weights keep the squared losses from dominating, so a wrong term moves the sum and its
+# gradient far beyond the tolerance). 4 pairs per step so aot's sort is not trivial.
 E2E = {
     "rpo": dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
-    "aot": dict(loss_type=["aot", "aot_unpaired"], loss_weights=[1.0, 0.5], label_smoothing=0.1),
-    "pairwise": dict(loss_type=["exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop",
-                                "sigmoid_norm", "robust"],
-                     loss_weights=[1.0, 0.5, 0.5, 0.01, 1.0, 1.0, 1.0, 1.0, 0.5], label_smoothing=1e-3,
-                     discopop_tau=0.2),
+    "all_others": dict(loss_type=["aot", "aot_unpaired", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
+                                  "apo_down", "discopop", "sigmoid_norm", "robust", "hinge", "ipo"],
+                       loss_weights=[1.0, 0.5, 1.0, 0.5, 0.5, 0.01, 1.0, 1.0, 1.0, 1.0, 0.5, 1.0, 0.01],
+                       label_smoothing=0.01, discopop_tau=0.2),
 }
 E2E_STEPS = 3
 
