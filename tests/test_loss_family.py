@@ -108,6 +108,9 @@ def test_each_type_matches_trl_formula_float64(loss_type, eps, beta):
     losses, cr, rj = L.preference_loss(pc, pr, rc, rr, **kw)
     expected = ref_loss64(loss_type, pc, pr, rc, rr, beta, eps, len_c, len_r, tau=0.05)
     assert losses.dtype == torch.float64 and losses.shape == (33,)
+    if loss_type == "sft":  # TRL repeats the batch value; ours shares it out per pair: same mean (checked below)
+        torch.testing.assert_close(losses, -pc.detach() / (len_c.double().sum() / 33), rtol=RTOL, atol=0)
+        losses, expected = losses.mean(), expected.mean()
     torch.testing.assert_close(losses, expected, rtol=RTOL, atol=0)
     torch.testing.assert_close(cr, (beta * (pc - rc)).detach(), rtol=RTOL, atol=0)
     torch.testing.assert_close(rj, (beta * (pr - rr)).detach(), rtol=RTOL, atol=0)
@@ -144,7 +147,8 @@ def test_weighted_lists_are_the_weighted_sum(types, weights, eps):
     ws = weights or [1.0] * len(types)
     es = eps if isinstance(eps, list) else [eps] * len(types)
     expected = sum(w * ref_loss64(t, pc, pr, rc, rr, 0.1, e, len_c, len_r) for t, w, e in zip(types, ws, es))
-    torch.testing.assert_close(got, expected, rtol=RTOL, atol=0)
+    # the batch loss (TRL's Σ_k w_k·mean(losses_k)); the per-element terms are checked per type above
+    torch.testing.assert_close(got.mean(), expected.mean(), rtol=RTOL, atol=0)
     ga = torch.autograd.grad(got.mean(), (pc, pr))
     gb = torch.autograd.grad(expected.mean(), (pc, pr))
     for a, b in zip(ga, gb):
@@ -178,13 +182,22 @@ def test_needs_batch_is_exactly_where_chunking_changes_the_loss(loss_type):
     if L.needs_batch(loss_type):
         assert not L.is_pairwise(loss_type)
         assert float((whole - chunked).abs()) > 1e-6 * float(whole.abs())
+        assert L.needs_all_logps(loss_type) == (loss_type != "sft")
+        if loss_type == "sft":  # the whole batch's mean chosen length makes it chunkable
+            kw["batch_mean_chosen_length"] = float(len_c.sum()) / 12
+            chunked = (batch_mean(slice(0, 5)) + batch_mean(slice(5, 12))) / 12
+            torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=0)
+            kw["batch_mean_chosen_length"] = len_c.sum().double() / 12  # a device scalar works too (no host sync)
+            chunked = (batch_mean(slice(0, 5)) + batch_mean(slice(5, 12))) / 12
+            torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=0)
     else:
-        assert L.is_pairwise(loss_type)
+        assert L.is_pairwise(loss_type) and not L.needs_all_logps(loss_type)
         torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=0)
 
 
 def test_needs_batch_on_lists():
     assert L.needs_batch(["sigmoid", "sft"]) and not L.needs_batch(["sigmoid", "bco_pair"])
+    assert not L.needs_all_logps(["sigmoid", "sft"]) and L.needs_all_logps(["sft", "aot_unpaired"])
     assert L.is_pairwise(["ipo", "hinge"]) and not L.is_pairwise(["ipo", "aot"])
     with pytest.raises(ValueError, match="loss_type"):
         L.needs_batch("dpo")
@@ -233,6 +246,9 @@ def test_sft_without_chosen_tokens_is_zero_not_nan():
     (dict(loss_type="sft"), ValueError, "chosen_lengths"),
     (dict(loss_type="sigmoid_norm", chosen_lengths=torch.ones(4)), ValueError, "rejected_lengths"),
     (dict(loss_type="sft", chosen_lengths=torch.ones(3)), ValueError, "chosen_lengths"),
+    (dict(loss_type="sft", batch_mean_chosen_length=0.0), ValueError, "batch_mean_chosen_length"),
+    (dict(loss_type="sft", batch_mean_chosen_length="3"), TypeError, "batch_mean_chosen_length"),
+    (dict(loss_type="sft", batch_mean_chosen_length=torch.ones(2)), ValueError, "batch_mean_chosen_length"),
 ])
 def test_bad_config_raises_naming_the_argument(kwargs, exc, match):
     x = torch.zeros(4)

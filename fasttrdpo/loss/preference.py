@@ -20,6 +20,9 @@ CLASSIC_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 # A pair's loss depends on other pairs of the batch: aot/aot_unpaired sort log-ratios over the batch; TRL's sft
 # is the mean NLL over all chosen tokens of the batch (a token-weighted mean, not a mean of per-pair means).
 BATCH_LOSS_TYPES = frozenset({"aot", "aot_unpaired", "sft"})
+# Of those, the ones that need every pair's log-probs before any pair's loss (sorting). sft needs only the
+# batch's chosen token count, known from the labels up front (batch_mean_chosen_length).
+ALL_LOGPS_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
 # Need completion lengths (token counts): chosen_lengths for sft, both for ipo and sigmoid_norm.
 LENGTH_LOSS_TYPES = frozenset({"ipo", "sigmoid_norm", "sft"})
 # Allowed label_smoothing per type (lo, hi, hi_inclusive); every other type has no smoothed form and needs 0.
@@ -36,17 +39,28 @@ def _as_type_list(loss_type) -> list:
     raise ValueError(f"loss_type must be a loss name or a non-empty list of loss names, got {loss_type!r}")
 
 
-def needs_batch(loss_type) -> bool:
-    """True when some pair's loss depends on other pairs of the batch (aot, aot_unpaired, sft; for a list, any).
-
-    Such a loss cannot be finished chunk by chunk over pairs: a caller that chunks (TRDPOLoss) must first
-    compute every pair's sequence log-probs, then call preference_loss once on the whole batch.
-    """
+def _known_types(loss_type) -> list:
     types = _as_type_list(loss_type)
     for t in types:
         if t not in LOSS_TYPES:
             raise ValueError(f"loss_type must be among {LOSS_TYPES}, got {t!r}")
-    return any(t in BATCH_LOSS_TYPES for t in types)
+    return types
+
+
+def needs_batch(loss_type) -> bool:
+    """True when some pair's loss depends on other pairs of the batch (aot, aot_unpaired, sft; for a list, any).
+
+    A caller that finishes the loss chunk by chunk over pairs (TRDPOLoss) cannot call preference_loss on a
+    chunk as if it were the batch. For sft it suffices to pass the whole batch's batch_mean_chosen_length to
+    every chunk's call (the per-pair sft terms then add up to TRL's batch loss); where needs_all_logps is also
+    True, every pair's sequence log-probs must be computed first and preference_loss called once on the batch.
+    """
+    return any(t in BATCH_LOSS_TYPES for t in _known_types(loss_type))
+
+
+def needs_all_logps(loss_type) -> bool:
+    """True when a pair's loss needs every pair's log-probs first (aot, aot_unpaired sort over the batch)."""
+    return any(t in ALL_LOGPS_LOSS_TYPES for t in _known_types(loss_type))
 
 
 def is_pairwise(loss_type) -> bool:
@@ -146,7 +160,8 @@ def _check_lengths(name: str, t, shape, device):
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
                     beta: float = 0.1, loss_type="sigmoid", label_smoothing=0.0,
-                    chosen_lengths=None, rejected_lengths=None, loss_weights=None, discopop_tau: float = 0.05):
+                    chosen_lengths=None, rejected_lengths=None, loss_weights=None, discopop_tau: float = 0.05,
+                    batch_mean_chosen_length=None):
     """Per-pair DPO-family losses from summed completion log-probs: every loss type of TRL 1.16's DPOConfig.
 
     c = π_c − ref_c, r = π_r − ref_r (log-ratios of the summed log-probs), Δ = c − r, x = βΔ, ε = label_smoothing,
@@ -164,16 +179,17 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
       apo_zero      1 − σ(βc) + σ(βr)
       apo_down      σ(βc) + 1 − σ(x)
       discopop      (1 − m)·(−L(x)) + m·e^(−x),  m = σ(x/τ), τ = discopop_tau   (m·e^(−x) as e^(L(x/τ) − x))
-      sft           −Σ_batch π_c / Σ_batch n_c, the same value for every pair (TRL: mean NLL over all chosen
-                    tokens of the batch; 0 when the batch has no chosen token, where TRL gives NaN)
+      sft           −π_c / n̄_c, n̄_c = Σ_batch n_c / B (unclamped lengths, Σ clamped to ≥ 1): the mean over the
+                    batch is TRL's −Σ π_c / Σ n_c, the mean NLL over all chosen tokens of the batch (0 when the
+                    batch has no chosen token, where TRL gives NaN); n̄_c comes from chosen_lengths, or from
+                    batch_mean_chosen_length when given (a chunked caller passes the whole batch's)
       sigmoid_norm  −L(β·(c/n_c − r/n_r))
 
     loss_type may be a list: losses = Σ_k loss_weights[k]·losses_k (weights default to 1.0; RPO is
     ["sigmoid", "sft"]). label_smoothing is one float for all types or a list, one per type; a type without a
-    smoothed form needs 0. Lengths (token counts) are needed by ipo, sigmoid_norm (both) and sft (chosen).
-    aot, aot_unpaired and sft depend on the whole batch (see needs_batch): their losses[i] is not pair i's own
-    loss (aot's are the sorted terms, sft's the batch value repeated); losses.mean() is the batch loss, as TRL
-    optimises it. Returns (losses[B], chosen_rewards[B], rejected_rewards[B]); rewards are β·(policy − ref) of
+    smoothed form needs 0. Lengths (token counts) are needed by ipo, sigmoid_norm (both) and sft (chosen, unless
+    batch_mean_chosen_length is given). aot, aot_unpaired and sft depend on the whole batch (see needs_batch):
+    aot's losses[i] are the sorted terms, not pair i's; losses.mean() is the batch loss, as TRL optimises it. Returns (losses[B], chosen_rewards[B], rejected_rewards[B]); rewards are β·(policy − ref) of
     the summed log-probs, detached (they are metrics).
     """
     types, eps_list, weights = _normalized_config(beta, loss_type, label_smoothing, loss_weights, discopop_tau,
@@ -188,10 +204,19 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
                     ("ref_rejected_logps", ref_rejected_logps)):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but policy_chosen_logps is on {device}")
-    needed = [("chosen_lengths", chosen_lengths)]
+    if batch_mean_chosen_length is not None:
+        if isinstance(batch_mean_chosen_length, torch.Tensor):  # a device scalar: no host sync to check its value
+            if batch_mean_chosen_length.dim() != 0 or batch_mean_chosen_length.device != device:
+                raise ValueError(f"batch_mean_chosen_length must be a 0-dim tensor on {device} or a number, got shape "
+                                 f"{tuple(batch_mean_chosen_length.shape)} on {batch_mean_chosen_length.device}")
+        else:
+            _check_number("batch_mean_chosen_length", batch_mean_chosen_length, positive=True)
+    needed = []
+    if any(t in ("ipo", "sigmoid_norm") for t in types) or ("sft" in types and batch_mean_chosen_length is None):
+        needed.append(("chosen_lengths", chosen_lengths))
     if any(t in ("ipo", "sigmoid_norm") for t in types):
         needed.append(("rejected_lengths", rejected_lengths))
-    if any(t in LENGTH_LOSS_TYPES for t in types):
+    if needed:
         for name, t in needed:
             if t is None:
                 which = [x for x in types if x in LENGTH_LOSS_TYPES]
@@ -205,7 +230,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     for t, eps, w in zip(types, eps_list, weights):
         losses = _one_loss(t, float(beta), eps, float(discopop_tau), policy_chosen_logps, policy_rejected_logps,
                            ref_chosen_logps, ref_rejected_logps, chosen_logratios, rejected_logratios,
-                           chosen_lengths, rejected_lengths, dtype)
+                           chosen_lengths, rejected_lengths, dtype, batch_mean_chosen_length)
         if len(types) > 1 or w != 1.0:
             losses = w * losses
         total = losses if total is None else total + losses
@@ -223,16 +248,18 @@ def _smoothed_sigmoid(x, eps):
     return losses
 
 
-def _one_loss(loss_type, beta, eps, tau, pc, pr, rc, rr, c, r, len_c, len_r, dtype):
+def _one_loss(loss_type, beta, eps, tau, pc, pr, rc, rr, c, r, len_c, len_r, dtype, mean_len_c):
     if loss_type in ("ipo", "sigmoid_norm"):
         delta_len = c / len_c.to(dtype).clamp(min=1.0) - r / len_r.to(dtype).clamp(min=1.0)
         if loss_type == "ipo":
             return (delta_len - 1.0 / (2.0 * beta)) ** 2
         return -F.logsigmoid(beta * delta_len)
     if loss_type == "sft":
-        # TRL: −mean over every chosen completion token of the batch = −Σ π_c / Σ n_c (token-weighted)
-        n_tokens = len_c.to(dtype).sum().clamp(min=1.0)
-        return (-pc.sum() / n_tokens).expand(pc.shape)
+        # TRL: −mean over every chosen completion token of the batch = −Σ π_c / Σ n_c (token-weighted), shared
+        # out as pair i's −π_c,i / n̄_c so that pairs (and chunks of pairs) add up to it
+        if mean_len_c is None:
+            mean_len_c = len_c.to(dtype).sum().clamp(min=1.0) / max(pc.numel(), 1)
+        return -pc / mean_len_c
     if loss_type in ("aot", "aot_unpaired"):
         if loss_type == "aot":
             d = torch.sort(pc - pr, dim=0).values - torch.sort(rc - rr, dim=0).values
