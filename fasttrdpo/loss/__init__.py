@@ -6,8 +6,9 @@
     loss_fn = fasttrdpo.loss.TRDPOLoss(beta=0.1)
     loss, metrics = loss_fn(policy_hidden, lm_head.weight, labels, ref_hidden, ref_lm_head.weight)
 """
-from .preference import LOSS_TYPES, kto_loss, preference_loss, sequence_logprobs
+from .preference import (LOSS_TYPES, is_pairwise, kto_loss, needs_all_logps, needs_batch, preference_loss,
+                         sequence_logprobs)
 from .trdpo import TRDPOLoss, trdpo_loss_from_logits
 
 __all__ = ["LOSS_TYPES", "preference_loss", "kto_loss", "sequence_logprobs", "TRDPOLoss",
-           "trdpo_loss_from_logits"]
+           "trdpo_loss_from_logits", "needs_batch", "needs_all_logps", "is_pairwise"]

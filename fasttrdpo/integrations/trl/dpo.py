@@ -19,9 +19,12 @@ With `sync_ref_model=True` the fused trainer replaces TRL's SyncRefModelCallback
 reference backbones run under accelerate's autocast exactly as TRL runs them; TRDPOLoss then does fp32
 math on their fp32 hidden states (TRL's head rounds its logits tiles to bf16 instead).
 
-Supported: loss_type one of sigmoid, hinge, ipo, robust (a single one), the standard reverse-KL DPO,
-no `ld_alpha`, no WPO weighting, no precomputed reference log-probs, no MoE auxiliary loss; other
-settings raise at construction instead of silently training something else.
+Supported: every `loss_type` of TRL 1.16 and weighted lists (`loss_weights`, e.g. RPO = ["sigmoid", "sft"]),
+`discopop_tau`, `label_smoothing` where TRL applies it (exo_pair, robust, aot, aot_unpaired), the standard
+reverse-KL DPO, no `ld_alpha`, no WPO weighting, no precomputed reference log-probs, no MoE auxiliary loss;
+other settings raise at construction instead of silently training something else. A single sigmoid, hinge,
+ipo or robust runs TRDPOLoss; the other types and lists run the paired lm_head op + `preference_loss` on the
+whole batch (`_LossFamilyFromHidden`) until TRDPOLoss takes them.
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from ...loss import LOSS_TYPES, TRDPOLoss
+from ...loss.preference import CLASSIC_LOSS_TYPES, check_loss_config, preference_loss, sequence_logprobs
+from ...loss.trdpo import _mean_logit_per_token, _pair_metrics
 
 try:  # PEFT is optional
     from peft import PeftModel
@@ -97,13 +102,22 @@ def add_hidden_state_forward(model, *, mixed_precision=None) -> None:
     model._fasttrdpo_hidden_forward = True
 
 
+# The loss types whose formula in TRL 1.16 reads args.label_smoothing (the others ignore it)
+_TRL_SMOOTHED = ("exo_pair", "robust", "aot", "aot_unpaired")
+
+
+def _trl_label_smoothing(trainer) -> list:
+    """label_smoothing per loss type as TRL applies it: its value where TRL's formula uses it, 0 elsewhere."""
+    eps = float(trainer.args.label_smoothing)
+    return [eps if t in _TRL_SMOOTHED else 0.0 for t in trainer.loss_types]
+
+
 def _check_supported(trainer) -> None:
     args = trainer.args
-    if len(trainer.loss_types) != 1 or trainer.loss_types[0] not in LOSS_TYPES:
-        raise NotImplementedError(
-            f"fasttrdpo's DPO loss supports a single loss_type among {LOSS_TYPES}, got {trainer.loss_types}")
-    if trainer.loss_weights not in ([1.0], [1]):
-        raise NotImplementedError(f"loss_weights must be [1.0] with fasttrdpo's loss, got {trainer.loss_weights}")
+    loss_types = list(trainer.loss_types)
+    unknown = [t for t in loss_types if t not in LOSS_TYPES]
+    if unknown:
+        raise NotImplementedError(f"fasttrdpo's DPO loss supports loss_type among {LOSS_TYPES}, got {unknown}")
     if trainer.f_divergence_type != "reverse_kl":
         raise NotImplementedError(f"f_divergence_type={trainer.f_divergence_type!r}: only reverse_kl (DPO) is fused")
     if trainer.ld_alpha is not None:
@@ -116,10 +130,14 @@ def _check_supported(trainer) -> None:
     if trainer.aux_loss_enabled:
         raise NotImplementedError("MoE router auxiliary loss is not supported by fasttrdpo's loss")
     eps = float(args.label_smoothing)
-    if trainer.loss_types[0] == "sigmoid" and eps != 0.0:
-        # TRL's sigmoid loss ignores label_smoothing; TRDPOLoss would train conservative DPO instead.
-        raise ValueError("label_smoothing != 0 with loss_type='sigmoid': TRL ignores it, fasttrdpo would train "
-                         "conservative DPO; use loss_type='robust' or set label_smoothing=0")
+    if eps != 0.0 and not any(t in _TRL_SMOOTHED for t in loss_types):
+        # TRL ignores it for these types; fasttrdpo would not silently drop an option (nor train conservative DPO)
+        raise ValueError(f"label_smoothing != 0 with loss_type={loss_types}: TRL ignores it for these types (sigmoid "
+                         "would be conservative DPO in fasttrdpo); use 'robust'/'exo_pair'/'aot' or set "
+                         "label_smoothing=0")
+    # every value checked here (ValueError naming it) before anything is patched
+    check_loss_config(trainer.beta, loss_types, _trl_label_smoothing(trainer), loss_weights=list(trainer.loss_weights),
+                      discopop_tau=args.discopop_tau, accept=LOSS_TYPES)
 
 
 def use_trdpo_loss(trainer, *, backend: str = "auto") -> "DPOTrainer":
@@ -136,11 +154,60 @@ def use_trdpo_loss(trainer, *, backend: str = "auto") -> "DPOTrainer":
         wrapped = getattr(ref, "_original_forward", None) is not None
         add_hidden_state_forward(ref, mixed_precision=trainer.accelerator.autocast if wrapped else None)
     scale, softcap = _logit_transform(policy)
-    eps = float(trainer.args.label_smoothing) if trainer.loss_types[0] == "robust" else 0.0
-    trainer._trdpo_loss = TRDPOLoss(beta=trainer.beta, loss_type=trainer.loss_types[0], label_smoothing=eps,
-                                    logit_scale=scale, softcap=softcap, backend=backend)
+    loss_types, weights = list(trainer.loss_types), [float(w) for w in trainer.loss_weights]
+    eps = _trl_label_smoothing(trainer)
+    if len(loss_types) == 1 and loss_types[0] in CLASSIC_LOSS_TYPES and weights == [1.0]:
+        trainer._trdpo_loss = TRDPOLoss(beta=trainer.beta, loss_type=loss_types[0], label_smoothing=eps[0],
+                                        logit_scale=scale, softcap=softcap, backend=backend)
+    else:
+        trainer._trdpo_loss = _LossFamilyFromHidden(beta=trainer.beta, loss_type=loss_types, label_smoothing=eps,
+                                                    loss_weights=weights, discopop_tau=trainer.args.discopop_tau,
+                                                    logit_scale=scale, softcap=softcap, backend=backend)
     trainer._compute_loss = types.MethodType(_compute_loss, trainer)
     return trainer
+
+
+class _LossFamilyFromHidden(torch.nn.Module):
+    """TRDPOLoss's interface for what it does not take yet (loss lists, TRL's other types, batch losses):
+    per-token log-probs of all rows from the paired lm_head op (fused, no [tokens × vocab] logits on the
+    triton path), then `preference_loss` once on the whole batch, so aot's sort and sft's batch mean see every
+    pair. Rows: first half chosen, second half rejected. Returns (mean loss, TRL's metrics)."""
+
+    def __init__(self, *, beta, loss_type, label_smoothing, loss_weights, discopop_tau, logit_scale, softcap,
+                 backend, ignore_index=-100, chunk_bytes=32 << 20):
+        super().__init__()
+        check_loss_config(beta, loss_type, label_smoothing, loss_weights=loss_weights, discopop_tau=discopop_tau,
+                          accept=LOSS_TYPES)
+        self.beta, self.loss_type, self.label_smoothing = float(beta), list(loss_type), list(label_smoothing)
+        self.loss_weights, self.discopop_tau = list(loss_weights), float(discopop_tau)
+        self.logit_scale, self.softcap, self.backend = logit_scale, softcap, backend
+        self.ignore_index, self.chunk_bytes = ignore_index, chunk_bytes
+
+    def forward(self, policy_hidden, policy_weight, labels, ref_hidden, ref_weight, *, policy_bias=None,
+                ref_bias=None):
+        from ...ops.linear import paired_linear_token_logprobs
+
+        with torch.autocast(device_type=labels.device.type, enabled=False):  # fp32 math, as TRDPOLoss
+            policy_tok, ref_tok = paired_linear_token_logprobs(
+                policy_hidden, policy_weight, ref_hidden.detach(), ref_weight.detach(), labels,
+                policy_bias=policy_bias, ref_bias=None if ref_bias is None else ref_bias.detach(),
+                ignore_index=self.ignore_index, logit_scale=self.logit_scale, softcap=self.softcap,
+                backend=self.backend)
+            B = labels.shape[0]
+            P = B // 2
+            flat = labels.reshape(B, -1)
+            policy_logps, lengths = sequence_logprobs(policy_tok.reshape(B, -1), flat, self.ignore_index)
+            ref_logps, _ = sequence_logprobs(ref_tok.reshape(B, -1), flat, self.ignore_index)
+            losses, _, _ = preference_loss(
+                policy_logps[:P], policy_logps[P:], ref_logps[:P], ref_logps[P:], beta=self.beta,
+                loss_type=self.loss_type, label_smoothing=self.label_smoothing, loss_weights=self.loss_weights,
+                discopop_tau=self.discopop_tau, chosen_lengths=lengths[:P], rejected_lengths=lengths[P:])
+            mask = labels != self.ignore_index
+            chunk_tokens = max(1, self.chunk_bytes // (4 * policy_weight.shape[0]))
+            mean_tok = _mean_logit_per_token(policy_hidden, policy_weight, policy_bias, self.logit_scale,
+                                             self.softcap, mask, chunk_tokens)
+            metrics = _pair_metrics(policy_logps, ref_logps, self.beta, mean_tok.reshape(B, -1).sum(1), lengths)
+        return losses.mean(), metrics
 
 
 def _head(model):
