@@ -35,6 +35,7 @@ from fasttrdpo.loss import trdpo_loss_from_logits
 from helpers import (
     UNIT_ROUNDOFF,
     assert_close_tol,
+    backend_device,
     backends,
     logprob_grad_tolerance,
     logprob_tolerance,
@@ -95,19 +96,21 @@ def _reference(base, view, labels, g):
 @pytest.mark.parametrize("view_name", list(VIEWS))
 def test_sweep(view_name, dtype, backend, inplace):
     leaf_shape, view, addressable = VIEWS[view_name]
+    device = backend_device(backend)
     seed = sum(map(ord, view_name))
     base = (torch.randn(leaf_shape, generator=_gen(seed), dtype=torch.float64) * 3).to(dtype)
     z_shape = view(base).shape
     labels = _labels(z_shape[:-1], seed)
     g = torch.randn(z_shape[:-1], generator=_gen(seed + 1), dtype=torch.float32)
 
-    leaf = base.clone().requires_grad_(True)
+    leaf = base.to(device, copy=True).requires_grad_(True)
     z = view(leaf * 1)  # a non-leaf buffer, as a model's logits are
-    logp = fasttrdpo.token_logprobs(z, labels, inplace_backward=inplace, backend=backend)
+    logp = fasttrdpo.token_logprobs(z, labels.to(device), inplace_backward=inplace, backend=backend)
+    logp_dev, logp = logp, logp.cpu()
     assert fasttrdpo.last_backend("token_logprobs") == backend
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the one-time "ran out of place" warning (tested below)
-        (logp * g).sum().backward()
+        (logp_dev * g.to(device)).sum().backward()
     status = fasttrdpo.last_backend(STATUS)
 
     exp_logp, exp_grad, z64 = _reference(base, view, labels, g)
@@ -123,7 +126,7 @@ def test_sweep(view_name, dtype, backend, inplace):
     tol = _adjoint(view, leaf_shape, elem_tol) + aliases * UNIT_ROUNDOFF[dtype] * _adjoint(
         view, leaf_shape, z64g.grad.abs() + elem_tol)
     assert leaf.grad.dtype == dtype
-    assert_close_tol(leaf.grad, exp_grad, tol, f"{what}: leaf grad")
+    assert_close_tol(leaf.grad.cpu(), exp_grad, tol, f"{what}: leaf grad")
     if not inplace:
         assert status == "out of place"
     elif addressable:
@@ -144,10 +147,15 @@ def test_paired_ref_views(view_name, backend):
     full = torch.randn((*lead[:-1], lead[-1] + 1, V), generator=_gen(seed + 1)) * 3
     policy = full[..., :-1, :]
     labels = _labels(lead, seed)
-    policy_logp, ref_logp = fasttrdpo.paired_token_logprobs(policy, ref, labels, backend=backend)
+    device = backend_device(backend)
+    # views are taken on the device so that their strides reach the op as they are
+    dev_ref = view((torch.randn(leaf_shape, generator=_gen(seed), dtype=torch.float64) * 3).to(torch.bfloat16)
+                   .to(device))
+    policy_logp, ref_logp = fasttrdpo.paired_token_logprobs(full.to(device)[..., :-1, :], dev_ref,
+                                                            labels.to(device), backend=backend)
     for got, logits, who in ((policy_logp, policy, "policy"), (ref_logp, ref, "ref")):
         z64 = logits.double()
-        assert_close_tol(got, ref_token_logprobs(z64, labels), logprob_tolerance(z64),
+        assert_close_tol(got.cpu(), ref_token_logprobs(z64, labels), logprob_tolerance(z64),
                          f"{view_name} {backend} {who} logp")
 
 
@@ -166,20 +174,21 @@ def test_inplace_backward_on_overlapping_logits_runs_out_of_place(backend, case)
         leaf_shape, view = (3, V), (lambda x: x.expand(2, 3, V))
     else:
         leaf_shape, view = (8 * V,), (lambda x: x.as_strided((8, V), (5, 1)))
+    device = backend_device(backend)
     base = torch.randn(leaf_shape, generator=_gen(3), dtype=torch.float64) * 3
     labels = torch.randint(0, V, view(base).shape[:-1], generator=_gen(4))
-    leaf = base.float().requires_grad_(True)
+    leaf = base.float().to(device).requires_grad_(True)
     z = view(leaf * 1.0)
     import fasttrdpo.ops.logits as logits_mod
 
     logits_mod._inplace_warned.clear()  # the warning is once per process and reason: see it here
     with pytest.warns(UserWarning, match="overlap"):
-        fasttrdpo.token_logprobs(z, labels, inplace_backward=True, backend=backend).sum().backward()
+        fasttrdpo.token_logprobs(z, labels.to(device), inplace_backward=True, backend=backend).sum().backward()
     assert fasttrdpo.last_backend(STATUS).startswith("out of place: the logits overlap")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once: a second call does not warn again
-        z2 = view((base.float().requires_grad_(True)) * 1.0)
-        fasttrdpo.token_logprobs(z2, labels, inplace_backward=True, backend=backend).sum().backward()
+        z2 = view((base.float().to(device).requires_grad_(True)) * 1.0)
+        fasttrdpo.token_logprobs(z2, labels.to(device), inplace_backward=True, backend=backend).sum().backward()
     _, exp_grad, z64 = _reference(base.float(), view, labels, torch.ones(labels.shape))
     elem_tol = logprob_grad_tolerance(z64, labels, torch.ones(labels.shape), torch.float32)
     k = _adjoint(view, leaf_shape, torch.ones_like(z64))
@@ -187,7 +196,7 @@ def test_inplace_backward_on_overlapping_logits_runs_out_of_place(backend, case)
     ref_token_logprobs(z64g, labels).sum().backward()
     tol = _adjoint(view, leaf_shape, elem_tol) + k * UNIT_ROUNDOFF[torch.float32] * _adjoint(
         view, leaf_shape, z64g.grad.abs() + elem_tol)
-    assert_close_tol(leaf.grad, exp_grad, tol, f"{backend} {case} leaf grad")
+    assert_close_tol(leaf.grad.cpu(), exp_grad, tol, f"{backend} {case} leaf grad")
 
 
 def test_provably_non_overlapping():
@@ -231,7 +240,8 @@ def test_nan_at_ignored_rows(backend, op, inplace):
     if op == "trdpo_loss_from_logits" and inplace:
         pytest.skip("trdpo_loss_from_logits has no inplace_backward argument")
     B, T = 4, 5
-    policy, ref, labels, ignored = _poisoned(B, T, torch.float32, 21)
+    device = backend_device(backend)
+    policy, ref, labels, ignored = (t.to(device) for t in _poisoned(B, T, torch.float32, 21))
     leaf = policy.clone().requires_grad_(True)
     z = leaf * 1
     if op == "token_logprobs":
@@ -250,7 +260,8 @@ def test_nan_at_ignored_rows(backend, op, inplace):
     assert bool((leaf.grad[ignored] == 0).all()), f"{backend} {op}: gradient at ignored rows must be exactly 0"
     if op != "trdpo_loss_from_logits":
         clean = torch.where(ignored.unsqueeze(-1), torch.zeros_like(policy), policy).double()
-        assert_close_tol(outs[0].detach(), ref_token_logprobs(clean, labels), logprob_tolerance(clean),
+        assert_close_tol(outs[0].detach().cpu(), ref_token_logprobs(clean, labels).cpu(),
+                         logprob_tolerance(clean).cpu(),
                          f"{backend} {op}: valid rows")
 
 
@@ -263,19 +274,20 @@ def test_transposed_logits_on_every_backend(backend, caplog):
     """token_logprobs(torch.randn(11, 5).T, labels, backend="cpp") raised "must be contiguous along
     the vocabulary" before issue 13 (and no backend logged its copy); now every backend copies, says
     so at DEBUG, and matches float64; inplace_backward on such a copy is reported as not in place."""
+    device = backend_device(backend)
     x = torch.randn(11, 5, generator=_gen(5)).T  # [5, 11], vocabulary stride 5
     labels = torch.randint(0, 11, (5,), generator=_gen(6))
     with caplog.at_level(logging.DEBUG, logger="fasttrdpo"):
-        logp = fasttrdpo.token_logprobs(x, labels, backend=backend)
+        logp = fasttrdpo.token_logprobs(x.to(device).T.contiguous().T, labels.to(device), backend=backend).cpu()
     assert any("copies logits" in r.getMessage() and backend in r.getMessage() for r in caplog.records), \
         [r.getMessage() for r in caplog.records]
     assert_close_tol(logp, ref_token_logprobs(x.double(), labels), logprob_tolerance(x.double()), backend)
-    leaf = x.detach().clone().requires_grad_(True)
+    leaf = x.to(device).T.contiguous().T.requires_grad_(True)  # the same strides on the device
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fasttrdpo.token_logprobs(leaf * 1, labels, inplace_backward=True, backend=backend).sum().backward()
+        fasttrdpo.token_logprobs(leaf * 1, labels.to(device), inplace_backward=True, backend=backend).sum().backward()
     assert fasttrdpo.last_backend(STATUS).startswith("out of place: the logits' layout needs a copy")
     z64 = x.double().requires_grad_(True)
     ref_token_logprobs(z64, labels).sum().backward()
     tol = logprob_grad_tolerance(x.double(), labels, torch.ones(5), torch.float32)
-    assert_close_tol(leaf.grad, z64.grad, tol, f"{backend} grad")
+    assert_close_tol(leaf.grad.cpu(), z64.grad, tol, f"{backend} grad")
