@@ -307,7 +307,6 @@ def _cpp_forward(policy, ref, labels, ignore_index):
 def _cpp_backward(grad_logp, logits, lse, labels, ignore_index, inplace):
     from .. import _cpp
 
-    V = logits.shape[-1]
     labels_flat = labels.reshape(-1).contiguous()
     # In place the caller has checked `_inplace_refusal`: the blocks are then views of logits.
     blocks = _cpp_blocks(logits)
