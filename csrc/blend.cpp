@@ -3,6 +3,10 @@
 // That exact formula in fp32 (three roundings: the difference, the product, the sum; no fused
 // multiply-add — the loader compiles with -ffp-contract=off), then one round-to-nearest-even into
 // the reference dtype. α = 1 is a cast-copy of the policy (exact), α = 0 writes nothing.
+// The one exception: where p − r is ±inf (it overflows fp32 when |p|, |r| are near the top of the
+// range with opposite signs, e.g. r = 3e38, p = −3e38), the element is α·p + (1 − α)·r instead,
+// finite for finite inputs. Both forms are computed in registers and selected per lane: no extra
+// pass over memory (the blend is bandwidth-bound).
 // All tensors of the list are cut into chunks of kChunk elements and the chunks of every tensor
 // share one parallel loop, so small tensors (biases, norms) do not serialize the pass.
 // Memory traffic per element: read policy, read ref, write ref (6 B for bf16/bf16, 8 B for an fp32
@@ -14,6 +18,8 @@
 
 #include <array>
 #include <atomic>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "vec_io.h"
@@ -30,6 +36,17 @@ inline int64_t chunk_grain(int64_t total_elems, size_t chunk_count) {
   return total_elems < kMinParallelElems ? std::max<int64_t>(1, static_cast<int64_t>(chunk_count)) : 1;
 }
 
+// r + α·(p − r), or α·p + (1 − α)·r where p − r is ±inf (see the header).
+inline VecF blend_vec(const VecF& r, const VecF& p, const VecF& va, const VecF& vb) {
+  const VecF d = p - r;
+  const VecF overflow = d.abs() == VecF(std::numeric_limits<float>::infinity());
+  return VecF::blendv(r + va * d, va * p + vb * r, overflow);
+}
+inline float blend_scalar(float r, float p, float alpha, float beta) {
+  const float d = p - r;
+  return std::isinf(d) ? alpha * p + beta * r : r + alpha * d;
+}
+
 template <typename R, typename P>
 void blend_range(R* ref, const P* pol, int64_t n, float alpha) {
   VecF ra, rb, pa, pb;
@@ -42,7 +59,8 @@ void blend_range(R* ref, const P* pol, int64_t n, float alpha) {
     for (; i < n; ++i) ref[i] = from_f32<R>(to_f32(pol[i]));
     return;
   }
-  const VecF va(alpha);
+  const float beta = 1.f - alpha;  // exact for α in [0.5, 1]; one rounding otherwise
+  const VecF va(alpha), vb(beta);
   for (; i + kStep <= n; i += kStep) {
     if (i % (4 * kStep) == 0) {  // 4 steps: 256 B of a bf16 tensor, 512 B of an fp32 one
       prefetch_ahead<4 * kStep * static_cast<int64_t>(sizeof(P))>(pol + i);
@@ -50,12 +68,9 @@ void blend_range(R* ref, const P* pol, int64_t n, float alpha) {
     }
     load_step(pol + i, pa, pb);
     load_step(ref + i, ra, rb);
-    store_step(ref + i, ra + va * (pa - ra), rb + va * (pb - rb));
+    store_step(ref + i, blend_vec(ra, pa, va, vb), blend_vec(rb, pb, va, vb));
   }
-  for (; i < n; ++i) {
-    const float r = to_f32(ref[i]);
-    ref[i] = from_f32<R>(r + alpha * (to_f32(pol[i]) - r));
-  }
+  for (; i < n; ++i) ref[i] = from_f32<R>(blend_scalar(to_f32(ref[i]), to_f32(pol[i]), alpha, beta));
 }
 
 template <typename R>

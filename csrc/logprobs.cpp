@@ -306,6 +306,19 @@ at::Tensor& logprobs_backward_(const at::Tensor& grad, at::Tensor& logits, const
   return logits;
 }
 
+// Out of place into a caller's buffer (a block of rows of a larger gradient): lets the Python side
+// cover a [B, T, V] view block by block without copying the logits or the gradient.
+at::Tensor& logprobs_backward_out(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& lse,
+                                  const at::Tensor& labels, int64_t ignore_index, at::Tensor& out) {
+  check_backward_args(grad, logits, lse, labels);
+  check_logits("out", out);
+  TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type(),
+              "out must have the logits' shape ", logits.sizes(), " and dtype ", logits.scalar_type(), ", got ",
+              out.sizes(), " ", out.scalar_type());
+  backward_impl(grad, logits, lse, labels, ignore_index, out);
+  return out;
+}
+
 }  // namespace
 }  // namespace fasttrdpo
 
@@ -334,6 +347,7 @@ TORCH_LIBRARY_FRAGMENT(fasttrdpo, m) {
   m.def("paired_logprobs_forward(Tensor policy, Tensor? ref, Tensor labels, int ignore_index) -> (Tensor, Tensor, Tensor?)");
   m.def("logprobs_backward(Tensor grad, Tensor logits, Tensor lse, Tensor labels, int ignore_index) -> Tensor");
   m.def("logprobs_backward_(Tensor grad, Tensor(a!) logits, Tensor lse, Tensor labels, int ignore_index) -> Tensor(a!)");
+  m.def("logprobs_backward_out(Tensor grad, Tensor logits, Tensor lse, Tensor labels, int ignore_index, Tensor(a!) out) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(fasttrdpo, CPU, m) {
@@ -341,4 +355,5 @@ TORCH_LIBRARY_IMPL(fasttrdpo, CPU, m) {
   m.impl("paired_logprobs_forward", &fasttrdpo::paired_logprobs_forward);
   m.impl("logprobs_backward", &fasttrdpo::logprobs_backward);
   m.impl("logprobs_backward_", &fasttrdpo::logprobs_backward_);
+  m.impl("logprobs_backward_out", &fasttrdpo::logprobs_backward_out);
 }

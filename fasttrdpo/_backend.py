@@ -96,6 +96,14 @@ def resolve_backend(op: str, backend: str | None, device: torch.device,
     return chosen
 
 
+def note(key: str, value: str) -> None:
+    """Record how an op ran beyond its backend (read back with `last_backend(key)`), e.g.
+    "token_logprobs_inplace_backward" -> "in place" / "out of place: <why>"."""
+    if _last_used.get(key) != value:
+        _log.debug("fasttrdpo.%s: %s", key, value)
+    _last_used[key] = value
+
+
 def last_backend(op: str | None = None):
     """The backend an op last ran on (or a dict of all ops when `op` is None)."""
     return dict(_last_used) if op is None else _last_used.get(op)

@@ -191,8 +191,16 @@ def logprobs_backward(grad_1d: torch.Tensor, logits_2d: torch.Tensor, lse_1d: to
     return ops.logprobs_backward(grad_1d, logits_2d, lse_1d, labels_1d, int(ignore_index))
 
 
+def logprobs_backward_into(grad_1d: torch.Tensor, logits_2d: torch.Tensor, lse_1d: torch.Tensor,
+                           labels_1d: torch.Tensor, ignore_index: int, out_2d: torch.Tensor) -> torch.Tensor:
+    """`logprobs_backward` written into `out_2d` (logits' shape and dtype, contiguous last dimension,
+    any row stride): one block of rows of a larger gradient, no copy."""
+    return _ops().logprobs_backward_out(grad_1d, logits_2d, lse_1d, labels_1d, int(ignore_index), out_2d)
+
+
 def blend_(ref_list, policy_list, alpha: float) -> None:
-    """In place, for each pair: ref ← ref + α·(policy − ref) in fp32, rounded to nearest even."""
+    """In place, for each pair: ref ← ref + α·(policy − ref) in fp32, rounded to nearest even (where
+    policy − ref overflows to ±inf: α·policy + (1 − α)·ref)."""
     ops = _ops()
     refs, pols = list(ref_list), list(policy_list)
     if not refs and not pols:

@@ -7,8 +7,8 @@ first, then rejected rows, labels already shifted with `ignore_index` on the pro
 """
 from __future__ import annotations
 
+import codecs
 import gzip
-import io
 import json
 import logging
 import os
@@ -158,43 +158,82 @@ def convert_rows(rows: Iterable[Any], *, format: str = "auto", skip_malformed: b
 # Reading sources
 # ----------------------------------------------------------------------------------------------------
 
-def _open_text(path: str):
+def _read_bytes(path: str) -> bytes:
     if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _unicode_problem(value) -> str | None:
+    """Why a parsed JSON value holds text that is not valid Unicode (a lone surrogate, from a
+    `\\udXXX` escape or from an invalid UTF-8 byte kept by surrogateescape), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return (f"text is not valid Unicode: {value[err.start]!r} at position {err.start} of a string "
+                    "(an invalid UTF-8 byte in the file, or a lone UTF-16 surrogate escape)")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            problem = _unicode_problem(k) or _unicode_problem(v)
+            if problem:
+                return problem
+    elif isinstance(value, list):
+        for v in value:
+            problem = _unicode_problem(v)
+            if problem:
+                return problem
+    return None
+
+
+def _parse_jsonl_line(line: str):
+    """One jsonl row, or a ValueError saying why it is malformed."""
+    try:  # the raw bytes of the line (surrogateescape restores any invalid byte)
+        line.encode("utf-8", "surrogateescape").decode("utf-8")
+    except UnicodeDecodeError as err:
+        bad = line.encode("utf-8", "surrogateescape")[err.start]
+        return ValueError(f"invalid UTF-8 (byte 0x{bad:02x} at byte {err.start} of the line)")
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        return ValueError(f"invalid JSON ({err.msg} at column {err.colno})")
 
 
 def _read_json_rows(path: str) -> list[Any]:
     """Rows of a .json (a list, or {"data"/"train": [...]}) or .jsonl file, optionally gzipped.
 
-    A jsonl line that is not valid JSON becomes a ValueError placed at its row index, so that the
-    converter reports (or skips) it like any other malformed row.
+    A row that is not valid JSON, or whose text is not valid Unicode (invalid UTF-8 bytes, a lone
+    surrogate escape), becomes a ValueError placed at its row index, so that the converter reports
+    (or skips) it like any other malformed row. A leading UTF-8 byte-order mark is dropped.
     """
-    with _open_text(path) as f:
-        text = f.read()
+    data = _read_bytes(path)
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    # surrogateescape: an invalid byte fails its own row (found below), not the whole file.
+    text = data.decode("utf-8", errors="surrogateescape")
     stripped = text.lstrip()
     base = path[:-3] if path.endswith(".gz") else path
+    rows: list[Any] | None = None
     if base.endswith(".json") and stripped.startswith(("[", "{")):
         try:
-            data = json.loads(text)
+            parsed = json.loads(text)
         except json.JSONDecodeError:
-            data = None  # maybe jsonl saved as .json: fall through
-        if isinstance(data, list):
-            return data
-        if isinstance(data, dict):
-            for key in ("data", "train", "rows"):
-                if isinstance(data.get(key), list):
-                    return data[key]
-            return [data]
-    rows: list[Any] = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            rows.append(ValueError(f"invalid JSON ({err.msg} at column {err.colno})"))
-    return rows
+            parsed = None  # maybe jsonl saved as .json: fall through
+        if isinstance(parsed, list):
+            rows = parsed
+        elif isinstance(parsed, dict):
+            rows = next((parsed[k] for k in ("data", "train", "rows") if isinstance(parsed.get(k), list)), [parsed])
+    if rows is None:
+        # Lines end at "\n" only: str.splitlines would also cut at U+2028, U+0085, ... which JSON
+        # strings may hold raw.
+        rows = [_parse_jsonl_line(line) for line in text.split("\n") if line.strip()]
+    out = []
+    for row in rows:
+        problem = None if isinstance(row, Exception) else _unicode_problem(row)
+        out.append(ValueError(problem) if problem else row)
+    return out
 
 
 def _read_parquet_rows(path: str) -> list[dict]:

@@ -37,6 +37,8 @@ update). So α < 1 with LoRA factors raises unless `lora_soft="factors"` opts in
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn as nn
 
@@ -270,7 +272,19 @@ class RefModelUpdater:
         for key in ("alpha", "tau", "last_update_step", "num_updates"):
             if key not in state:
                 raise ValueError(f"state is missing {key!r}")
-        if strict and (float(state["alpha"]) != self.alpha or int(state["tau"]) != self.tau):
+        # Every field is checked here, before the reference weights below are touched.
+        alpha, tau = state["alpha"], state["tau"]
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"state['alpha'] must be a number in [0, 1], got {alpha!r}")
+        last, num_updates = state["last_update_step"], state["num_updates"]
+        for key, value, optional in (("tau", tau, False), ("last_update_step", last, True),
+                                     ("num_updates", num_updates, False)):
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < (1 if key == "tau" else 0):
+                raise ValueError(f"state[{key!r}] must be an int >= {1 if key == 'tau' else 0}"
+                                 f"{' or None' if optional else ''}, got {value!r}")
+        if strict and (float(alpha) != self.alpha or int(tau) != self.tau):
             raise ValueError(f"state was saved with alpha={state['alpha']}, tau={state['tau']} but this updater has "
                              f"alpha={self.alpha}, tau={self.tau} (strict=False keeps this updater's)")
         saved = state.get("ref")
@@ -293,9 +307,8 @@ class RefModelUpdater:
         with torch.no_grad():
             for dst, src in copies:
                 dst.copy_(src)
-        last = state["last_update_step"]
         self.last_update_step = None if last is None else int(last)
-        self.num_updates = int(state["num_updates"])
+        self.num_updates = int(num_updates)
 
     def __repr__(self) -> str:
         return (f"RefModelUpdater(alpha={self.alpha}, tau={self.tau}, pairs={len(self._pairs)}, "

@@ -4,6 +4,9 @@ What it computes: for every pair (ref_t, policy_t) of a group of tensors that sh
 (ref dtype, policy dtype) pair, every element of ref_t becomes `r + alpha * (p - r)` computed in fp32
 and rounded to nearest even into the ref dtype. COPY=True (alpha = 1) stores `p` rounded into the
 ref dtype instead: in fp32 `r + 1 * (p - r)` is not always `p` (r = 1e8, p = 1e-3 gives 0).
+The one exception to the formula: where `p - r` is +-inf (it overflows fp32 for finite r = 3e38,
+p = -3e38), the element is `alpha * p + (1 - alpha) * r`, finite for finite inputs; both forms are
+computed in registers and selected per element, so the memory traffic is unchanged.
 
 How many tensors in one launch: the host passes a table of device addresses (int64) of the ref and
 policy tensors, their element counts and the cumulative number of programs before each tensor (one
@@ -65,6 +68,14 @@ def _round_to_ref(x, REF_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _blend_fp32(r, p, alpha):
+    """r + alpha * (p - r), or alpha * p + (1 - alpha) * r where p - r overflows to +-inf."""
+    d = p - r
+    overflow = (d == float("inf")) | (d == float("-inf"))
+    return tl.where(overflow, alpha * p + (1.0 - alpha) * r, r + alpha * d)
+
+
+@triton.jit
 def blend_many_kernel(
     ref_addrs,  # *i64 [T]: address of each ref tensor (contiguous, written in place)
     policy_addrs,  # *i64 [T]: address of each policy tensor (contiguous, read only)
@@ -108,7 +119,7 @@ def blend_many_kernel(
                 out = p
             else:
                 r = tl.load(ref_ptr + start + offs).to(tl.float32)
-                out = r + alpha * (p - r)
+                out = _blend_fp32(r, p, alpha)
             tl.store(ref_ptr + start + offs, _round_to_ref(out, REF_DTYPE))
         elif start < n:  # the tail of a tensor
             mask = offs < n - start
@@ -117,7 +128,7 @@ def blend_many_kernel(
                 out = p
             else:
                 r = tl.load(ref_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
-                out = r + alpha * (p - r)
+                out = _blend_fp32(r, p, alpha)
             tl.store(ref_ptr + start + offs, _round_to_ref(out, REF_DTYPE), mask=mask)
 
 

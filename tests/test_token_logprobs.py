@@ -12,6 +12,7 @@ there is a GPU; shapes are kept small because the interpreter's cost grows with 
 """
 from __future__ import annotations
 
+import warnings
 import zlib
 
 import pytest
@@ -157,8 +158,9 @@ def test_mixed_dtypes_and_strided_layouts(backend):
 @pytest.mark.parametrize("layout", ["contiguous", "sliced", "transposed"])
 def test_inplace_backward(backend, dtype, layout):
     """The gradient is written into the logits buffer and equals the out-of-place gradient, for a
-    contiguous buffer, a [:, :-1] slice (two row strides) and a last-dim-strided view (the kernels
-    read a contiguous copy and the gradient is copied back into the caller's buffer)."""
+    contiguous buffer and a [:, :-1] slice (two row strides). A last-dim-strided view needs a copy
+    for the kernels: the backward then runs out of place (the buffer keeps the logits) and
+    last_backend("token_logprobs_inplace_backward") says so (issue 13, item 4)."""
     device = backend_device(backend)
     B, T, V = 2, 4, 90
     labels = make_labels((B, T), V, device, 3)
@@ -176,16 +178,25 @@ def test_inplace_backward(backend, dtype, layout):
             logits = inner.transpose(1, 2).contiguous().transpose(1, 2)[:, 1:]
             assert logits.stride(-1) != 1
         logp = fasttrdpo.token_logprobs(logits, labels, backend=backend, inplace_backward=inplace)
-        (logp * g).sum().backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the one-time "ran out of place" warning (transposed)
+            (logp * g).sum().backward()
         return leaf.grad, logits.detach()
 
     grad_out_of_place, logits_after = run(False)
+    assert fasttrdpo.last_backend("token_logprobs_inplace_backward") == "out of place"
     grad_in_place, buffer_after = run(True)
+    status = fasttrdpo.last_backend("token_logprobs_inplace_backward")
     sliced = layout == "sliced"
     expected_logits = base[:, :-1] if sliced else base[:, 1:]
     assert torch.equal(logits_after, expected_logits), "out-of-place backward must not touch the logits"
     policy_grad = grad_in_place[:, :-1] if sliced else grad_in_place[:, 1:]
-    assert torch.equal(buffer_after, policy_grad), "in-place backward must leave the gradient in the logits buffer"
+    if layout == "transposed":
+        assert status.startswith("out of place: ") and "copy" in status, status
+        assert torch.equal(buffer_after, expected_logits), "a refused in-place backward must not touch the logits"
+    else:
+        assert status == "in place", status
+        assert torch.equal(buffer_after, policy_grad), "in-place backward must leave the gradient in the logits buffer"
     assert torch.equal(grad_in_place, grad_out_of_place)
     check_grad(policy_grad, expected_logits, labels, g, f"{backend} {dtype} in-place grad")
 

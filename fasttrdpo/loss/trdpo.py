@@ -43,12 +43,10 @@ def _check_rows(labels):
 
 
 def _check_transform(logit_scale, softcap):
-    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or not math.isfinite(logit_scale) \
-            or logit_scale == 0:
-        raise ValueError(f"logit_scale must be a finite nonzero number, got {logit_scale!r}")
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-                                or not math.isfinite(softcap) or softcap <= 0):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    # The ops' rule (finite and > 0), shared so that no backend accepts what another refuses.
+    from .._validate import check_logit_transform
+
+    check_logit_transform(logit_scale, softcap)
 
 
 def _mean_logit_per_token(hidden, weight, bias, logit_scale, softcap, mask, chunk_tokens):

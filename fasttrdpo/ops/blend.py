@@ -9,11 +9,17 @@ Backends (explicit `backend=` > FASTTRDPO_BACKEND > auto, see fasttrdpo._backend
           device addresses, no copies. A model usually has one group, so one launch in all.
   eager   foreach ops per group. `_foreach_lerp_` computes `r + w·(p − r)` in fp32 only for w < 0.5
           (it switches to `p − (p − r)·(1 − w)` above, whose error is not bounded by |r| and
-          |α(p − r)| when the result cancels), so it is used only for same-dtype pairs with α < 0.5;
-          otherwise the explicit fp32 formula runs over chunks of bounded size.
+          |α(p − r)| when the result cancels), and p − r cannot overflow fp32 only for fp16 pairs,
+          so it is used only for fp16/fp16 pairs with α < 0.5; otherwise the explicit fp32 formula
+          runs over cache-sized blocks.
   cpp     fasttrdpo._cpp.blend_ (csrc/), CPU only, once built.
 The backends agree within the bound of fp32 arithmetic plus one rounding (FMA or not changes the
 last bit), not bit for bit; alpha = 0 and alpha = 1 are bit-exact on all of them.
+
+The one exception to the formula (all backends): where p − r is ±inf in fp32 — it overflows for
+finite values near the top of the fp32/bf16 range with opposite signs (r = 3e38, p = −3e38) — the
+element is α·p + (1 − α)·r, which stays finite for finite inputs. Each backend selects it per element
+from values it already holds: no extra pass over the tensors.
 
 DTensors (FSDP2 `fully_shard`): a pair of DTensors with the same mesh and placements is blended
 through their local shards (`to_local()` shares storage), with no communication.
@@ -26,6 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from .._backend import resolve_backend
+from .._validate import provably_non_overlapping
 
 # Kept in step with kernels/blend.py SUPPORTED_PAIRS (ref dtype, policy dtype).
 SUPPORTED_PAIRS = (
@@ -189,7 +196,8 @@ def blend_(*, ref_tensors, policy_tensors, alpha, check_finite: bool = True, bac
     TypeError before anything is read): a swap would overwrite the policy. `names` (optional, one per
     pair) only makes error messages readable.
     Raises before writing anything on: alpha outside [0, 1]; lists that do not pair up; a shape,
-    device or unsupported dtype mismatch; refs that alias each other or a policy; with
+    device or unsupported dtype mismatch; refs that alias each other or a policy, or a ref whose
+    elements overlap each other (an expanded view); with
     check_finite=True a policy holding NaN/inf. Requesting a backend that cannot run raises too.
     """
     refs = _as_list("ref_tensors", ref_tensors)
@@ -216,6 +224,10 @@ def blend_(*, ref_tensors, policy_tensors, alpha, check_finite: bool = True, bac
         if r.device != p.device:
             raise ValueError(f"pair {i}{label(i)}: ref_tensors[{i}] is on {r.device} but policy_tensors[{i}] "
                              f"is on {p.device}")
+        if not provably_non_overlapping(r):
+            raise ValueError(f"ref_tensors[{i}]{label(i)} overlaps itself in memory (shape {tuple(r.shape)}, strides "
+                             f"{tuple(r.stride())}, e.g. an expand()ed view): an in-place blend would write its "
+                             "shared elements more than once; pass a tensor with distinct elements")
         local_refs.append(r)
         local_pols.append(p.detach())
     _check_no_aliasing(local_refs, local_pols, label)
@@ -262,8 +274,9 @@ def _blend_eager(refs, policies, alpha: float) -> None:
     if alpha == 1.0:
         torch._foreach_copy_(refs, policies)
         return
-    if refs[0].dtype == policies[0].dtype and alpha < 0.5:
-        # lerp with weight < 0.5 is r + w·(p − r) in the fp32 opmath, rounded once into the dtype.
+    if refs[0].dtype == policies[0].dtype == torch.float16 and alpha < 0.5:
+        # lerp with weight < 0.5 is r + w·(p − r) in the fp32 opmath, rounded once into the dtype;
+        # fp16 values differ by at most 2·65504, so p − r never overflows fp32 here.
         torch._foreach_lerp_(refs, policies, alpha)
         return
     # The explicit fp32 formula, block by block through two small reused fp32 buffers: whole-tensor
@@ -274,7 +287,8 @@ def _blend_eager(refs, policies, alpha: float) -> None:
     for r, p in zip(refs, policies):
         if not (r.is_contiguous() and p.is_contiguous()):
             r32_full = r.to(torch.float32, copy=True)  # copies: never write through to r or p early
-            r.copy_(r32_full.add_(p.to(torch.float32, copy=True).sub_(r32_full), alpha=alpha))
+            p32_full = p.to(torch.float32, copy=True)
+            r.copy_(_blend_fp32_(r32_full, p32_full, torch.sub(p32_full, r32_full), alpha))
             continue
         rf, pf = r.view(-1), p.view(-1)
         n = rf.numel()
@@ -283,5 +297,16 @@ def _blend_eager(refs, policies, alpha: float) -> None:
             a, d = r32[: e - s], d32[: e - s]
             a.copy_(rf[s:e])
             d.copy_(pf[s:e]).sub_(a)  # p − r, one rounding
-            a.add_(d, alpha=alpha)  # r + α·(p − r) (an FMA here only removes a rounding)
-            rf[s:e].copy_(a)  # fp32 -> ref dtype rounds to nearest even
+            rf[s:e].copy_(_blend_fp32_(a, pf[s:e], d, alpha))  # fp32 -> ref dtype rounds to nearest even
+
+
+def _blend_fp32_(r32, p, d32, alpha: float):
+    """r32 ← r32 + α·d32 (d32 = p − r in fp32; an FMA here only removes a rounding), and where d32 is
+    ±inf (p − r overflowed) α·p + (1 − α)·r instead. The check reads the in-cache block once; the
+    fix-up runs only for a block that holds such an element."""
+    overflow = torch.isinf(d32)
+    if not bool(overflow.any()):
+        return r32.add_(d32, alpha=alpha)
+    alt = p.to(torch.float32).mul(alpha).add_(r32, alpha=1.0 - alpha)  # before r32 is overwritten
+    r32.add_(d32, alpha=alpha)
+    return r32.copy_(torch.where(overflow, alt, r32))

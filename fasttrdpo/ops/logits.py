@@ -10,6 +10,17 @@ carries a gradient. Three backends compute the same thing:
     (EAGER_CHUNK_ELEMENTS per temporary) whatever N·V is;
   * "cpp": the C++ CPU kernels (`fasttrdpo._cpp`).
 
+Layouts: every backend accepts every layout (any strides, expanded and overlapping views included).
+The kernels address rows through at most two strides with the last dimension contiguous; any other
+layout is copied first, and each such copy is logged at DEBUG level on the `fasttrdpo` logger.
+
+`inplace_backward=True` writes the gradient over the logits only when that is safe and free: the
+logits are provably non-overlapping (`provably_non_overlapping`: torch's internal-overlap check, with
+"too hard" settled by a stride proof or counted as overlap) and the kernels can address them without
+a copy. Otherwise the backward runs out of place, warns once per reason, and
+`fasttrdpo.last_backend("token_logprobs_inplace_backward")` says "out of place: <why>" (else "in
+place"; "out of place" when not requested).
+
 Both ops are `torch.library` custom ops (`fasttrdpo::logits_logprobs_forward` and the backward ops)
 with fake implementations and a registered autograd formula, so they trace into `torch.compile`
 graphs (fullgraph) as opaque calls. The label range check runs inside the op (one host sync on CUDA),
@@ -18,15 +29,23 @@ and gradient row) and is never used as an address.
 """
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .. import _backend
 from .._backend import resolve_backend
-from .._validate import check_float, check_label_range, check_labels_tensor, check_same_device
+from .._validate import (check_float, check_label_range, check_labels_tensor, check_same_device,
+                         provably_non_overlapping)
 
 EAGER_CHUNK_ELEMENTS = 1 << 22  # logits per chunk in the eager twin: 16 MiB per fp32 temporary
+INPLACE_STATUS = "token_logprobs_inplace_backward"  # last_backend key: how the last backward wrote
+
+_log = logging.getLogger("fasttrdpo")
+_inplace_warned: set[str] = set()
 
 __all__ = ["token_logprobs", "paired_token_logprobs"]
 
@@ -58,21 +77,47 @@ def _row_layout(t: Tensor):
     return None
 
 
-def _kernel_view(t: Tensor):
+def _layout_copy(t: Tensor, backend: str) -> Tensor:
+    """A contiguous copy of logits whose layout the kernels cannot address (logged: it costs a read
+    and a write of the whole tensor)."""
+    _log.debug("fasttrdpo: %s backend copies logits of shape %s, strides %s (layout not addressable by "
+               "two row strides with a contiguous last dimension)", backend, tuple(t.shape), tuple(t.stride()))
+    return t.contiguous()
+
+
+def _kernel_view(t: Tensor, backend: str = "triton"):
     """(tensor, inner_size, strides) usable by the kernels; copies only when the layout needs it."""
     layout = _row_layout(t)
     if layout is None:
-        t = t.contiguous()
+        t = _layout_copy(t, backend)
         layout = _row_layout(t)
     return (t, *layout)
 
 
-def _rows_2d(t: Tensor) -> Optional[Tensor]:
-    """A [rows, V] view of t, or None when t's strides do not allow one."""
-    try:
-        return t.view(-1, t.shape[-1])
-    except RuntimeError:
-        return None
+def _inplace_refusal(logits: Tensor) -> Optional[str]:
+    """Why the backward may not write over `logits`, or None when it may (on every backend)."""
+    if not provably_non_overlapping(logits):
+        return ("the logits overlap themselves in memory (an expand()ed or overlapping as_strided view), "
+                "or their strides do not prove otherwise")
+    if _row_layout(logits) is None:
+        return ("the logits' layout needs a copy for the kernels (last dimension not contiguous, or leading "
+                "dimensions that need more than two strides)")
+    return None
+
+
+def _report_inplace(requested: bool, refusal: Optional[str]) -> None:
+    if not requested:
+        _backend.note(INPLACE_STATUS, "out of place")
+        return
+    if refusal is None:
+        _backend.note(INPLACE_STATUS, "in place")
+        return
+    _backend.note(INPLACE_STATUS, f"out of place: {refusal}")
+    if refusal not in _inplace_warned:
+        _inplace_warned.add(refusal)
+        warnings.warn(f"inplace_backward=True, but {refusal}: the backward ran out of place instead (correct "
+                      f"values; the gradient gets its own buffer). last_backend({INPLACE_STATUS!r}) reports "
+                      "this per call; this warning is shown once.", stacklevel=2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,15 +141,15 @@ def _triton_forward(policy, ref, labels, ignore_index):
     V = policy.shape[-1]
     rows = labels.numel()
     labels_flat = labels.reshape(-1).contiguous()
-    policy, inner, policy_strides = _kernel_view(policy)
+    policy, inner, policy_strides = _kernel_view(policy, "triton")
     ref_strides = None
     if ref is not None:
-        ref, ref_inner, ref_strides = _kernel_view(ref)
+        ref, ref_inner, ref_strides = _kernel_view(ref, "triton")
         if ref_inner != inner:  # both are read on one row grid: express a contiguous one on the other's
             if ref.is_contiguous():
                 ref_strides = _contiguous_strides(inner, V)
             else:
-                policy = policy.contiguous()
+                policy = _layout_copy(policy, "triton")
                 policy_strides = _contiguous_strides(ref_inner, V)
                 inner = ref_inner
     out = _new_outputs(rows, ref is not None, policy.device)
@@ -119,17 +164,16 @@ def _triton_backward(grad_logp, logits, lse, labels, ignore_index, inplace):
 
     V = logits.shape[-1]
     labels_flat = labels.reshape(-1).contiguous()
-    src, inner, in_strides = _kernel_view(logits)  # src is logits itself unless its layout needs a copy
-    if inplace:  # write over the logits (or over our copy of them, copied back below)
+    # In place the caller has checked `_inplace_refusal`: src is then logits itself, never a copy.
+    src, inner, in_strides = _kernel_view(logits, "triton")
+    if inplace:
         out, out_strides = src, in_strides
     else:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         out_strides = _contiguous_strides(inner, V)
     kernels.launch_backward(grad_logp, src, lse, labels_flat, out, rows=labels_flat.numel(), inner_size=inner,
                             in_strides=in_strides, out_strides=out_strides, ignore_index=ignore_index)
-    if inplace and src is not logits:
-        logits.copy_(src)
-    return logits if inplace else out
+    return out
 
 
 def _row_chunks(t: Tensor, max_rows: int):
@@ -182,7 +226,7 @@ def _eager_forward(policy, ref, labels, ignore_index):
         if logits is None:
             continue
         if _row_layout(logits) is None:
-            logits = logits.contiguous()
+            logits = _layout_copy(logits, "eager")
         for start, z in _row_chunks(logits, max_rows):
             n = z.numel() // V
             logp, lse = _eager_rows_forward(z, labels_flat[start:start + n].view(z.shape[:-1]), ignore_index)
@@ -195,7 +239,8 @@ def _eager_forward(policy, ref, labels, ignore_index):
 def _eager_backward(grad_logp, logits, lse, labels, ignore_index, inplace):
     V = logits.shape[-1]
     labels_flat = labels.reshape(-1)
-    src = logits if _row_layout(logits) is not None else logits.contiguous()
+    # In place the caller has checked `_inplace_refusal`: src is then logits itself, never a copy.
+    src = logits if _row_layout(logits) is not None else _layout_copy(logits, "eager")
     out = None if inplace else torch.empty(labels_flat.numel(), V, dtype=logits.dtype, device=logits.device)
     for start, z in _row_chunks(src, EAGER_CHUNK_ELEMENTS // V):
         n = z.numel() // V
@@ -220,34 +265,61 @@ def _eager_backward(grad_logp, logits, lse, labels, ignore_index, inplace):
         rows_2d.index_fill_(0, (active & ~scan).reshape(-1).nonzero().squeeze(1), float("nan"))
         if grad is not target:  # each chunk is read above before it is overwritten here
             target.copy_(grad)  # rounds to nearest even on the cast
-    if not inplace:
-        return out.view(logits.shape)
-    if src is not logits:
-        logits.copy_(src)
-    return logits
+    return logits if inplace else out.view(logits.shape)
+
+
+def _cpp_blocks(t: Tensor, rows_per_block: Optional[int] = None) -> Tensor:
+    """A [blocks, rows_per_block, V] strided view of t's rows, in order, each block a 2-D [rows, V]
+    view with a contiguous last dimension (what the C++ kernels take): one block when the rows are
+    evenly spaced, one per outer index for a [B, T−1, V] slice. Copies (logged) only when t's layout
+    has no such view, or cannot be cut into blocks of `rows_per_block` rows."""
+    V = t.shape[-1]
+    rows = t.numel() // V
+    layout = _row_layout(t)
+    if layout is None:
+        t = _layout_copy(t, "cpp")
+        layout = _row_layout(t)
+    inner, (s_outer, s_inner) = layout
+    per = inner if rows_per_block is None else rows_per_block
+    if inner == 1:  # evenly spaced rows: any block size
+        return t.as_strided((rows // per, per, V), (per * s_outer, s_outer, 1), t.storage_offset())
+    if inner == per:
+        return t.as_strided((rows // per, per, V), (s_outer, s_inner, 1), t.storage_offset())
+    return _cpp_blocks(_layout_copy(t, "cpp"), per)
 
 
 def _cpp_forward(policy, ref, labels, ignore_index):
     from .. import _cpp
 
-    V = policy.shape[-1]
     labels_flat = labels.reshape(-1).contiguous()
-    return _cpp.paired_logprobs_forward(policy.reshape(-1, V), ref.reshape(-1, V) if ref is not None else None,
-                                        labels_flat, ignore_index)
+    pol = _cpp_blocks(policy)
+    refb = _cpp_blocks(ref, pol.shape[1]) if ref is not None else None
+    per = pol.shape[1]
+    parts = [_cpp.paired_logprobs_forward(pol[b], refb[b] if refb is not None else None,
+                                          labels_flat[b * per:(b + 1) * per], ignore_index)
+             for b in range(pol.shape[0])]
+    if len(parts) == 1:
+        return parts[0]
+    logp, lse = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return logp, lse, (torch.cat([p[2] for p in parts]) if ref is not None else None)
 
 
 def _cpp_backward(grad_logp, logits, lse, labels, ignore_index, inplace):
     from .. import _cpp
 
-    V = logits.shape[-1]
-    view = _rows_2d(logits)
-    direct = inplace and view is not None
-    grad = _cpp.logprobs_backward(grad_logp, view if direct else logits.reshape(-1, V), lse,
-                                  labels.reshape(-1).contiguous(), ignore_index, direct)
-    if inplace and not direct:
-        logits.copy_(grad.view(logits.shape))
-        return logits
-    return grad.view(logits.shape)
+    labels_flat = labels.reshape(-1).contiguous()
+    # In place the caller has checked `_inplace_refusal`: the blocks are then views of logits.
+    blocks = _cpp_blocks(logits)
+    per = blocks.shape[1]
+    out = None if inplace else torch.empty(blocks.shape, dtype=logits.dtype, device=logits.device)
+    for b in range(blocks.shape[0]):
+        rows = slice(b * per, (b + 1) * per)
+        if inplace:
+            _cpp.logprobs_backward(grad_logp[rows], blocks[b], lse[rows], labels_flat[rows], ignore_index, True)
+        else:
+            _cpp.logprobs_backward_into(grad_logp[rows], blocks[b], lse[rows], labels_flat[rows], ignore_index,
+                                        out[b])
+    return logits if inplace else out.view(logits.shape)
 
 
 _FORWARD = {"triton": _triton_forward, "eager": _eager_forward, "cpp": _cpp_forward}
@@ -300,7 +372,10 @@ def _(grad_logp, logits, lse, labels, ignore_index, backend):
 @torch.library.custom_op("fasttrdpo::logits_logprobs_backward_", mutates_args=("logits",))
 def _backward_inplace_op(grad_logp: Tensor, logits: Tensor, lse: Tensor, labels: Tensor, ignore_index: int,
                          backend: str) -> None:
-    """Same as the backward op, written over `logits`."""
+    """Same as the backward op, written over `logits` (which `_inplace_refusal` must accept)."""
+    refusal = _inplace_refusal(logits)
+    if refusal is not None:  # the autograd formula never gets here; a direct call must not corrupt memory
+        raise ValueError(f"logits cannot take the gradient in place: {refusal}")
     chosen = resolve_backend("token_logprobs_backward", backend, logits.device)
     _BACKWARD[chosen](grad_logp.reshape(-1).float().contiguous(), logits, lse.reshape(-1).contiguous(),
                       labels, ignore_index, True)
@@ -322,7 +397,9 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, grad_logp, _grad_lse, _grad_ref_logp):
     policy, lse, labels = ctx.saved_tensors
-    if ctx.inplace_backward:
+    refusal = _inplace_refusal(policy) if ctx.inplace_backward else None
+    _report_inplace(ctx.inplace_backward, refusal)
+    if ctx.inplace_backward and refusal is None:
         _backward_inplace_op(grad_logp, policy, lse, labels, ctx.ignore_index, ctx.backend)
         grad_policy = policy
     else:
@@ -359,9 +436,10 @@ def token_logprobs(logits: Tensor, labels: Tensor, *, ignore_index: int = -100, 
                    validate: bool = True, backend: str = "auto") -> Tensor:
     """Per-token log-probs log_softmax(logits)[labels] in fp32 with labels' shape, 0.0 where ignored.
 
-    logits [..., V] (fp32/bf16/fp16), labels [...] int64. `inplace_backward=True` lets the backward
-    write the gradient g·(onehot − softmax) into the logits buffer (do not reuse the logits after
-    backward). `validate=False` skips the label range check (a host sync on CUDA); a label outside
+    logits [..., V] (fp32/bf16/fp16, any layout), labels [...] int64. `inplace_backward=True` lets the
+    backward write the gradient g·(onehot − softmax) into the logits buffer (do not reuse the logits
+    after backward) when the logits are provably non-overlapping and need no copy; otherwise it runs
+    out of place, warns once, and `last_backend("token_logprobs_inplace_backward")` says why. `validate=False` skips the label range check (a host sync on CUDA); a label outside
     [0, V) other than ignore_index then gives NaN instead of an error.
     """
     _check_common(labels, "logits", logits, ignore_index, inplace_backward, validate)
