@@ -44,8 +44,10 @@ BACKENDS = ["eager", "triton"]
 
 @pytest.fixture(autouse=True)
 def small_eager_chunks(monkeypatch):
-    # 16 rows of V = 200 per chunk: the eager path always runs several chunks in these tests
+    # 16 rows of V = 200 per chunk: the eager path always runs several chunks in these tests;
+    # the triton backward runs vocabulary chunks of its minimum, 128 columns (V = 200: two chunks)
     monkeypatch.setattr(linear_ops, "EAGER_CHUNK_BYTES", 16 * 4 * V)
+    monkeypatch.setattr(kernels, "VOCAB_CHUNK_BYTES", 1)
 
 
 def _gamma(n: int) -> float:
@@ -64,11 +66,22 @@ def _make(shape, H_, V_, h_dtype, w_dtype, bias_dtype=None, seed=0, ignore_frac=
 
 
 def _dot_u(backend, hidden, weight):
-    """Relative rounding of dz in the backward dot (0 when that dot runs in fp32)."""
+    """Unit roundoff of the operand dtype of the triton path's dots (0 when they run in fp32, and on
+    the eager path, which computes in fp32): dz is rounded to it for the backward GEMMs, and so are
+    their outputs (grad_W once; grad_h once per vocabulary chunk, summed in fp32)."""
     if backend != "triton":
         return 0.0
-    kind = kernels.dot_kind(hidden.dtype, weight.dtype)
-    return {kernels.DOT_FP32: 0.0, kernels.DOT_BF16: 2.0 ** -8, kernels.DOT_FP16: 2.0 ** -11}[kind]
+    return STORE_U[kernels.dot_dtype(hidden.dtype, weight.dtype)]
+
+
+def _as_computed(backend, hidden, weight):
+    """The operands as the backend computes with them: the triton path casts a mixed pair to its half
+    dtype, as autocast would (documented), so its float64 reference is built from the cast values;
+    `test_mixed_pair_is_cast_like_autocast` proves the cast is exactly that."""
+    if backend != "triton":
+        return hidden, weight
+    dt = kernels.dot_dtype(hidden.dtype, weight.dtype)
+    return hidden.to(dt), weight.to(dt)
 
 
 def _value_tol(hidden, weight, bias, logit_scale, softcap):
@@ -79,7 +92,10 @@ def _value_tol(hidden, weight, bias, logit_scale, softcap):
     return logprob_tolerance(z64, dot_err=dot_err), dot_err
 
 
-def _grad_tols(hidden, weight, bias, labels, g, ignore_index, logit_scale, softcap, dot_u, grads64):
+def _grad_tols(hidden, weight, bias, labels, g, ignore_index, logit_scale, softcap, dot_u, grads64,
+               store_dtypes=None):
+    """store_dtypes: (hidden, weight) dtypes of the returned gradients when `hidden`/`weight` are the
+    cast operands the backend computed with (default: their own dtypes)."""
     Hh = hidden.shape[-1]
     h64 = hidden.double().reshape(-1, Hh)
     W64 = weight.double()
@@ -104,15 +120,18 @@ def _grad_tols(hidden, weight, bias, labels, g, ignore_index, logit_scale, softc
     ddz = g64.abs()[:, None] * (dp * D.abs() + (onehot - p).abs() * dD) + (3 * U32 + dot_u) * dz.abs()
     if dot_u == 2.0 ** -11:  # fp16 dz: values below the subnormal range flush (half an fp16 ulp at 0)
         ddz = ddz + 2.0 ** -25
+    # + dot_u·|dz|·|operand|: the GEMM outputs rounded to the dot dtype (grad_W once; grad_h once per
+    # vocabulary chunk: Σ_c u·|dz_c @ W_c| <= u·|dz| @ |W|)
     tols = {
-        "hidden": ddz @ W64.abs() + _gamma(Vv + 2) * (dz.abs() @ W64.abs()),
-        "weight": ddz.T @ h64.abs() + _gamma(Nn + 2) * (dz.abs().T @ h64.abs()),
+        "hidden": ddz @ W64.abs() + (_gamma(Vv + 2) + dot_u) * (dz.abs() @ W64.abs()),
+        "weight": ddz.T @ h64.abs() + (_gamma(Nn + 2) + dot_u) * (dz.abs().T @ h64.abs()),
     }
     if bias is not None:
         tols["bias"] = ddz.sum(0) + _gamma(Nn + 2) * dz.abs().sum(0)
     out = {}
     for name, tol in tols.items():
-        dtype = {"hidden": hidden.dtype, "weight": weight.dtype, "bias": bias.dtype if bias is not None else None}[name]
+        h_dt, w_dt = store_dtypes or (hidden.dtype, weight.dtype)
+        dtype = {"hidden": h_dt, "weight": w_dt, "bias": bias.dtype if bias is not None else None}[name]
         us = STORE_U[dtype]
         ref = grads64[name].reshape(tol.shape).abs()
         out[name] = (1 + us) * tol + us * ref
@@ -149,15 +168,16 @@ def check_linear_op(backend, hidden, weight, labels, bias=None, ignore_index=-10
     assert torch.equal(out[ignored], torch.zeros_like(out[ignored])), "ignored tokens must be exactly 0.0"
 
     g = torch.randn(labels.shape, generator=torch.Generator().manual_seed(seed)).to(labels.device)
-    ref, grads64 = _ref_grads(hidden, weight, bias, labels, g, ignore_index, logit_scale, softcap)
-    tol, _ = _value_tol(hidden.reshape(-1, hidden.shape[-1]), weight, bias, logit_scale, softcap)
+    c_hidden, c_weight = _as_computed(backend, hidden, weight)
+    ref, grads64 = _ref_grads(c_hidden, c_weight, bias, labels, g, ignore_index, logit_scale, softcap)
+    tol, _ = _value_tol(c_hidden.reshape(-1, hidden.shape[-1]), c_weight, bias, logit_scale, softcap)
     assert float(tol.max()) < 1e-3  # the bound is tight enough to catch any indexing/mask bug
     assert_close_tol(out, ref, tol.reshape(labels.shape), f"{backend} logp")
 
     inputs = [h, w] + ([b] if b is not None else [])
     grads = dict(zip(["hidden", "weight", "bias"], torch.autograd.grad((out * g).sum(), inputs)))
-    tols = _grad_tols(hidden, weight, bias, labels, g, ignore_index, logit_scale, softcap,
-                      _dot_u(backend, hidden, weight), grads64)
+    tols = _grad_tols(c_hidden, c_weight, bias, labels, g, ignore_index, logit_scale, softcap,
+                      _dot_u(backend, hidden, weight), grads64, (hidden.dtype, weight.dtype))
     for name, grad in grads.items():
         leaf = {"hidden": hidden, "weight": weight, "bias": bias}[name]
         assert grad.dtype == leaf.dtype and grad.shape == leaf.shape, name
