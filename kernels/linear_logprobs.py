@@ -1,9 +1,9 @@
 """Per-token log-probabilities at the lm_head, without ever storing the full logits (Triton + cuBLAS).
 
-Example (policy and reference alike; rows already compacted to the scored ones):
+Example (policy and reference alike; rows already compacted to the scored ones; labels int64 [N]):
 
-    logp, lse = linear_logprobs_forward(hidden, weight, bias, labels)          # fp32 [N] each
-    gh, gw, gb = linear_logprobs_backward(g, hidden, weight, bias, labels, lse)
+    logp, lse = linear_logprobs_forward(hidden, weight, bias, labels, precision="ieee")  # fp32 [N] each
+    gh, gw, gb = linear_logprobs_backward(g, hidden, weight, bias, labels, lse, precision="ieee")
 
 For hidden states h [N, H], an lm_head weight W [V, H] (optional bias b [V]) and labels y [N]:
 
@@ -26,28 +26,31 @@ Forward, two kernels:
     label logit if the label column lies in its tile (the one program that owns it writes it);
   * `linear_logprobs_merge_kernel` merges the per-tile (max, sum) pairs of each row in a fixed order
     (vocabulary block 0, 1, ...): deterministic, whatever the schedule of the first kernel.
-Backward (chunked over the vocabulary, VOCAB_CHUNK columns at a time; nothing is read-modified-written
-per tile): `linear_logprobs_dz_kernel` (the same tiles, an epilogue instead of the reduction) writes
-dz = g * (onehot(y) - softmax(zt)) * dzt/dz for the chunk into a [N, VOCAB_CHUNK] buffer in the operand
-dtype (bf16 rounded to nearest even), then cuBLAS: grad_W[chunk] = dz.T @ h (complete: one rounding),
-grad_h += dz @ W[chunk] (an fp32 [N, H] accumulator, one add per chunk), grad_b[chunk] = sum_n dz.
-dzt/dz = scale * (1 - tanh^2) under softcap, else scale. No atomics anywhere: bit-for-bit deterministic.
+Backward (chunked over the vocabulary, C columns at a time with C from a VOCAB_CHUNK_BYTES budget of
+dz; nothing is read-modified-written per tile): `linear_logprobs_dz_kernel` (the same tiles, an
+epilogue instead of the reduction) writes dz = g * (onehot(y) - softmax(zt)) * dzt/dz for the chunk
+into an [N, C] buffer in the operand dtype (bf16 rounded to nearest even), then cuBLAS (fp32
+accumulation inside): grad_W[chunk] = dz.T @ h (complete: one rounding to the operand dtype),
+grad_h += dz @ W[chunk] (one rounding per chunk, summed in an fp32 [N, H] accumulator),
+grad_b[chunk] = sum_n dz in fp32. dzt/dz = scale * (1 - tanh^2) under softcap, else scale. The logits
+are recomputed once (the forward keeps only lse): 6·N·V·H FLOPs. No atomics: bit-for-bit deterministic.
 
-Memory traffic and FLOPs at N = 16384 scored rows, H = 4096, V = 128256, bf16 (n = N, e = 2 bytes):
-  forward  HBM: h once (N·H·e = 0.13 GB), W once per row group of GROUP_N·BLOCK_N rows
-           (V·H·e·N/(GROUP_N·BLOCK_N) = 1.05 GB x 8 = 8.4 GB at 128 x 16 rows), partials
-           N·(V/BLOCK_V)·8 B written and read (2 x 0.13 GB): ~9 GB, 2.7 ms at 3.35 TB/s, against
-           2·N·V·H = 17.2 TFLOP, 22 ms at 790 TFLOP/s: compute-bound. L2 -> SM: N·V·H·e·(1/BLOCK_V +
-           1/BLOCK_N) = 269 GB at 128 x 128 tiles (what any GEMM with these tiles moves).
-  backward per vocabulary chunk of C columns (C = 32768 at the default 1 GiB dz budget, 4 chunks):
-           dz kernel (h 0.13 GB + W chunk + dz write N·C·e), grad_W GEMM (dz + h read, grad_W chunk
-           write), grad_h GEMM (dz + W chunk read, [N, H] half partial write) and the fp32 add
-           (partial read + accumulator read and write: N·H·(2 + 8) B): in all
-           3·N·V·e (dz written once, read twice: 12.6 GB) + 3·V·H·e (3.2 GB) + chunks·N·H·(2·e + 10)
-           (2.0 GB) = ~18 GB, 5.4 ms at 3.35 TB/s, against 6·N·V·H = 51.6 TFLOP (65 ms): compute-bound.
-           The old design (two kernels, each recomputing the logits and read-modify-writing fp32
-           accumulators per tile) moved ~2 TB.
-  memory   partials 8·N·V/BLOCK_V bytes (0.13 GB), dz chunk N·C·e (1 GiB), grad_h accumulator N·H·4.
+Memory traffic and FLOPs at N = 16384 scored rows, H = 4096, V = 128256, bf16 (e = 2 bytes), sm_90 list
+(128 x 128 tiles, GROUP_N = 16), 3.35 TB/s and 790 TFLOP/s (H100 HBM, a bare bf16 GEMM's reachable rate):
+  forward  HBM: h once (N·H·e = 0.13 GB); W once per group of GROUP_N·BLOCK_N = 2048 rows
+           (V·H·e = 1.05 GB, 8 times: 8.4 GB); partials 8 B per row and vocabulary block, written and
+           read (2 x 0.13 GB): ~8.8 GB, 2.6 ms, against 2·N·V·H = 17.2 TFLOP, 22 ms: compute-bound.
+           (L2 -> SM, as for any GEMM with these tiles: N·V·H·e·(1/BLOCK_V + 1/BLOCK_N) = 269 GB.)
+  backward 4 vocabulary chunks of C = 32768 columns (1 GiB of bf16 dz each, VOCAB_CHUNK_BYTES):
+           dz kernel: W 8.4 GB (as the forward), h 0.13 GB per chunk (0.54 GB), dz written N·V·e = 4.2 GB;
+           grad_W = dz.T @ h: dz 4.2 GB + h 0.54 GB read, grad_W V·H·e = 1.05 GB written;
+           grad_h += dz @ W[chunk]: dz 4.2 GB + W 1.05 GB read, a bf16 [N, H] partial per chunk written
+           and read (2 x 0.54 GB), the fp32 accumulator read and written per chunk (2.15 GB):
+           ~27 GB in all, 8.2 ms, against 6·N·V·H = 51.6 TFLOP, 65 ms: compute-bound, no atomics.
+           (The previous design, two kernels each recomputing the logits and read-modify-writing fp32
+           accumulators per tile, moved ~2 TB: >= 600 ms.)
+  memory   partials 8·N·V/BLOCK_V bytes (0.13 GB), dz chunk N·C·e (1 GiB), grad_h accumulator N·H·4
+           (0.27 GB), plus the half copy of an fp32 weight when the pair is mixed (V·H·e).
 
 Bad labels are never used as addresses: the label logit is picked by comparing column indices.
 All offsets are 64-bit (V·H can exceed 2**31 elements). Rows whose label is ignore_index still cost a

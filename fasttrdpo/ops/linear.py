@@ -1,12 +1,18 @@
 """Per-token log-probs at the lm_head: `linear_token_logprobs` and `paired_linear_token_logprobs`.
 
-log p(y_t) = log_softmax(transform(h_t @ W.T + b))[y_t] without storing the [N, V] logits:
-- backend "triton": `fasttrdpo.kernels.linear_logprobs` (logits formed tile by tile in registers; policy
-  and reference in one launch; deterministic backward that recomputes the tiles);
-- backend "eager": PyTorch over chunks of tokens. Forward: per chunk, fp32 logits, log-sum-exp and the
-  label logit; only the N log-sum-exps are saved. Backward: per chunk, recompute the logits, form
-  g·(onehot − softmax)·d(transform) in place, and accumulate grad_hidden (per chunk), grad_weight and
-  grad_bias (fp32 accumulators). Peak memory is a few chunk-sized buffers (`EAGER_CHUNK_BYTES` of
+log p(y_t) = log_softmax(transform(h_t @ W.T + b))[y_t] without storing the [N, V] logits. Both
+backends first gather the scored rows (label != ignore_index): prompt and padding rows never enter a
+computation (neither their cost nor whatever NaN/inf they hold); their outputs are exactly 0.0 and
+their grad_hidden exactly 0. TF32 is decided once per call (torch's flag, read in the forward) and the
+backward uses that decision.
+- backend "triton": `fasttrdpo.kernels.linear_logprobs` (forward: 2-D grid of logits tiles in
+  registers, per-tile partial log-sum-exps merged in a fixed order; backward: vocabulary chunks of dz
+  by a tile kernel, gradients by cuBLAS GEMMs; deterministic). A mixed pair (bf16 hidden with an fp32
+  weight, as autocast produces) is cast to its half dtype, as autocast would;
+- backend "eager": PyTorch over chunks of tokens, in fp32. Forward: per chunk, fp32 logits, log-sum-exp
+  and the label logit; only the N log-sum-exps are saved. Backward: per chunk, recompute the logits,
+  form g·(onehot − softmax)·d(transform) in place, and accumulate grad_hidden (per chunk), grad_weight
+  and grad_bias (fp32 accumulators). Peak memory is a few chunk-sized buffers (`EAGER_CHUNK_BYTES` of
   logits each) plus the fp32 grad_weight accumulator, whatever N is. A half-precision weight is
   upcast to fp32 once per call (V·H·4 bytes);
 - backend "cpp": the C++ extension covers the logits level and the blend only; asking for it here
@@ -16,6 +22,7 @@ Under torch.compile the op goes through torch.library custom ops (forward and ba
 implementations and an autograd formula), so it traces as one opaque node; outside compile the same
 functions run as a plain autograd.Function. The label range check (`validate=True`) reads
 the labels on the host, which torch.compile turns into a graph break; `validate=False` traces fully.
+Gathering the scored rows costs one host sync on CUDA (`nonzero`), inside the opaque op.
 """
 from __future__ import annotations
 
