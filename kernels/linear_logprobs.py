@@ -250,7 +250,7 @@ def linear_logprobs_partial_kernel(
     tl.store(zl_ptr + rows, z_label, mask=row_mask & owns)
 
 
-@triton.jit(do_not_specialize=["N", "V", "ignore_index"])
+@triton.jit(do_not_specialize=["N", "V", "num_blocks", "ignore_index"])
 def linear_logprobs_merge_kernel(m_ptr, s_ptr, zl_ptr, labels_ptr, logp_ptr, lse_ptr, N, V, num_blocks,
                                  ignore_index, BLOCK_N: tl.constexpr):
     """lse = M + log(sum_j s_j exp(m_j - M)) over the vocabulary blocks j = 0, 1, ... in that order."""
