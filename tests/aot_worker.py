@@ -7,10 +7,12 @@ is assembled by the wheel's ptxas (`-v`) to read registers and spill bytes.
 
 Spec keys (COMMON rules): name, fn, signature, constexprs, num_warps, num_stages, no_spill; optional
 `divisible_by_16`: argument names the JIT sees as multiples of 16 at the library's launches (aligned
-pointers, strides) — passed as `tt.divisibility` attributes, exactly as the JIT specialises them.
+pointers, strides) — passed as `tt.divisibility` attributes, exactly as the JIT specialises them;
+optional `ccs`: the architectures the spec is launched on (a per-architecture config list; default
+80 and 90); optional `expect_wgmma`: the spec's dots must lower to Hopper `wgmma` (read from the PTX).
 
-Prints one JSON object: {"modules": [...], "results": [{module, name, cc, ok, error, registers,
-spill_stores, spill_loads, no_spill, seconds}, ...]}.
+Prints one JSON object: {"triton": version, "modules": [...], "results": [{module, name, cc, ok, error,
+registers, spill_stores, spill_loads, shared, wgmma, expect_wgmma, no_spill, seconds}, ...]}.
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ def _compile_one(job):
     spec = importlib.import_module(f"fasttrdpo.kernels.{module}").aot_specs()[index]
     res = {"module": module, "name": spec["name"], "cc": cc, "no_spill": bool(spec["no_spill"]),
            "num_warps": spec["num_warps"], "num_stages": spec["num_stages"], "ok": False, "error": None,
-           "registers": None, "spill_stores": None, "spill_loads": None}
+           "registers": None, "spill_stores": None, "spill_loads": None, "shared": None, "wgmma": None,
+           "expect_wgmma": bool(spec.get("expect_wgmma", False))}
     t0 = time.time()
     try:
         fn = spec["fn"]
@@ -78,7 +81,10 @@ def _compile_one(job):
         spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
         if len(regs) != 1 or len(spills) != 1:
             raise RuntimeError(f"unexpected ptxas report: {report[-2000:]}")
-        res.update(ok=True, registers=int(regs[0]), spill_stores=int(spills[0][0]), spill_loads=int(spills[0][1]))
+        # wgmma instructions in the PTX (Hopper tensor-core MMA; sm_80 has none)
+        wgmma = len(re.findall(r"\bwgmma\.mma_async", compiled.asm["ptx"]))
+        res.update(ok=True, registers=int(regs[0]), spill_stores=int(spills[0][0]), spill_loads=int(spills[0][1]),
+                   shared=int(compiled.metadata.shared), wgmma=wgmma)
     except Exception as e:  # reported, the test fails on it
         res["error"] = f"{type(e).__name__}: {e}"[:4000]
     res["seconds"] = round(time.time() - t0, 2)
@@ -92,12 +98,14 @@ def main() -> int:
     modules = _spec_modules()
     jobs = []
     for module in modules:
-        n = len(importlib.import_module(f"fasttrdpo.kernels.{module}").aot_specs())
-        jobs += [(module, i, cc) for i in range(n) for cc in CCS]
+        specs = importlib.import_module(f"fasttrdpo.kernels.{module}").aot_specs()
+        jobs += [(module, i, cc) for i, spec in enumerate(specs) for cc in spec.get("ccs", CCS)]
     workers = int(os.environ.get("AOT_WORKERS", "2"))
     with ProcessPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(_compile_one, jobs))
-    json.dump({"modules": modules, "results": results}, sys.stdout)
+    import triton
+
+    json.dump({"triton": triton.__version__, "modules": modules, "results": results}, sys.stdout)
     return 0
 
 

@@ -44,8 +44,10 @@ BACKENDS = ["eager", "triton"]
 
 @pytest.fixture(autouse=True)
 def small_eager_chunks(monkeypatch):
-    # 16 rows of V = 200 per chunk: the eager path always runs several chunks in these tests
+    # 16 rows of V = 200 per chunk: the eager path always runs several chunks in these tests;
+    # the triton backward runs vocabulary chunks of its minimum, 128 columns (V = 200: two chunks)
     monkeypatch.setattr(linear_ops, "EAGER_CHUNK_BYTES", 16 * 4 * V)
+    monkeypatch.setattr(kernels, "VOCAB_CHUNK_BYTES", 1)
 
 
 def _gamma(n: int) -> float:
@@ -64,11 +66,22 @@ def _make(shape, H_, V_, h_dtype, w_dtype, bias_dtype=None, seed=0, ignore_frac=
 
 
 def _dot_u(backend, hidden, weight):
-    """Relative rounding of dz in the backward dot (0 when that dot runs in fp32)."""
+    """Unit roundoff of the operand dtype of the triton path's dots (0 when they run in fp32, and on
+    the eager path, which computes in fp32): dz is rounded to it for the backward GEMMs, and so are
+    their outputs (grad_W once; grad_h once per vocabulary chunk, summed in fp32)."""
     if backend != "triton":
         return 0.0
-    kind = kernels.dot_kind(hidden.dtype, weight.dtype)
-    return {kernels.DOT_FP32: 0.0, kernels.DOT_BF16: 2.0 ** -8, kernels.DOT_FP16: 2.0 ** -11}[kind]
+    return STORE_U[kernels.dot_dtype(hidden.dtype, weight.dtype)]
+
+
+def _as_computed(backend, hidden, weight):
+    """The operands as the backend computes with them: the triton path casts a mixed pair to its half
+    dtype, as autocast would (documented), so its float64 reference is built from the cast values;
+    `test_mixed_pair_is_cast_like_autocast` proves the cast is exactly that."""
+    if backend != "triton":
+        return hidden, weight
+    dt = kernels.dot_dtype(hidden.dtype, weight.dtype)
+    return hidden.to(dt), weight.to(dt)
 
 
 def _value_tol(hidden, weight, bias, logit_scale, softcap):
@@ -79,7 +92,10 @@ def _value_tol(hidden, weight, bias, logit_scale, softcap):
     return logprob_tolerance(z64, dot_err=dot_err), dot_err
 
 
-def _grad_tols(hidden, weight, bias, labels, g, ignore_index, logit_scale, softcap, dot_u, grads64):
+def _grad_tols(hidden, weight, bias, labels, g, ignore_index, logit_scale, softcap, dot_u, grads64,
+               store_dtypes=None):
+    """store_dtypes: (hidden, weight) dtypes of the returned gradients when `hidden`/`weight` are the
+    cast operands the backend computed with (default: their own dtypes)."""
     Hh = hidden.shape[-1]
     h64 = hidden.double().reshape(-1, Hh)
     W64 = weight.double()
@@ -104,15 +120,18 @@ def _grad_tols(hidden, weight, bias, labels, g, ignore_index, logit_scale, softc
     ddz = g64.abs()[:, None] * (dp * D.abs() + (onehot - p).abs() * dD) + (3 * U32 + dot_u) * dz.abs()
     if dot_u == 2.0 ** -11:  # fp16 dz: values below the subnormal range flush (half an fp16 ulp at 0)
         ddz = ddz + 2.0 ** -25
+    # + dot_u·|dz|·|operand|: the GEMM outputs rounded to the dot dtype (grad_W once; grad_h once per
+    # vocabulary chunk: Σ_c u·|dz_c @ W_c| <= u·|dz| @ |W|)
     tols = {
-        "hidden": ddz @ W64.abs() + _gamma(Vv + 2) * (dz.abs() @ W64.abs()),
-        "weight": ddz.T @ h64.abs() + _gamma(Nn + 2) * (dz.abs().T @ h64.abs()),
+        "hidden": ddz @ W64.abs() + (_gamma(Vv + 2) + dot_u) * (dz.abs() @ W64.abs()),
+        "weight": ddz.T @ h64.abs() + (_gamma(Nn + 2) + dot_u) * (dz.abs().T @ h64.abs()),
     }
     if bias is not None:
         tols["bias"] = ddz.sum(0) + _gamma(Nn + 2) * dz.abs().sum(0)
     out = {}
     for name, tol in tols.items():
-        dtype = {"hidden": hidden.dtype, "weight": weight.dtype, "bias": bias.dtype if bias is not None else None}[name]
+        h_dt, w_dt = store_dtypes or (hidden.dtype, weight.dtype)
+        dtype = {"hidden": h_dt, "weight": w_dt, "bias": bias.dtype if bias is not None else None}[name]
         us = STORE_U[dtype]
         ref = grads64[name].reshape(tol.shape).abs()
         out[name] = (1 + us) * tol + us * ref
@@ -149,15 +168,16 @@ def check_linear_op(backend, hidden, weight, labels, bias=None, ignore_index=-10
     assert torch.equal(out[ignored], torch.zeros_like(out[ignored])), "ignored tokens must be exactly 0.0"
 
     g = torch.randn(labels.shape, generator=torch.Generator().manual_seed(seed)).to(labels.device)
-    ref, grads64 = _ref_grads(hidden, weight, bias, labels, g, ignore_index, logit_scale, softcap)
-    tol, _ = _value_tol(hidden.reshape(-1, hidden.shape[-1]), weight, bias, logit_scale, softcap)
+    c_hidden, c_weight = _as_computed(backend, hidden, weight)
+    ref, grads64 = _ref_grads(c_hidden, c_weight, bias, labels, g, ignore_index, logit_scale, softcap)
+    tol, _ = _value_tol(c_hidden.reshape(-1, hidden.shape[-1]), c_weight, bias, logit_scale, softcap)
     assert float(tol.max()) < 1e-3  # the bound is tight enough to catch any indexing/mask bug
     assert_close_tol(out, ref, tol.reshape(labels.shape), f"{backend} logp")
 
     inputs = [h, w] + ([b] if b is not None else [])
     grads = dict(zip(["hidden", "weight", "bias"], torch.autograd.grad((out * g).sum(), inputs)))
-    tols = _grad_tols(hidden, weight, bias, labels, g, ignore_index, logit_scale, softcap,
-                      _dot_u(backend, hidden, weight), grads64)
+    tols = _grad_tols(c_hidden, c_weight, bias, labels, g, ignore_index, logit_scale, softcap,
+                      _dot_u(backend, hidden, weight), grads64, (hidden.dtype, weight.dtype))
     for name, grad in grads.items():
         leaf = {"hidden": hidden, "weight": weight, "bias": bias}[name]
         assert grad.dtype == leaf.dtype and grad.shape == leaf.shape, name
@@ -481,3 +501,117 @@ def test_gpu_paired_bad_labels_and_determinism():
         runs.append((out,) + torch.autograd.grad(out.sum(), [h, w, b]))
     for a, c in zip(*runs):
         assert torch.equal(a, c), "the triton backward must be bit-for-bit reproducible"
+
+
+# ------------------------------------------------------------------------------------------ scored rows only
+def _poisoned(hidden, labels, ignore_index=-100):
+    """hidden with NaN, +inf and -inf at ignored positions (what a padded batch may hold there)."""
+    bad = hidden.clone()
+    ignored = (labels == ignore_index).nonzero()
+    assert len(ignored) >= 3
+    for i, value in zip(range(len(ignored)), [math.nan, math.inf, -math.inf] * len(ignored)):
+        bad[tuple(ignored[i])] = value
+    clean = hidden.clone()
+    clean[labels == ignore_index] = 0.0
+    return bad, clean
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_hidden_at_ignored_rows_never_enters(backend):
+    """Issue 13 item 2: NaN/inf at ignored positions leave the outputs and every gradient (hidden,
+    weight, bias) finite and equal to a run with zeros there; ignored rows get exactly 0 gradient."""
+    hidden, weight, bias, labels = _make((N_B, N_T), H, V, torch.bfloat16, torch.bfloat16, torch.bfloat16)
+    r_hidden, r_weight, _, _ = _make((N_B, N_T), 48, V, torch.float32, torch.float32, seed=7)
+    bad, clean = _poisoned(hidden, labels)
+    r_bad, r_clean = _poisoned(r_hidden, labels)
+    g = torch.randn(labels.shape, generator=torch.Generator().manual_seed(2))
+    runs = []
+    for h0, rh0 in ((bad, r_bad), (clean, r_clean)):
+        h, w, b = _leaves(h0, weight, bias)
+        single = fasttrdpo.linear_token_logprobs(h, w, labels, bias=b, softcap=5.0, backend=backend)
+        pol, ref = fasttrdpo.paired_linear_token_logprobs(h, w, rh0, r_weight, labels, policy_bias=b,
+                                                          softcap=5.0, backend=backend)
+        grads = torch.autograd.grad(((single + pol) * g).sum(), [h, w, b])
+        runs.append((single, pol, ref) + grads)
+    for name, a, c in zip(["single", "policy", "ref", "grad_hidden", "grad_weight", "grad_bias"], *runs):
+        assert torch.isfinite(a).all(), f"{backend} {name} is not finite"
+        assert torch.equal(a, c), f"{backend} {name} depends on what ignored rows hold"
+    grad_hidden = runs[0][3]
+    assert not grad_hidden[labels == -100].any()
+
+
+def test_mixed_pair_is_cast_like_autocast():
+    """A bf16 hidden with an fp32 weight (autocast over fp32 parameters) runs the bf16 dots of the
+    weight cast to bf16 — bit for bit the op on the cast weight; likewise fp32 hidden with fp16 weight."""
+    for h_dtype, w_dtype, dot in ((torch.bfloat16, torch.float32, torch.bfloat16),
+                                  (torch.float32, torch.float16, torch.float16)):
+        assert kernels.dot_dtype(h_dtype, w_dtype) == dot
+        hidden, weight, bias, labels = _make((2, 20), H, V, h_dtype, w_dtype, torch.float32)
+        results = []
+        for h0, w0 in ((hidden, weight), (hidden.to(dot), weight.to(dot))):
+            h, w, b = _leaves(h0, w0, bias)
+            out = fasttrdpo.linear_token_logprobs(h, w, labels, bias=b, softcap=4.0, backend="triton")
+            gh, gw, gb = torch.autograd.grad(out.sum(), [h, w, b])
+            assert gh.dtype == h0.dtype and gw.dtype == w0.dtype
+            # the gradients are formed in the dot dtype's GEMMs (grad_h summed over vocabulary chunks
+            # in fp32): the same values once both runs store them in that dtype
+            results.append((out, gh.to(dot), gw.to(dot), gb))
+        for a, c in zip(*results):
+            assert torch.equal(a, c)
+    assert kernels.dot_dtype(torch.float32, torch.float32) == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tf32_is_decided_once_per_call(backend, monkeypatch):
+    """The forward decides TF32 (from torch's flag) and the backward uses that decision, even if the
+    flag changes in between (before: each read the flag on its own)."""
+    seen = []
+    if backend == "triton":
+        real = kernels.linear_logprobs_backward
+
+        def spy(*args, **kwargs):
+            seen.append(kwargs["precision"])
+            return real(*args, **kwargs)
+        monkeypatch.setattr(kernels, "linear_logprobs_backward", spy)
+    else:
+        real = linear_ops._eager_backward
+
+        def spy(*args, **kwargs):
+            seen.append("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
+            return real(*args, **kwargs)
+        monkeypatch.setattr(linear_ops, "_eager_backward", spy)
+    hidden, weight, _, labels = _make((2, 6), 16, 30, torch.float32, torch.float32)
+    for forward_choice, backward_choice in (("tf32", "ieee"), ("ieee", "tf32")):
+        h, w, _ = _leaves(hidden, weight, None)
+        monkeypatch.setattr(_backend, "dot_precision", lambda: forward_choice)
+        out = fasttrdpo.linear_token_logprobs(h, w, labels, backend=backend)
+        monkeypatch.setattr(_backend, "dot_precision", lambda: backward_choice)
+        torch.autograd.grad(out.sum(), [h, w])
+    assert seen == ["tf32", "ieee"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_row_blocks(backend):
+    """More scored rows than one group of row blocks (interpreter: 32 rows x 4 per group): a full
+    group and a partial one, each sweeping two vocabulary blocks."""
+    hidden, weight, bias, labels = _make((6, 30), 16, V, torch.float32, torch.float32, torch.float32)
+    assert int((labels != -100).sum()) > 4 * kernels.INTERPRETER_CONFIG["BLOCK_N"]
+    check_linear_op(backend, hidden, weight, labels, bias=bias)
+
+
+def test_kernel_level_ignore_and_bad_labels():
+    """The kernels' own contract, without the op's compaction: 0.0 at ignore_index, NaN for a label
+    outside [0, V), the rest as the op computes it."""
+    hidden, weight, _, labels = _make((40,), H, V, torch.float32, torch.float32, ignore_frac=0.3)
+    labels[5] = V
+    labels[6] = -7
+    logp, lse = kernels.linear_logprobs_forward(hidden, weight, None, labels)
+    ignored = labels == -100
+    bad = (labels == V) | (labels == -7)
+    assert torch.equal(logp[ignored], torch.zeros_like(logp[ignored]))
+    assert torch.isnan(logp[bad]).all()
+    good = ~ignored & ~bad
+    ref = ref_linear_token_logprobs(hidden, weight, torch.where(good, labels, -100))
+    tol, _ = _value_tol(hidden, weight, None, 1.0, None)
+    assert_close_tol(logp[good], ref[good], tol[good], "kernel logp")
+    assert_close_tol(lse, torch.logsumexp(ref_linear_logits(hidden, weight), dim=-1), tol, "kernel lse")

@@ -1,12 +1,18 @@
 """Per-token log-probs at the lm_head: `linear_token_logprobs` and `paired_linear_token_logprobs`.
 
-log p(y_t) = log_softmax(transform(h_t @ W.T + b))[y_t] without storing the [N, V] logits:
-- backend "triton": `fasttrdpo.kernels.linear_logprobs` (logits formed tile by tile in registers; policy
-  and reference in one launch; deterministic backward that recomputes the tiles);
-- backend "eager": PyTorch over chunks of tokens. Forward: per chunk, fp32 logits, log-sum-exp and the
-  label logit; only the N log-sum-exps are saved. Backward: per chunk, recompute the logits, form
-  g·(onehot − softmax)·d(transform) in place, and accumulate grad_hidden (per chunk), grad_weight and
-  grad_bias (fp32 accumulators). Peak memory is a few chunk-sized buffers (`EAGER_CHUNK_BYTES` of
+log p(y_t) = log_softmax(transform(h_t @ W.T + b))[y_t] without storing the [N, V] logits. Both
+backends first gather the scored rows (label != ignore_index): prompt and padding rows never enter a
+computation (neither their cost nor whatever NaN/inf they hold); their outputs are exactly 0.0 and
+their grad_hidden exactly 0. TF32 is decided once per call (torch's flag, read in the forward) and the
+backward uses that decision.
+- backend "triton": `fasttrdpo.kernels.linear_logprobs` (forward: 2-D grid of logits tiles in
+  registers, per-tile partial log-sum-exps merged in a fixed order; backward: vocabulary chunks of dz
+  by a tile kernel, gradients by cuBLAS GEMMs; deterministic). A mixed pair (bf16 hidden with an fp32
+  weight, as autocast produces) is cast to its half dtype, as autocast would;
+- backend "eager": PyTorch over chunks of tokens, in fp32. Forward: per chunk, fp32 logits, log-sum-exp
+  and the label logit; only the N log-sum-exps are saved. Backward: per chunk, recompute the logits,
+  form g·(onehot − softmax)·d(transform) in place, and accumulate grad_hidden (per chunk), grad_weight
+  and grad_bias (fp32 accumulators). Peak memory is a few chunk-sized buffers (`EAGER_CHUNK_BYTES` of
   logits each) plus the fp32 grad_weight accumulator, whatever N is. A half-precision weight is
   upcast to fp32 once per call (V·H·4 bytes);
 - backend "cpp": the C++ extension covers the logits level and the blend only; asking for it here
@@ -16,6 +22,7 @@ Under torch.compile the op goes through torch.library custom ops (forward and ba
 implementations and an autograd formula), so it traces as one opaque node; outside compile the same
 functions run as a plain autograd.Function. The label range check (`validate=True`) reads
 the labels on the host, which torch.compile turns into a graph break; `validate=False` traces fully.
+Gathering the scored rows costs one host sync on CUDA (`nonzero`), inside the opaque op.
 """
 from __future__ import annotations
 
@@ -134,22 +141,56 @@ def _eager_backward(grad, hidden, weight, bias, labels, lse, ignore_index, scale
 
 
 # ------------------------------------------------------------------------------------------ dispatch
-def _forward_impl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index,
-                  logit_scale, softcap, backend):
+@contextlib.contextmanager
+def _matmul_precision(precision: str):
+    """fp32 GEMMs (eager path) in the precision decided once per call, whatever the flag says later."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _scored_rows(labels: Tensor, ignore_index: int) -> Optional[Tensor]:
+    """Indices of the rows whose label is not ignore_index, or None when every row is scored.
+    Ignored rows (prompt, padding) never enter a computation: not their cost, not their NaN/inf.
+    (On CUDA `nonzero` syncs with the host once per call: the price of compacting.)"""
+    scored = labels != ignore_index
+    idx = scored.nonzero().squeeze(1)
+    return None if idx.numel() == labels.numel() else idx
+
+
+def _model_forward(hidden, weight, bias, labels, ignore_index, logit_scale, softcap, backend, precision):
+    """(logp, lse) fp32 [n] for already compacted rows."""
     if backend == "triton":
         from fasttrdpo.kernels.linear_logprobs import linear_logprobs_forward
 
-        ref = None if ref_hidden is None else (ref_hidden, ref_weight, ref_bias)
-        return linear_logprobs_forward(hidden, weight, bias, labels, ref, ignore_index=ignore_index,
-                                       logit_scale=logit_scale, softcap=softcap,
-                                       precision=_backend.dot_precision())
-    with _no_autocast(hidden.device):
-        logp, lse = _eager_forward(hidden, weight, bias, labels, ignore_index, logit_scale, softcap)
-        if ref_hidden is None:
-            return logp[None], lse[None]
-        r_logp, r_lse = _eager_forward(ref_hidden, ref_weight, ref_bias, labels, ignore_index,
-                                       logit_scale, softcap)
-    return torch.stack([logp, r_logp]), torch.stack([lse, r_lse])
+        return linear_logprobs_forward(hidden, weight, bias, labels, ignore_index=ignore_index,
+                                       logit_scale=logit_scale, softcap=softcap, precision=precision)
+    return _eager_forward(hidden, weight, bias, labels, ignore_index, logit_scale, softcap)
+
+
+def _forward_impl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index,
+                  logit_scale, softcap, backend, precision):
+    N = labels.shape[0]
+    models = [(hidden, weight, bias)] + ([] if ref_hidden is None else [(ref_hidden, ref_weight, ref_bias)])
+    logp = torch.zeros((len(models), N), dtype=torch.float32, device=hidden.device)
+    lse = torch.zeros((len(models), N), dtype=torch.float32, device=hidden.device)
+    idx = _scored_rows(labels, ignore_index)
+    if idx is not None and idx.numel() == 0:
+        return logp, lse  # nothing scored: exactly 0.0 everywhere, nothing computed
+    y = labels if idx is None else labels.index_select(0, idx)
+    with _no_autocast(hidden.device), _matmul_precision(precision):
+        for i, (h, w, b) in enumerate(models):
+            h = h if idx is None else h.index_select(0, idx)
+            m_logp, m_lse = _model_forward(h, w, b, y, ignore_index, logit_scale, softcap, backend, precision)
+            if idx is None:
+                logp[i], lse[i] = m_logp, m_lse
+            else:
+                logp[i].index_copy_(0, idx, m_logp)
+                lse[i].index_copy_(0, idx, m_lse)
+    return logp, lse
 
 
 @torch.library.custom_op("fasttrdpo::linear_logprobs_fwd", mutates_args=())
@@ -157,37 +198,52 @@ def _linear_logprobs_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                          ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor],
                          ref_bias: Optional[Tensor], labels: Tensor, ignore_index: int,
                          logit_scale: float, softcap: Optional[float],
-                         backend: str) -> tuple[Tensor, Tensor]:
+                         backend: str, precision: str) -> tuple[Tensor, Tensor]:
     """(logp, lse), fp32 [models, N]; row 0 the policy, row 1 the reference when given."""
     return _forward_impl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels,
-                         ignore_index, logit_scale, softcap, backend)
+                         ignore_index, logit_scale, softcap, backend, precision)
 
 
 @_linear_logprobs_fwd.register_fake
 def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index, logit_scale,
-      softcap, backend):
+      softcap, backend, precision):
     models = 1 if ref_hidden is None else 2
     shape = (models, hidden.shape[0])
     return hidden.new_empty(shape, dtype=torch.float32), hidden.new_empty(shape, dtype=torch.float32)
 
 
 def _backward_impl(grad, hidden, weight, bias, labels, lse, ignore_index, logit_scale, softcap, backend,
-                   need_hidden, need_weight, need_bias):
-    """(grad_hidden, grad_weight, grad_bias) in the input dtypes; an empty tensor where not needed."""
-    if backend == "triton":
-        from fasttrdpo.kernels.linear_logprobs import linear_logprobs_backward
-
-        gh, gw, gb = linear_logprobs_backward(
-            grad, hidden, weight, bias, labels, lse, need_hidden=need_hidden,
-            need_weight=need_weight, need_bias=need_bias, ignore_index=ignore_index,
-            logit_scale=logit_scale, softcap=softcap, precision=_backend.dot_precision())
-    else:
-        with _no_autocast(hidden.device):
-            gh, gw, gb = _eager_backward(grad, hidden, weight, bias, labels, lse, ignore_index,
-                                         logit_scale, softcap, need_hidden, need_weight, need_bias)
+                   precision, need_hidden, need_weight, need_bias):
+    """(grad_hidden, grad_weight, grad_bias) in the input dtypes; an empty tensor where not needed.
+    Only the scored rows enter; grad_hidden is exactly 0 on the ignored ones."""
+    N, H = hidden.shape
+    idx = _scored_rows(labels, ignore_index)
     empty = hidden.new_empty((0,))
-    # fp32 accumulators -> storage dtypes (round to nearest even); .to is a no-op for fp32
-    return (gh.to(hidden.dtype) if need_hidden else empty,
+    if idx is not None and idx.numel() == 0:
+        return (torch.zeros_like(hidden) if need_hidden else empty,
+                torch.zeros_like(weight) if need_weight else empty,
+                torch.zeros_like(bias) if need_bias else empty)
+    if idx is not None:
+        hidden_s, labels_s = hidden.index_select(0, idx), labels.index_select(0, idx)
+        grad_s, lse_s = grad.index_select(0, idx), lse.index_select(0, idx)
+    else:
+        hidden_s, labels_s, grad_s, lse_s = hidden, labels, grad, lse
+    with _no_autocast(hidden.device), _matmul_precision(precision):
+        if backend == "triton":
+            from fasttrdpo.kernels.linear_logprobs import linear_logprobs_backward
+
+            gh, gw, gb = linear_logprobs_backward(
+                grad_s, hidden_s, weight, bias, labels_s, lse_s, need_hidden=need_hidden,
+                need_weight=need_weight, need_bias=need_bias, ignore_index=ignore_index,
+                logit_scale=logit_scale, softcap=softcap, precision=precision)
+        else:
+            gh, gw, gb = _eager_backward(grad_s, hidden_s, weight, bias, labels_s, lse_s, ignore_index,
+                                         logit_scale, softcap, need_hidden, need_weight, need_bias)
+    if need_hidden:
+        gh = gh.to(hidden.dtype)  # fp32 accumulator -> storage dtype (round to nearest even)
+        if idx is not None:
+            gh = torch.zeros_like(hidden).index_copy_(0, idx, gh)
+    return (gh if need_hidden else empty,
             gw.to(weight.dtype) if need_weight else empty,
             gb.to(bias.dtype) if need_bias else empty)
 
@@ -195,14 +251,14 @@ def _backward_impl(grad, hidden, weight, bias, labels, lse, ignore_index, logit_
 @torch.library.custom_op("fasttrdpo::linear_logprobs_bwd", mutates_args=())
 def _linear_logprobs_bwd(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                          labels: Tensor, lse: Tensor, ignore_index: int, logit_scale: float,
-                         softcap: Optional[float], backend: str, need_hidden: bool,
+                         softcap: Optional[float], backend: str, precision: str, need_hidden: bool,
                          need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     return _backward_impl(grad, hidden, weight, bias, labels, lse, ignore_index, logit_scale, softcap,
-                          backend, need_hidden, need_weight, need_bias)
+                          backend, precision, need_hidden, need_weight, need_bias)
 
 
 @_linear_logprobs_bwd.register_fake
-def _(grad, hidden, weight, bias, labels, lse, ignore_index, logit_scale, softcap, backend,
+def _(grad, hidden, weight, bias, labels, lse, ignore_index, logit_scale, softcap, backend, precision,
       need_hidden, need_weight, need_bias):
     empty = hidden.new_empty((0,))
     return (torch.empty_like(hidden) if need_hidden else empty,
@@ -210,23 +266,27 @@ def _(grad, hidden, weight, bias, labels, lse, ignore_index, logit_scale, softca
             torch.empty_like(bias) if need_bias else empty)
 
 
+_N_INPUTS = 12
+
+
 def _save(ctx, inputs, lse):
-    hidden, weight, bias, _rh, _rw, _rb, labels, ignore_index, logit_scale, softcap, backend = inputs
+    hidden, weight, bias, _rh, _rw, _rb, labels, ignore_index, logit_scale, softcap, backend, precision = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, lse)
-    ctx.args = (ignore_index, logit_scale, softcap, backend)
+    # the precision decided by the forward is the backward's too (TF32 is read once per call)
+    ctx.args = (ignore_index, logit_scale, softcap, backend, precision)
 
 
 def _grads(ctx, grad_logp, backward_fn):
-    """Gradients for the 11 forward inputs: the policy's hidden, weight, bias; None for the rest."""
+    """Gradients for the forward inputs: the policy's hidden, weight, bias; None for the rest."""
     hidden, weight, bias, labels, lse = ctx.saved_tensors
-    ignore_index, logit_scale, softcap, backend = ctx.args
+    ignore_index, logit_scale, softcap, backend, precision = ctx.args
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = need_b and bias is not None
     if grad_logp is None or not (need_h or need_w or need_b):
-        return (None,) * 11
+        return (None,) * _N_INPUTS
     gh, gw, gb = backward_fn(grad_logp[0].contiguous(), hidden, weight, bias, labels, lse[0].contiguous(),
-                             ignore_index, logit_scale, softcap, backend, need_h, need_w, need_b)
-    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 8
+                             ignore_index, logit_scale, softcap, backend, precision, need_h, need_w, need_b)
+    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * (_N_INPUTS - 3)
 
 
 _linear_logprobs_fwd.register_autograd(
@@ -309,6 +369,10 @@ def _prepare_weight(w: Tensor) -> Tensor:
     return w if w.stride(-1) == 1 else w.contiguous()
 
 
+def _prepare_bias(b: Optional[Tensor]) -> Optional[Tensor]:
+    return b if b is None or b.stride(-1) == 1 else b.contiguous()
+
+
 # ------------------------------------------------------------------------------------------ public ops
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
                           ignore_index: int = -100, logit_scale: float = 1.0,
@@ -329,10 +393,10 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
     if validate:
         check_label_range(labels, V, ignore_index)
     chosen = _resolve(_OP_SINGLE, backend, hidden.device)
-    logp, _lse = _linear_logprobs(_flat_rows(hidden), _prepare_weight(weight), bias, None, None,
-                                      None, labels.reshape(-1).contiguous(), ignore_index,
-                                      float(logit_scale), None if softcap is None else float(softcap),
-                                      chosen)
+    logp, _lse = _linear_logprobs(_flat_rows(hidden), _prepare_weight(weight), _prepare_bias(bias), None,
+                                  None, None, labels.reshape(-1).contiguous(), ignore_index,
+                                  float(logit_scale), None if softcap is None else float(softcap),
+                                  chosen, _backend.dot_precision())
     return logp[0].reshape(labels.shape)
 
 
@@ -361,8 +425,9 @@ def paired_linear_token_logprobs(policy_hidden: Tensor, policy_weight: Tensor, r
         check_label_range(labels, V, ignore_index)
     chosen = _resolve(_OP_PAIRED, backend, policy_hidden.device)
     logp, _lse = _linear_logprobs(
-        _flat_rows(policy_hidden), _prepare_weight(policy_weight), policy_bias,
+        _flat_rows(policy_hidden), _prepare_weight(policy_weight), _prepare_bias(policy_bias),
         _flat_rows(ref_hidden.detach()), _prepare_weight(ref_weight.detach()),
-        None if ref_bias is None else ref_bias.detach(), labels.reshape(-1).contiguous(),
-        ignore_index, float(logit_scale), None if softcap is None else float(softcap), chosen)
+        None if ref_bias is None else _prepare_bias(ref_bias.detach()), labels.reshape(-1).contiguous(),
+        ignore_index, float(logit_scale), None if softcap is None else float(softcap), chosen,
+        _backend.dot_precision())  # TF32 or not: decided once here, for forward and backward alike
     return logp[0].reshape(labels.shape), logp[1].detach().reshape(labels.shape)
