@@ -145,7 +145,7 @@ def test_checkpoints_are_complete_rotated_and_reloadable(tmp_path):
 
 
 def test_a_save_interrupted_midway_leaves_the_previous_checkpoint_latest(tmp_path, monkeypatch):
-    import fasttrdpo.trainer as tr
+    import fasttrdpo.training.checkpoint as tr
 
     cfg = _config(tmp_path, max_steps=2, save_steps=2)
     trainer = TRDPOTrainer(tiny_model(0, **SMALL), tiny_tokenizer(), synthetic_preference_dataset(16, seed=0), cfg)
