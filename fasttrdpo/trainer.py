@@ -31,7 +31,7 @@ from .training.config import TRDPOConfig
 from .training.evaluate import TRL_METRICS
 from .training.evaluate import evaluate as _evaluate
 from .training.model_parts import HiddenStates as _HiddenStates
-from .training.model_parts import causal_lm_parts
+from .training.model_parts import causal_lm_parts, disable_dropout
 from .training.model_parts import frozen_copy as _frozen_copy
 from .training.plot import plot_metrics
 
@@ -79,6 +79,12 @@ class TRDPOTrainer:
         self.total_steps = self._total_steps() if self.train_pairs else 0  # raises on too little data
 
         self.model = model.to(self.device)
+        if config.disable_dropout:  # before the copies below: reference and initial model inherit it
+            disable_dropout(self.model)
+            if ref_model is not None:
+                disable_dropout(ref_model)
+            if init_model not in (None, False):
+                disable_dropout(init_model)
         if config.gradient_checkpointing:
             if hasattr(self.model, "activation_checkpointing_enable"):  # the transformers >= 5 name
                 self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

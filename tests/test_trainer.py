@@ -221,3 +221,34 @@ def test_validation_errors(tmp_path):
                            _config(tmp_path, resume_from_checkpoint="latest"))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         trainer.train()
+
+
+def _tiny_gpt2(seed=0, dropout=0.1):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=384, n_positions=128, n_embd=32, n_layer=2, n_head=2, resid_pdrop=dropout,
+                     embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(cfg)
+
+
+def test_dropout_is_disabled_by_default_as_in_trl(tmp_path):
+    # GPT-2 configs carry dropout 0.1. Step 1 with the reference a copy of the policy: with dropout off
+    # (TRL's disable_dropout=True) both forwards are the same fp32 computation on the same weights, so the
+    # log-ratios are exactly 0, the rewards exactly 0 and the loss -log(sigmoid(0)) = ln 2 up to the
+    # rounding of that one fp32 expression (a few ulp of 0.69: 1e-7). With dropout the loss was 0.7067.
+    import math
+
+    data = synthetic_preference_dataset(16, seed=0)
+    trainer = TRDPOTrainer(_tiny_gpt2(), tiny_tokenizer(), data, _config(tmp_path, max_steps=1))
+    trainer.train()
+    first = trainer.history[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-7, first["loss"]
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0 and first["rewards/margins"] == 0.0
+    assert all(m.p == 0 for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout))
+    # disable_dropout=False keeps the model's dropout (the policy then differs from its own reference)
+    kept = TRDPOTrainer(_tiny_gpt2(), tiny_tokenizer(), data,
+                        _config(tmp_path / "kept", max_steps=1, disable_dropout=False))
+    kept.train()
+    assert abs(kept.history[0]["loss"] - math.log(2)) > 1e-4 and kept.history[0]["rewards/margins"] != 0.0
+    assert any(m.p == 0.1 for m in kept.model.modules() if isinstance(m, torch.nn.Dropout))

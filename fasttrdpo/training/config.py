@@ -40,6 +40,7 @@ class TRDPOConfig:
     num_train_epochs: float = 1.0
     max_grad_norm: float = 1.0  # <= 0: no clipping
     bf16: bool = False  # autocast to bf16, fp32 master weights
+    disable_dropout: bool = True  # as TRL: dropout off in policy, reference and initial model
     gradient_checkpointing: bool = False
     seed: int = 42
     data_seed: int | None = None  # data order; defaults to seed

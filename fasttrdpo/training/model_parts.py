@@ -41,6 +41,19 @@ class HiddenStates(torch.nn.Module):
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere in `model`, as TRL's `disable_dropout=True`: every `nn.Dropout` gets p = 0,
+    and so does the float `attention_dropout` that Llama-style attention passes to its kernel (TRL
+    leaves that one alone; it is 0 in released configs). With dropout on, the policy in train mode and
+    its reference in eval mode are different functions even with identical weights: step 1 would not
+    start at loss ln 2 with zero rewards."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 def frozen_copy(model, dtype: torch.dtype | None):
     """A deep copy in eval mode without gradients (the reference, the initial model)."""
     twin = copy.deepcopy(model)
