@@ -33,9 +33,11 @@ from .training.evaluate import evaluate as _evaluate
 from .training.model_parts import HiddenStates as _HiddenStates
 from .training.model_parts import causal_lm_parts, disable_dropout
 from .training.model_parts import frozen_copy as _frozen_copy
+from .training.output_dir import OutputDirError, OutputDirLock, check_new_run
 from .training.plot import plot_metrics
+from .training.schedule import METRIC_DRIVEN, Schedule
 
-__all__ = ["TRDPOConfig", "TRDPOTrainer", "TRL_METRICS", "CHECKPOINT_RE", "causal_lm_parts",
+__all__ = ["TRDPOConfig", "TRDPOTrainer", "TRL_METRICS", "CHECKPOINT_RE", "OutputDirError", "causal_lm_parts",
            "find_latest_checkpoint", "load_weights", "save_weights", "plot_metrics"]
 
 _log = logging.getLogger("fasttrdpo")
@@ -116,11 +118,29 @@ class TRDPOTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                            eps=config.adam_epsilon, weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        if config.lr_scheduler_type in METRIC_DRIVEN:
+            if self.train_pairs and not (self.eval_pairs and config.eval_steps):
+                raise ValueError(f"lr_scheduler_type={config.lr_scheduler_type!r} follows the evaluation loss: it "
+                                 "needs eval_steps > 0 and an eval_dataset")
+            from transformers import get_scheduler
+
+            self.schedule = None
+            self.scheduler = get_scheduler(config.lr_scheduler_type, self.optimizer,
+                                           scheduler_specific_kwargs=dict(config.lr_scheduler_kwargs or {}))
+        else:
+            self.schedule = Schedule(config, max(self.total_steps, 1))
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: self.schedule(step))
+        self.last_lr: float | None = None  # the learning rate of the last optimizer step (saved: resume continues it)
         self.history: list[dict] = []
         self.rank_fingerprints: list[dict] | None = None
         self.is_main = self.rank == 0
         self.metrics_path = os.path.join(config.output_dir, "metrics.jsonl")
+        self.run_id: str | None = None  # set by train(): new uuid, or the resumed checkpoint's
+        self.run_info: dict = {}  # free-form description of the run saved with each checkpoint (the CLI's data args)
+        self.resumed_from: str | None = None
+        self._window: list[torch.Tensor] = []  # per-step metric vectors since the last training record
+        self._window_seconds = 0.0  # time spent on them (before the current stretch)
+        self._lock: OutputDirLock | None = None
 
     # --- set-up helpers ------------------------------------------------------------------------------
 
@@ -155,18 +175,6 @@ class TRDPOTrainer:
         if self.config.max_steps > 0:
             return self.config.max_steps
         return max(1, math.ceil(self.config.num_train_epochs * self.steps_per_epoch))
-
-    def _lr_lambda(self, step: int) -> float:
-        c = self.config
-        warmup = c.warmup_steps or math.ceil(c.warmup_ratio * self.total_steps)
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if c.lr_scheduler_type == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, self.total_steps - warmup)
-        if c.lr_scheduler_type == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     # --- data order: a function of the step only (what makes resume exact) --------------------------
 
@@ -208,26 +216,80 @@ class TRDPOTrainer:
     # --- training -------------------------------------------------------------------------------------
 
     def train(self) -> dict:
-        c = self.config
+        """Train to total_steps (resuming first if config.resume_from_checkpoint) and return the final
+        metrics: the final evaluation's record when there is an eval set, else the last training record.
+        The output directory's rules (lock, run id, refusal of another run's checkpoints) are in
+        `fasttrdpo.training.output_dir`."""
         if not self.train_pairs:
             raise ValueError("train() needs a train_dataset")
+        try:
+            self._claim_output_dir()
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            # log lines (resume notices, warnings) go through tqdm.write too: they never cut the progress bar
+            with logging_redirect_tqdm(loggers=[_log]):
+                return self._train()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def _claim_output_dir(self) -> None:
+        """Rank 0 takes the output directory's lock and decides the run id (a new run refuses a directory
+        holding another run's checkpoints); every rank gets the outcome, so all raise together."""
+        import uuid
+
+        c = self.config
+        outcome: dict = {}
+        if self.is_main:
+            try:
+                self._lock = OutputDirLock(c.output_dir).acquire()
+                if c.resume_from_checkpoint:
+                    path = self._resolve_resume(c.resume_from_checkpoint)
+                    outcome["resume"] = path
+                    outcome["run_id"] = _ckpt.read_state_json(path).get("run_id") or uuid.uuid4().hex
+                else:
+                    for notice in check_new_run(c.output_dir, overwrite=c.overwrite_output_dir):
+                        _log.warning(notice)
+                    outcome["run_id"] = uuid.uuid4().hex
+            except (OutputDirError, FileNotFoundError) as e:
+                outcome["error"] = e
+        outcome = _dist.broadcast_object(outcome, self.world_size)
+        if "error" in outcome:
+            raise outcome["error"]
+        self.run_id = outcome["run_id"]
+        self.resumed_from = outcome.get("resume")
+
+    def _resolve_resume(self, path: str) -> str:
+        if path == "latest":
+            found = find_latest_checkpoint(self.config.output_dir)
+            if found is None:
+                raise FileNotFoundError(f"resume 'latest': no checkpoint in {self.config.output_dir}")
+            return found
+        if not os.path.isfile(os.path.join(path, "trainer_state.pt")):
+            raise FileNotFoundError(f"{path} is not a fasttrdpo checkpoint (no trainer_state.pt)")
+        return path
+
+    def _train(self) -> dict:
+        c = self.config
         if self.is_main:
             os.makedirs(c.output_dir, exist_ok=True)
-        if c.resume_from_checkpoint:
-            self.load_checkpoint(c.resume_from_checkpoint)
+        if self.resumed_from:
+            self.load_checkpoint(self.resumed_from)
         else:
             _ckpt.seed_all(c.seed + self.rank)
             if self.is_main:
                 open(self.metrics_path, "w").close()
+        if self.global_step >= self.total_steps:
+            return self._already_finished()
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc="TR-DPO", dynamic_ncols=True,
                    disable=not self.is_main or c.disable_tqdm)
         if self.eval_pairs and c.eval_steps and self.global_step == 0:
             self._log(self.evaluate())  # the starting point of the eval curves (KL = 0)
-        window: list[torch.Tensor] = []  # per-step metric vectors since the last log
-        t_window = time.perf_counter()
-        last_saved = self.global_step if c.resume_from_checkpoint else -1
+        t_window = time.perf_counter() - self._window_seconds
+        last_saved = self.global_step if self.resumed_from else -1
         accum = c.gradient_accumulation_steps
         while self.global_step < self.total_steps:
             micro_batches = self._step_indices(self.global_step)
@@ -245,40 +307,68 @@ class TRDPOTrainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
-            lr = self.scheduler.get_last_lr()[0]
+            lr = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
-            self.scheduler.step()
+            if self.schedule is not None:
+                self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.global_step += 1
+            self.last_lr = lr
             if self.updater is not None:
                 self.updater.step(self.global_step)  # blends iff global_step % tau == 0
-            window.append(torch.cat([step_sum / accum, grad_norm.detach().float().reshape(1).to(step_sum.device)]))
+            self._window.append(torch.cat([step_sum / accum, grad_norm.detach().float().reshape(1).to(step_sum.device)]))
             bar.update(1)
 
             done = self.global_step >= self.total_steps
             if self.global_step % c.logging_steps == 0 or done:
-                record = self._reduce_window(window, lr, time.perf_counter() - t_window)
-                window, t_window = [], time.perf_counter()
+                record = self._reduce_window(self._window, lr, time.perf_counter() - t_window)
+                self._window, t_window = [], time.perf_counter()
                 self._log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.3f}",
                                 refs=self.ref_updates)
             if self.eval_pairs and c.eval_steps and self.global_step % c.eval_steps == 0 and not done:
-                self._log(self.evaluate())
+                self._log(self._evaluate_and_step_scheduler())
             if c.save_steps and self.global_step % c.save_steps == 0:
+                self._window_seconds = time.perf_counter() - t_window
                 self.save_checkpoint()
                 last_saved = self.global_step
         bar.close()
         if self.world_size > 1:
             self.check_ranks_agree()
-        final = {}
+        final = self._last_train_record()
         if self.eval_pairs:
             final = self.evaluate()
             self._log(final)
         if last_saved != self.global_step:
+            self._window_seconds = 0.0
             self.save_checkpoint()
         if self.is_main and c.plot:
             self.plot()
         return final
+
+    def _evaluate_and_step_scheduler(self) -> dict:
+        record = self.evaluate()
+        if self.schedule is None:  # reduce_lr_on_plateau / greedy follow the evaluation loss
+            self.scheduler.step(record["eval_loss"])
+        return record
+
+    def _last_train_record(self) -> dict:
+        return next((dict(r) for r in reversed(self.history) if "loss" in r), {})
+
+    def _already_finished(self) -> dict:
+        """Resumed at (or past) the last step: nothing to train, nothing logged or saved twice."""
+        _log.warning("the run is already at step %d of %d: nothing to train (a larger --max-steps continues it)",
+                     self.global_step, self.total_steps)
+        if self.world_size > 1:
+            self.check_ranks_agree()
+        done = [r for r in self.history if "eval_loss" in r and r["step"] == self.global_step]
+        if done:
+            return dict(done[-1])
+        if self.eval_pairs:
+            final = self.evaluate()
+            self._log(final)
+            return final
+        return self._last_train_record()
 
     def _reduce_window(self, window: list[torch.Tensor], lr: float, seconds: float) -> dict:
         mean = torch.stack(window).mean(0)

@@ -68,7 +68,7 @@ def test_config_file_then_flags(tmp_path):
                                                             "--beta", "0.2"]))
     assert (cfg.tau, cfg.beta, cfg.bf16) == (64, 0.2, True)
     path.write_text(json.dumps({"taus": 3}))
-    with pytest.raises(SystemExit, match="unknown config field"):
+    with pytest.raises(cli.UsageError, match="unknown config field"):
         cli.resolve_config(cli.build_parser().parse_args(["train", "--config", str(path)]))
 
 

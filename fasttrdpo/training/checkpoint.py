@@ -6,20 +6,19 @@ state, and resume.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
-import re
 import shutil
 
 import torch
 
 from .model_parts import tied_parameter_names
+from .output_dir import CHECKPOINT_RE, OutputDirError, rotate_checkpoints
 
 _log = logging.getLogger("fasttrdpo")
-
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 # --- weights --------------------------------------------------------------------------------------------
@@ -149,33 +148,89 @@ def seed_all(seed: int) -> None:
 
 # --- save / rotate / load -------------------------------------------------------------------------------
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions); the previous checkpoint is intact."""
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars():
+    """transformers' "Writing model shards" bar would cut through the training bar and the records."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def read_state_json(path: str) -> dict:
+    """A checkpoint's trainer_state.json ({} if it has none)."""
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 def save_checkpoint(trainer) -> str:
     """Write output_dir/checkpoint-<step> of `trainer` atomically: everything goes to a temporary
     directory that is renamed into place once complete (and fsynced), so a kill at any moment leaves the
-    previous checkpoint intact and never a partial one under a checkpoint-<step> name."""
+    previous checkpoint intact and never a partial one under a checkpoint-<step> name. An OSError while
+    writing (disk full) removes the temporary directory and raises `CheckpointWriteError`."""
     c = trainer.config
     name = f"checkpoint-{trainer.global_step}"
     final = os.path.join(c.output_dir, name)
     tmp = os.path.join(c.output_dir, f".tmp-{name}")
+    try:
+        return _save_checkpoint(trainer, final, tmp)
+    except OSError as e:
+        if trainer.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees what it took; the previous checkpoints are untouched
+        raise CheckpointWriteError(e.errno, f"could not write {name} in {c.output_dir}: {e.strerror or e} "
+                                   "(the previous checkpoint is intact)") from e
+
+
+def _save_checkpoint(trainer, final: str, tmp: str) -> str:
+    c = trainer.config
     if trainer.is_main:
         os.makedirs(c.output_dir, exist_ok=True)
+        if os.path.exists(final):
+            owner = read_state_json(final).get("run_id")
+            if owner is not None and owner != trainer.run_id:
+                raise OutputDirError(f"{final} belongs to run {owner}, not to this run ({trainer.run_id}): "
+                                     "not replacing it")
         for leftover in os.listdir(c.output_dir):  # debris of a save or a deletion cut by a kill
             if leftover.startswith((".tmp-checkpoint-", ".trash-checkpoint-")):
                 shutil.rmtree(os.path.join(c.output_dir, leftover), ignore_errors=True)
         os.makedirs(tmp)
     trainer._barrier()
     torch.save(rng_state(), os.path.join(tmp, f"rng_state_{trainer.rank}.pt"))
+    # this rank's metric vectors since the last training record: the first record after a resume
+    # averages the same steps as the uninterrupted run's
+    torch.save({"steps": [t.detach().cpu() for t in trainer._window], "seconds": trainer._window_seconds},
+               os.path.join(tmp, f"log_window_{trainer.rank}.pt"))
     if trainer.is_main:
-        save_weights(trainer.model, tmp)
-        save_weights(trainer.ref_model, os.path.join(tmp, "reference"))
+        with _quiet_progress_bars():
+            save_weights(trainer.model, tmp)
+            save_weights(trainer.ref_model, os.path.join(tmp, "reference"))
+        # every model folder is self-contained: `from_pretrained(folder)` finds its tokenizer
         trainer.tokenizer.save_pretrained(tmp)
+        trainer.tokenizer.save_pretrained(os.path.join(tmp, "reference"))
         state = {
+            "run_id": trainer.run_id,
+            "run_name": c.run_name,
+            "run_info": trainer.run_info,
             "global_step": trainer.global_step,
+            "total_steps": trainer.total_steps,
             "data_position": {"epoch": trainer.global_step // trainer.steps_per_epoch,
                               "batch_in_epoch": trainer.global_step % trainer.steps_per_epoch,
                               "global_batch_size": trainer.global_batch_size},
             "optimizer": trainer.optimizer.state_dict(),
             "scheduler": trainer.scheduler.state_dict(),
+            "schedule": trainer.schedule.state_dict(trainer.last_lr) if trainer.schedule is not None else None,
             # the reference weights are saved apart (reference/)
             "updater": trainer.updater.state_dict(ref_weights=False) if trainer.updater is not None else None,
             "ref_updates": trainer.ref_updates,
@@ -184,8 +239,8 @@ def save_checkpoint(trainer) -> str:
         }
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({k: state[k] for k in ("global_step", "data_position", "ref_updates", "world_size",
-                                             "config")}, f, indent=1)
+            json.dump({k: state[k] for k in ("run_id", "run_name", "run_info", "global_step", "total_steps",
+                                             "data_position", "ref_updates", "world_size", "config")}, f, indent=1)
     trainer._barrier()
     if trainer.is_main:
         fsync_tree(tmp)
@@ -195,25 +250,15 @@ def save_checkpoint(trainer) -> str:
         os.rename(tmp, final)
         fsync_dir(c.output_dir)
         shutil.rmtree(final + ".old", ignore_errors=True)
-        rotate_checkpoints(c.output_dir, c.save_total_limit)
+        rotate_checkpoints(c.output_dir, c.save_total_limit, trainer.run_id)
     trainer._barrier()
     return final
 
 
-def rotate_checkpoints(output_dir: str, limit: int | None) -> None:
-    """Keep the `limit` highest-step checkpoints."""
-    if limit is None:
-        return
-    steps = sorted(int(m.group(1)) for n in os.listdir(output_dir) if (m := CHECKPOINT_RE.match(n)))
-    for step in steps[:-limit]:
-        path = os.path.join(output_dir, f"checkpoint-{step}")
-        trash = os.path.join(output_dir, f".trash-checkpoint-{step}")
-        os.rename(path, trash)  # atomic: a half-deleted directory never looks like a checkpoint
-        shutil.rmtree(trash, ignore_errors=True)
-
-
 def load_checkpoint(trainer, path: str) -> None:
-    """Restore policy, reference, optimizer, scheduler, updater, RNG and data position of `trainer`."""
+    """Restore policy, reference, optimizer, scheduler, updater, RNG, data position and the logging
+    window of `trainer`. tau, alpha, max_steps and the schedule may differ from the checkpoint's: the
+    change is logged (a changed length continues the learning rate, see fasttrdpo.training.schedule)."""
     if path == "latest":
         found = find_latest_checkpoint(trainer.config.output_dir)
         if found is None:
@@ -225,20 +270,47 @@ def load_checkpoint(trainer, path: str) -> None:
     if state["data_position"]["global_batch_size"] != trainer.global_batch_size:
         raise ValueError(f"checkpoint was written with global batch {state['data_position']['global_batch_size']}, "
                          f"this run has {trainer.global_batch_size}: the data position would not match")
+    saved_updater = state["updater"]
+    if trainer.updater is not None and saved_updater is not None:
+        # strict=False: this run's tau/alpha win (validated before anything is written)
+        trainer.updater.load_state_dict(saved_updater, strict=False)
     load_weights(trainer.model, path)
     load_weights(trainer.ref_model, os.path.join(path, "reference"))
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
-    if trainer.updater is not None and state["updater"] is not None:
-        trainer.updater.load_state_dict(state["updater"])
     trainer.global_step = state["global_step"]
+    trainer.last_lr = (state.get("schedule") or {}).get("last_lr")
+    notices = []
+    if trainer.updater is not None and saved_updater is not None:
+        for key in ("tau", "alpha"):
+            old, new = saved_updater[key], getattr(trainer.updater, key)
+            if float(old) != float(new):
+                notices.append(f"resume: {key} {old} -> {new} from step {trainer.global_step} on")
+    if trainer.schedule is not None and state.get("schedule"):
+        notice = trainer.schedule.restore(state["schedule"], trainer.global_step, trainer.scheduler.base_lrs[0])
+        if notice:
+            notices.append(notice)
+        # the next step's rate under the (possibly continued) schedule
+        for group, base_lr in zip(trainer.optimizer.param_groups, trainer.scheduler.base_lrs):
+            group["lr"] = base_lr * trainer.schedule(trainer.global_step)
+        trainer.scheduler._last_lr = [g["lr"] for g in trainer.optimizer.param_groups]
+    old_total = state.get("total_steps")
+    if old_total is not None and old_total != trainer.total_steps and trainer.schedule is None:
+        notices.append(f"resume: max_steps {old_total} -> {trainer.total_steps}")
     rng_file = os.path.join(path, f"rng_state_{trainer.rank}.pt")
     if not os.path.exists(rng_file):
         rng_file = os.path.join(path, "rng_state_0.pt")
     set_rng_state(torch.load(rng_file, weights_only=False))
+    window_file = os.path.join(path, f"log_window_{trainer.rank}.pt")
+    if os.path.exists(window_file):
+        window = torch.load(window_file, weights_only=False)
+        trainer._window = [t.to(trainer.device) for t in window["steps"]]
+        trainer._window_seconds = float(window["seconds"])
     if trainer.is_main:
         trainer.history = truncate_metrics(trainer.metrics_path, trainer.global_step)
-        _log.info("resumed from %s at step %d", path, trainer.global_step)
+        _log.info("resumed from %s at step %d (run %s)", path, trainer.global_step, trainer.run_id)
+        for notice in notices:
+            _log.info(notice)
 
 
 def truncate_metrics(metrics_path: str, step: int) -> list[dict]:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .schedule import scheduler_names
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -15,6 +17,8 @@ class TRDPOConfig:
     """Training configuration. Defaults follow TRL / the TR-DPO paper (the CLI demo overrides some)."""
 
     output_dir: str = "outputs/fasttrdpo"  # outputs/ is git-ignored
+    overwrite_output_dir: bool = False  # a new run may replace another run's outputs in output_dir
+    run_name: str | None = None  # a label recorded with the run id in every checkpoint
     # loss
     beta: float = 0.1
     loss_type: str = "sigmoid"
@@ -30,7 +34,8 @@ class TRDPOConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    lr_scheduler_type: str = "linear"  # linear | constant | cosine (after warmup)
+    lr_scheduler_type: str = "linear"  # any transformers.get_scheduler name (TRL's lr_scheduler_type)
+    lr_scheduler_kwargs: dict | None = None  # scheduler_specific_kwargs of get_scheduler (e.g. min_lr_rate)
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     per_device_train_batch_size: int = 4  # pairs per rank per micro-batch
@@ -69,8 +74,10 @@ class TRDPOConfig:
             (self.ref_dtype is None or self.ref_dtype in DTYPES,
              f"ref_dtype must be None or one of {sorted(DTYPES)}"),
             (self.learning_rate >= 0, "learning_rate must be >= 0"),
-            (self.lr_scheduler_type in ("linear", "constant", "cosine"),
-             "lr_scheduler_type must be linear, constant or cosine"),
+            (self.lr_scheduler_type in scheduler_names(),
+             f"lr_scheduler_type must be one of {', '.join(scheduler_names())}"),
+            (self.lr_scheduler_kwargs is None or isinstance(self.lr_scheduler_kwargs, dict),
+             "lr_scheduler_kwargs must be a dict (JSON object) or None"),
             (self.warmup_steps >= 0 and 0 <= self.warmup_ratio <= 1, "warmup must be >= 0"),
             (self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1"),
             (self.per_device_eval_batch_size >= 1, "per_device_eval_batch_size must be >= 1"),

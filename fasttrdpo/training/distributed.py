@@ -71,3 +71,12 @@ def gather_and_compare(mine: dict, world_size: int) -> list[dict]:
     if any(g != gathered[0] for g in gathered):
         raise RuntimeError(f"DDP ranks disagree on the policy or the reference weights: {gathered}")
     return gathered
+
+
+def broadcast_object(obj, world_size: int):
+    """Rank 0's `obj` on every rank (pickled); the object itself with one process."""
+    if world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
