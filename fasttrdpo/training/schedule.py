@@ -33,11 +33,12 @@ def warmup_steps(config, total_steps: int) -> int:
     return config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
 
 
-def multiplier(name: str, warmup: int, total: int, kwargs: dict | None):
-    """f(step) of `transformers.get_scheduler(name, ...)`: the factor on the base learning rate."""
+def multiplier(name: str, warmup: int, total: int, kwargs: dict | None, base_lr: float):
+    """f(step) of `transformers.get_scheduler(name, ...)`: the factor on the base learning rate (built on a
+    scratch optimizer with the same base rate: `polynomial`'s lr_end is absolute, so f depends on it)."""
     from transformers import get_scheduler
 
-    scratch = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # the real optimizer is untouched
+    scratch = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)  # the real optimizer is untouched
     try:
         sched = get_scheduler(name, scratch, num_warmup_steps=warmup, num_training_steps=total,
                               scheduler_specific_kwargs=dict(kwargs or {}))
@@ -58,7 +59,8 @@ class Schedule:
         self.horizon = total_steps
         self.offset = 0
         self.scale = 1.0
-        self._f = multiplier(self.name, self.warmup, self.horizon, self.kwargs)
+        self.base_lr = config.learning_rate
+        self._f = multiplier(self.name, self.warmup, self.horizon, self.kwargs, self.base_lr)
 
     def __call__(self, step: int) -> float:
         return self.scale * self._f(step - self.offset)
@@ -73,7 +75,7 @@ class Schedule:
         if saved["name"] == self.name and saved["total_steps"] == self.total_steps and saved["kwargs"] == self.kwargs:
             self.warmup, self.horizon, self.offset, self.scale = (saved["warmup"], saved["horizon"], saved["offset"],
                                                                   saved["scale"])
-            self._f = multiplier(self.name, self.warmup, self.horizon, self.kwargs)
+            self._f = multiplier(self.name, self.warmup, self.horizon, self.kwargs, self.base_lr)
             return None
         last = saved.get("last_lr")
         remaining = self.total_steps - step
@@ -81,7 +83,7 @@ class Schedule:
             return None
         self.warmup, self.horizon, self.offset = 0, remaining + 1, step - 1
         self.scale = last / base_lr
-        self._f = multiplier(self.name, 0, self.horizon, self.kwargs)
+        self._f = multiplier(self.name, 0, self.horizon, self.kwargs, self.base_lr)
         return (f"resume: schedule {saved['name']} over {saved['total_steps']} steps -> {self.name} over "
                 f"{self.total_steps}: the learning rate continues from {last:.4g} (the rate of step {step}) and "
                 f"follows {self.name} over the remaining {remaining} steps (next: {base_lr * self(step):.4g})")
