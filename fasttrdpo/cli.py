@@ -2,7 +2,11 @@
 
 With no arguments, `train` runs the embedded default: a tiny GPTNeoX (built from a config, byte-level
 tokenizer, no download) on the synthetic reversal task, with demo hyper-parameters (DEMO_DEFAULTS) that
-finish in a few minutes on a laptop CPU. Every TRDPOConfig field has a flag (--learning-rate, --tau, ...).
+finish in a few minutes on a laptop CPU. Every TRDPOConfig field has a flag (--learning-rate, --tau, ...),
+and `--config FILE.json` may hold any of them plus the run's description (model, data, eval_size, ...).
+
+A user error (a bad flag or config value, a missing file, an output directory in use, a full disk)
+prints one line naming the problem and exits with status 2; FASTTRDPO_DEBUG=1 shows the traceback.
 """
 from __future__ import annotations
 
@@ -10,11 +14,14 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
 
 from .trainer import TRDPOConfig
+
+_log = logging.getLogger("fasttrdpo")
 
 # Hyper-parameters of the embedded demo (tiny model + synthetic task), applied only where the user did
 # not set the field. tau=30 with alpha=0.5 fires eight soft updates in 240 steps: enough to see the KL to
@@ -22,18 +29,43 @@ from .trainer import TRDPOConfig
 DEMO_DEFAULTS = dict(
     learning_rate=1e-3, lr_scheduler_type="linear", warmup_steps=10, beta=0.1, alpha=0.5, tau=30,
     per_device_train_batch_size=16, per_device_eval_batch_size=128, max_steps=240, max_length=64,
-    logging_steps=10, eval_steps=30, save_steps=120,
+    logging_steps=10, eval_steps=30, save_steps=120, run_name="fasttrdpo-demo",
 )
+DEMO_RUN_NAME = DEMO_DEFAULTS["run_name"]
 DEMO_TRAIN_PAIRS = 4096
 DEMO_EVAL_PAIRS = 256
+DEFAULT_EVAL_FRACTION = 0.05  # held out of --data FILE when no --eval-data / --eval-size is given
 TINY_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+SYNTHETIC_EVAL_SEED_OFFSET = 1_000_003  # held-out prompts: a different seed (~1e11 distinct prompts)
 
 _EXPLICIT = {"output_dir", "max_steps", "resume_from_checkpoint"}  # flags spelled out below
+# the run's description besides TRDPOConfig: flags of `train`, also accepted as keys of --config
+RUN_ARGS = {"model": "tiny", "ref_model": None, "data": "synthetic", "eval_data": None, "split": "train",
+            "eval_split": None, "eval_size": None, "format": "auto", "skip_malformed": False, "train_size": None,
+            "attn_implementation": "auto", "threads": None}
+_RUN_ARG_TYPES = {"eval_size": int, "train_size": int, "threads": int, "skip_malformed": bool}
+# what `fasttrdpo eval` takes from a checkpoint's recorded config (a flag overrides it, with a notice)
+EVAL_FROM_CHECKPOINT = ("loss_type", "beta", "label_smoothing", "max_length", "max_prompt_length", "truncation_mode",
+                         "bf16", "seed")
 
 
-def _field_parser(type_name: str):
+class UsageError(Exception):
+    """A mistake in the command line or the --config file: reported in one line, exit status 2."""
+
+
+def _field_kind(type_name: str):
     base = type_name.replace(" | None", "").replace("None | ", "").strip()
-    return {"float": float, "int": int, "str": str, "bool": bool}[base]
+    return {"float": float, "int": int, "str": str, "bool": bool, "dict": dict}[base]
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -42,10 +74,13 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         if f.name in _EXPLICIT:
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind = _field_parser(str(f.type))
+        kind = _field_kind(str(f.type))
         if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                help=f"(default {f.default})")
+        elif kind is dict:
+            group.add_argument(flag, dest=f.name, type=_json_object, default=None, metavar="JSON",
+                               help=f"a JSON object (default {f.default})")
         else:
             group.add_argument(flag, dest=f.name, type=kind, default=None, help=f"(default {f.default})")
     group.add_argument("--lr", dest="learning_rate", type=float, default=None, help="alias of --learning-rate")
@@ -56,39 +91,48 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     train = sub.add_parser("train", help="train a policy with TR-DPO (no arguments: the embedded demo)")
-    train.add_argument("--model", default="tiny", help="local path, hub id, or 'tiny' (default)")
+    train.add_argument("--model", default=None, help="local path, hub id, or 'tiny' (default)")
     train.add_argument("--ref-model", default=None, help="reference model (default: a copy of --model)")
-    train.add_argument("--data", default="synthetic", help="jsonl/json/parquet(.gz) file, hub id, or 'synthetic'")
+    train.add_argument("--data", default=None, help="jsonl/json/parquet(.gz) file, hub id, or 'synthetic' (default)")
     train.add_argument("--eval-data", default=None, help="held-out data (default: synthetic held-out set for "
-                       "--data synthetic, else --eval-size pairs split off --data)")
-    train.add_argument("--split", default="train", help="split of a hub dataset")
+                       "--data synthetic, else the last --eval-size pairs of --data)")
+    train.add_argument("--split", default=None, help="split of a hub dataset (default train)")
     train.add_argument("--eval-split", default=None, help="split of --eval-data when it is a hub id")
-    train.add_argument("--eval-size", type=int, default=None, help="pairs held out of --data when no --eval-data")
-    train.add_argument("--format", default="auto", choices=["auto", "trl", "hh", "tldr"])
-    train.add_argument("--skip-malformed", action="store_true", help="skip (and count) malformed rows")
+    train.add_argument("--eval-size", type=int, default=None,
+                       help=f"pairs held out of --data (its last N) when no --eval-data; default "
+                            f"{DEFAULT_EVAL_FRACTION:.0%}% of --data; 0: no held-out set")
+    train.add_argument("--format", default=None, choices=["auto", "trl", "hh", "tldr"])
+    train.add_argument("--skip-malformed", action="store_true", default=None, help="skip (and count) malformed rows")
     train.add_argument("--train-size", type=int, default=None, help="use only the first N training pairs")
     train.add_argument("--output-dir", default=None, help=f"(default {TRDPOConfig.output_dir})")
     train.add_argument("--max-steps", type=int, default=None)
     train.add_argument("--resume", nargs="?", const="latest", default=None,
                        help="resume from 'latest' (the default when given alone) or a checkpoint directory")
-    train.add_argument("--attn-implementation", default="auto", help="auto = flash_attention_2 on CUDA when "
-                       "flash-attn is installed, sdpa otherwise")
+    train.add_argument("--attn-implementation", default=None, help="auto (default) = flash_attention_2 on CUDA "
+                       "when flash-attn is installed, sdpa otherwise")
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    train.add_argument("--config", default=None, help="JSON file of TRDPOConfig fields (flags override it)")
+    train.add_argument("--config", default=None, help="JSON file: any TRDPOConfig field and any flag above "
+                       "(model, data, eval_size, ...); flags override it")
     _add_config_flags(train)
 
     ev = sub.add_parser("eval", help="held-out reward accuracy, margins and KL of a policy vs a reference")
     ev.add_argument("--model", required=True, help="policy: a checkpoint directory, path, hub id or 'tiny'")
     ev.add_argument("--ref-model", default=None, help="reference (default: <model>/reference if it exists)")
     ev.add_argument("--init-model", default=None, help="initial model for KL(policy || initial) (optional)")
-    ev.add_argument("--data", default="synthetic")
+    ev.add_argument("--data", default=None, help="default: the held-out set the checkpoint's run trained with "
+                    "(else synthetic)")
     ev.add_argument("--split", default="test")
     ev.add_argument("--format", default="auto", choices=["auto", "trl", "hh", "tldr"])
     ev.add_argument("--skip-malformed", action="store_true")
-    ev.add_argument("--eval-size", type=int, default=None, help="use only the first N pairs")
+    ev.add_argument("--eval-size", type=int, default=None,
+                    help="the last N pairs of --data: the pairs `train --eval-size N` held out of the same file")
+    ev.add_argument("--loss-type", default=None)
     ev.add_argument("--beta", type=float, default=None)
+    ev.add_argument("--label-smoothing", type=float, default=None)
     ev.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
     ev.add_argument("--max-length", type=int, default=None)
+    ev.add_argument("--max-prompt-length", type=int, default=None)
+    ev.add_argument("--truncation-mode", default=None, choices=["keep_prompt_end", "keep_start"])
     ev.add_argument("--per-device-eval-batch-size", type=int, default=None)
     ev.add_argument("--attn-implementation", default="auto")
     ev.add_argument("--threads", type=int, default=None)
@@ -116,9 +160,10 @@ def _attn_implementation(requested: str, half_precision: bool = True) -> str:
     return "sdpa"
 
 
-def load_model_and_tokenizer(name: str, *, seed: int = 0, attn_implementation: str = "auto", bf16: bool = True):
+def load_model_and_tokenizer(name: str, *, seed: int = 0, attn_implementation: str = "auto", bf16: bool = True,
+                             with_tokenizer: bool = True):
     """'tiny' = the in-process GPTNeoX + byte tokenizer; anything else goes to from_pretrained (fp32
-    weights: the master copy; bf16 training autocasts)."""
+    weights: the master copy; bf16 training autocasts). with_tokenizer=False returns (model, None)."""
     import torch
 
     attn = _attn_implementation(attn_implementation, bf16)
@@ -129,6 +174,8 @@ def load_model_and_tokenizer(name: str, *, seed: int = 0, attn_implementation: s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn, dtype=torch.float32)
+    if not with_tokenizer:
+        return model, None
     tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -143,36 +190,115 @@ def _load_data(source: str, split: str, fmt: str, skip: bool, *, synthetic_size:
     return load_preference_dataset(source, split=split, format=fmt, skip_malformed=skip)
 
 
-def resolve_config(args) -> TRDPOConfig:
-    """TRDPOConfig from (in increasing priority) defaults, demo defaults, --config JSON, flags."""
+def split_held_out(dataset, eval_size: int):
+    """(train, held_out): the last `eval_size` pairs are held out. `fasttrdpo eval --eval-size N` on the
+    same file takes the same last N pairs."""
+    if not 0 < eval_size < len(dataset):
+        raise UsageError(f"--eval-size {eval_size} must be between 1 and the {len(dataset)} pairs of --data minus one")
+    n = len(dataset)
+    return dataset.select(range(n - eval_size)), dataset.select(range(n - eval_size, n))
+
+
+def _coerce(name: str, value, kind, optional: bool, where: str):
+    """A --config value checked against its field's type (ints are accepted for floats)."""
+    if value is None and optional:
+        return None
+    ok = (isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))) or \
+        (kind is float and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        raise UsageError(f"{where}: field {name} must be {kind.__name__}{' or null' if optional else ''}, "
+                         f"got {value!r}")
+    return float(value) if kind is float else value
+
+
+def _read_config_file(path: str) -> dict:
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except OSError as e:
+        raise UsageError(f"--config {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise UsageError(f"--config {path}: not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected a JSON object of field: value")
+    return values
+
+
+def resolve_run(args) -> tuple[TRDPOConfig, dict, dict]:
+    """(config, run, origin): TRDPOConfig from (in increasing priority) defaults, demo defaults, --config
+    JSON, flags; `run` the description besides it (model, data, eval_size, ...) resolved the same way;
+    `origin` says where output_dir came from ("default", "config" or "flag")."""
+    file_values = _read_config_file(args.config) if args.config else {}
+    fields = {f.name: f for f in dataclasses.fields(TRDPOConfig)}
+    unknown = set(file_values) - set(fields) - set(RUN_ARGS)
+    if unknown:
+        raise UsageError(f"--config {args.config}: unknown config field(s) {sorted(unknown)}")
+    where = f"--config {args.config}"
+    run = dict(RUN_ARGS)
+    for key in RUN_ARGS:
+        if key in file_values:
+            kind = _RUN_ARG_TYPES.get(key, str)
+            run[key] = _coerce(key, file_values[key], kind, RUN_ARGS[key] is None, where)
+        if getattr(args, key, None) is not None:
+            run[key] = getattr(args, key)
     values: dict = {}
-    if args.model == "tiny" and args.data == "synthetic":
+    if run["model"] == "tiny" and run["data"] == "synthetic":
         values.update(DEMO_DEFAULTS)
-    if args.config:
-        with open(args.config) as f:
-            values.update(json.load(f))
-    for f in dataclasses.fields(TRDPOConfig):
-        v = getattr(args, f.name, None)
-        if f.name not in _EXPLICIT and v is not None:
-            values[f.name] = v
+    for key, value in file_values.items():
+        if key in fields:
+            type_name = str(fields[key].type)
+            values[key] = _coerce(key, value, _field_kind(type_name), "None" in type_name, where)
+    for name in fields:
+        v = getattr(args, name, None)
+        if name not in _EXPLICIT and v is not None:
+            values[name] = v
+    origin = {"output_dir": "config" if "output_dir" in file_values else "default"}
     if args.output_dir is not None:
         values["output_dir"] = args.output_dir
+        origin["output_dir"] = "flag"
     if args.max_steps is not None:
         values["max_steps"] = args.max_steps
     if args.resume is not None:
         values["resume_from_checkpoint"] = args.resume
-    unknown = set(values) - {f.name for f in dataclasses.fields(TRDPOConfig)}
-    if unknown:
-        raise SystemExit(f"fasttrdpo: unknown config field(s) {sorted(unknown)}")
-    return TRDPOConfig(**values)
+    return TRDPOConfig(**values), run, origin
 
 
-def _summary(final: dict, seconds: float, output_dir: str) -> str:
-    lines = [f"done in {seconds:.1f} s; outputs in {output_dir}/ (metrics.jsonl, checkpoint-*, training_curves.png)"]
-    if final:
+def resolve_config(args) -> TRDPOConfig:
+    """TRDPOConfig from (in increasing priority) defaults, demo defaults, --config JSON, flags."""
+    return resolve_run(args)[0]
+
+
+def _reference_note(final: dict, config: TRDPOConfig) -> str:
+    """What the held-out rewards are measured against: the reference as it stands at the end."""
+    step = final.get("step", 0)
+    if not config.sync_ref_model:
+        return "measured against the fixed reference (plain DPO)"
+    if not final.get("ref_updates"):
+        return "measured against the reference = the initial model (no reference update yet)"
+    last = (step // config.tau) * config.tau
+    if last == step:
+        text = (f"measured against the reference updated at this very step {step} "
+                f"(alpha = {config.alpha})")
+        if config.alpha == 1.0:
+            text += (": the reference equals the policy, so every reward is 0 and the accuracy 0 by "
+                     "construction; the initial-model figures below say what was learnt")
+        else:
+            text += ": it sits close to the policy, so rewards are small by construction"
+        return text
+    return (f"measured against the reference last updated at step {last} ({step - last} steps before the end, "
+            f"alpha = {config.alpha})")
+
+
+def _summary(final: dict, seconds: float, output_dir: str, config: TRDPOConfig | None = None,
+             plotted: bool = True) -> str:
+    config = config or TRDPOConfig()
+    outputs = "metrics.jsonl, checkpoint-*" + (", training_curves.png" if plotted else "")
+    lines = [f"done in {seconds:.1f} s; outputs in {output_dir}/ ({outputs})"]
+    if "eval_loss" in final:
         lines.append(f"held-out reward accuracy: {final['eval_rewards/accuracies']:.3f} "
                      f"on {final['eval_pairs']} pairs (margin {final['eval_rewards/margins']:.3f}, "
                      f"loss {final['eval_loss']:.4f}, {final.get('ref_updates', 0)} reference updates)")
+        lines.append("  " + _reference_note(final, config))
         if "eval_init_rewards/accuracies" in final:
             lines.append(f"  measured against the initial model instead: accuracy "
                          f"{final['eval_init_rewards/accuracies']:.3f}, margin {final['eval_init_rewards/margins']:.3f}")
@@ -181,7 +307,24 @@ def _summary(final: dict, seconds: float, output_dir: str) -> str:
             if "eval_kl/init" in final:
                 kl += f", KL(policy || initial) = {final['eval_kl/init']:.4f}"
             lines.append(kl)
+    elif "loss" in final:
+        lines.append(f"no held-out set (--eval-data FILE or --eval-size N): last training record at step "
+                     f"{final['step']}: loss {final['loss']:.4f}, reward accuracy {final['rewards/accuracies']:.3f}, "
+                     f"{final.get('ref_updates', 0)} reference updates")
     return "\n".join(lines)
+
+
+def _demo_overwrite(config: TRDPOConfig, run: dict, origin: dict) -> bool:
+    """The README's main command re-runs cleanly: the embedded demo in the default output directory
+    replaces a previous demo run there (never anything else)."""
+    from .training.output_dir import checkpoint_run, checkpoints
+
+    if config.resume_from_checkpoint or config.overwrite_output_dir or origin["output_dir"] != "default":
+        return False
+    if config.run_name != DEMO_RUN_NAME or not (run["model"] == "tiny" and run["data"] == "synthetic"):
+        return False
+    found = checkpoints(config.output_dir)
+    return bool(found) and all(checkpoint_run(p).get("run_name") == DEMO_RUN_NAME for p in found.values())
 
 
 def cmd_train(args) -> int:
@@ -189,47 +332,105 @@ def cmd_train(args) -> int:
 
     from .trainer import TRDPOTrainer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = resolve_config(args)
+    config, run, origin = resolve_run(args)
+    if run["threads"]:
+        torch.set_num_threads(run["threads"])
+    if _demo_overwrite(config, run, origin):
+        print(f"fasttrdpo: replacing the previous demo run in {config.output_dir}/ (give --output-dir DIR to "
+              "keep runs apart)", file=sys.stderr, flush=True)
+        config = dataclasses.replace(config, overwrite_output_dir=True)
     t0 = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(args.model, seed=config.seed, bf16=config.bf16,
-                                                attn_implementation=args.attn_implementation)
+    model, tokenizer = load_model_and_tokenizer(run["model"], seed=config.seed, bf16=config.bf16,
+                                                attn_implementation=run["attn_implementation"])
     ref_model = None
-    if args.ref_model:
-        ref_model, _ = load_model_and_tokenizer(args.ref_model, seed=config.seed, bf16=config.bf16,
-                                                attn_implementation=args.attn_implementation)
-    train = _load_data(args.data, args.split, args.format, args.skip_malformed,
-                       synthetic_size=DEMO_TRAIN_PAIRS, synthetic_seed=config.seed)
-    if args.eval_data:
-        evals = _load_data(args.eval_data, args.eval_split or args.split, args.format, args.skip_malformed,
-                           synthetic_size=args.eval_size or DEMO_EVAL_PAIRS, synthetic_seed=config.seed + 1)
-    elif args.data == "synthetic":
-        # a different seed: held-out prompts (the task has ~1e11 distinct prompts, overlap is negligible)
-        evals = _load_data("synthetic", "", "auto", False, synthetic_size=args.eval_size or DEMO_EVAL_PAIRS,
-                           synthetic_seed=config.seed + 1_000_003)
-    elif args.eval_size:
-        if args.eval_size >= len(train):
-            raise SystemExit(f"fasttrdpo: --eval-size {args.eval_size} leaves no training data ({len(train)} pairs)")
-        evals = train.select(range(len(train) - args.eval_size, len(train)))
-        train = train.select(range(len(train) - args.eval_size))
-    else:
-        evals = None
-    if args.train_size:
-        train = train.select(range(min(args.train_size, len(train))))
+    if run["ref_model"]:
+        ref_model, _ = load_model_and_tokenizer(run["ref_model"], seed=config.seed, bf16=config.bf16,
+                                                attn_implementation=run["attn_implementation"],
+                                                with_tokenizer=False)
+    train, evals, held_out = _training_data(run, config)
     trainer = TRDPOTrainer(model, tokenizer, train, config, ref_model=ref_model, eval_dataset=evals)
+    trainer.run_info = {k: run[k] for k in ("model", "ref_model", "data", "split", "format", "skip_malformed",
+                                            "eval_data", "eval_split", "train_size")}
+    trainer.run_info["eval_size"] = held_out
     try:
         final = trainer.train()
     finally:
         trainer.close()
     if trainer.is_main:
-        summary = _summary(final, time.perf_counter() - t0, config.output_dir)
+        plotted = config.plot and os.path.exists(os.path.join(config.output_dir, "training_curves.png"))
+        summary = _summary(final, time.perf_counter() - t0, config.output_dir, config, plotted)
         with open(os.path.join(config.output_dir, "final_metrics.json"), "w") as f:
             json.dump({**final, "seconds": time.perf_counter() - t0, "world_size": trainer.world_size,
                        "fingerprints": trainer.fingerprints(), "rank_fingerprints": trainer.rank_fingerprints},
                       f, indent=1)
         print(summary, flush=True)
     return 0
+
+
+def _training_data(run: dict, config: TRDPOConfig):
+    """(train, evals or None, held-out size recorded for `fasttrdpo eval`)."""
+    train = _load_data(run["data"], run["split"], run["format"], run["skip_malformed"],
+                       synthetic_size=DEMO_TRAIN_PAIRS, synthetic_seed=config.seed)
+    eval_size = run["eval_size"]
+    if eval_size is not None and eval_size < 0:
+        raise UsageError(f"--eval-size must be >= 0, got {eval_size}")
+    if run["eval_data"]:
+        evals = _load_data(run["eval_data"], run["eval_split"] or run["split"], run["format"], run["skip_malformed"],
+                           synthetic_size=eval_size or DEMO_EVAL_PAIRS, synthetic_seed=config.seed + 1)
+        if eval_size:
+            evals = evals.select(range(max(0, len(evals) - eval_size), len(evals)))
+    elif eval_size == 0:
+        evals = None
+    elif run["data"] == "synthetic":
+        evals = _load_data("synthetic", "", "auto", False, synthetic_size=eval_size or DEMO_EVAL_PAIRS,
+                           synthetic_seed=config.seed + SYNTHETIC_EVAL_SEED_OFFSET)
+    else:
+        if eval_size is None:
+            eval_size = max(1, math.ceil(DEFAULT_EVAL_FRACTION * len(train)))
+            if eval_size < len(train):
+                _log.info("held out the last %d of the %d pairs of %s (%.0f%%) for evaluation; --eval-size N "
+                          "chooses N, --eval-size 0 none", eval_size, len(train), run["data"],
+                          100 * DEFAULT_EVAL_FRACTION)
+        if eval_size < len(train):
+            train, evals = split_held_out(train, eval_size)
+        else:
+            raise UsageError(f"--data {run['data']} has {len(train)} pairs: too few to hold out {eval_size} "
+                             "(give --eval-data, or --eval-size 0)")
+    if run["train_size"]:
+        train = train.select(range(min(run["train_size"], len(train))))
+    return train, evals, (len(evals) if evals is not None else 0)
+
+
+def _checkpoint_state(path: str) -> dict:
+    from .training.checkpoint import read_state_json
+
+    return read_state_json(path) if os.path.isdir(path) else {}
+
+
+def _eval_data(args, state: dict, seed: int):
+    """The evaluation pairs: --data (its last --eval-size pairs), else the held-out set the checkpoint's run
+    used (recorded in its trainer_state.json), else the synthetic held-out set."""
+    info = state.get("run_info") or {}
+    if args.data is None and info:
+        run = {**RUN_ARGS, **info}
+        if args.eval_size is not None:
+            run["eval_size"] = args.eval_size
+        if run["data"] != "synthetic" and not run["eval_data"] and not run["eval_size"]:
+            raise UsageError("the checkpoint's run had no held-out set: give --data")
+        run["train_size"] = None
+        _log.info("evaluating on the held-out set of the checkpoint's run (%s)",
+                  run["eval_data"] or f"{run['data']}, {run['eval_size']} pairs")
+        cfg = TRDPOConfig(seed=seed)
+        _, evals, _ = _training_data(run, cfg)
+        return evals
+    source = args.data or "synthetic"
+    data = _load_data(source, args.split, args.format, args.skip_malformed,
+                      synthetic_size=args.eval_size or DEMO_EVAL_PAIRS,
+                      synthetic_seed=seed + SYNTHETIC_EVAL_SEED_OFFSET)
+    if args.eval_size:
+        n = min(args.eval_size, len(data))
+        data = data.select(range(len(data) - n, len(data)))
+    return data
 
 
 def cmd_eval(args) -> int:
@@ -239,39 +440,59 @@ def cmd_eval(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    values = {k: getattr(args, k) for k in ("beta", "bf16", "max_length", "per_device_eval_batch_size", "seed")
-              if getattr(args, k) is not None}
-    config = TRDPOConfig(output_dir=os.path.join(os.getcwd(), "outputs", "fasttrdpo-eval"), plot=False, disable_tqdm=True,
-                         **values)
+    state = _checkpoint_state(args.model)
+    recorded = state.get("config") or {}
+    values = {}
+    for key in EVAL_FROM_CHECKPOINT:
+        flag, saved = getattr(args, key), recorded.get(key)
+        if flag is not None:
+            values[key] = flag
+            if key in recorded and flag != saved:
+                _log.warning("--%s %s overrides the checkpoint's %s = %s", key.replace("_", "-"), flag, key, saved)
+        elif key in recorded:
+            values[key] = saved
+    if args.per_device_eval_batch_size is not None:
+        values["per_device_eval_batch_size"] = args.per_device_eval_batch_size
+    config = TRDPOConfig(output_dir=os.path.join(os.getcwd(), "outputs", "fasttrdpo-eval"), plot=False,
+                         disable_tqdm=True, **values)
     model, tokenizer = load_model_and_tokenizer(args.model, seed=config.seed, bf16=config.bf16,
                                                 attn_implementation=args.attn_implementation)
     ref_path = args.ref_model
     if ref_path is None and os.path.isdir(os.path.join(args.model, "reference")):
         ref_path = os.path.join(args.model, "reference")
     if ref_path is None:
-        raise SystemExit("fasttrdpo eval: give --ref-model (or a checkpoint directory that has reference/)")
+        raise UsageError("give --ref-model (or a checkpoint directory that has reference/)")
     ref_model, _ = load_model_and_tokenizer(ref_path, seed=config.seed, bf16=config.bf16,
-                                            attn_implementation=args.attn_implementation)
+                                            attn_implementation=args.attn_implementation, with_tokenizer=False)
     init_model = None
     if args.init_model:
         init_model, _ = load_model_and_tokenizer(args.init_model, seed=config.seed, bf16=config.bf16,
-                                                 attn_implementation=args.attn_implementation)
-    data = _load_data(args.data, args.split, args.format, args.skip_malformed,
-                      synthetic_size=args.eval_size or DEMO_EVAL_PAIRS, synthetic_seed=config.seed + 1_000_003)
-    if args.eval_size:
-        data = data.select(range(min(args.eval_size, len(data))))
+                                                 attn_implementation=args.attn_implementation, with_tokenizer=False)
+    data = _eval_data(args, state, config.seed)
     trainer = TRDPOTrainer(model, tokenizer, None, config, ref_model=ref_model, eval_dataset=data,
                            init_model=init_model if init_model is not None else False)
     try:
         result = trainer.evaluate()
     finally:
         trainer.close()
+    # the checkpoint's own step and reference updates, and the settings the figures were computed with
+    result["step"] = state.get("global_step", 0)
+    result["ref_updates"] = state.get("ref_updates", 0)
+    result.update({k: getattr(config, k) for k in ("loss_type", "beta", "label_smoothing", "max_length")})
     if trainer.is_main:
         print(json.dumps(result, indent=1))
         if args.output:
             with open(args.output, "w") as f:
                 json.dump(result, f, indent=1)
     return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .data import MalformedRowError
+    from .training.output_dir import OutputDirError
+
+    # ValueError: bad values (TRDPOConfig names the field); OSError: missing files, a full disk
+    return (UsageError, OutputDirError, MalformedRowError, ValueError, OSError, NotImplementedError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,7 +505,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO, format="[fasttrdpo] %(message)s")
-    return cmd_train(args) if args.command == "train" else cmd_eval(args)
+    try:
+        return cmd_train(args) if args.command == "train" else cmd_eval(args)
+    except _user_errors() as e:
+        if os.environ.get("FASTTRDPO_DEBUG"):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message's layout
+        print(f"fasttrdpo {args.command}: error: {message}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

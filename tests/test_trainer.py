@@ -1,6 +1,7 @@
 """TRDPOTrainer in process: the loss it optimises, the reference updates it composes, the evaluation KL,
 bf16, checkpoints on disk, and input validation. Tiny models, a handful of steps."""
 import copy
+import json
 import os
 
 import pytest
@@ -145,7 +146,7 @@ def test_checkpoints_are_complete_rotated_and_reloadable(tmp_path):
 
 
 def test_a_save_interrupted_midway_leaves_the_previous_checkpoint_latest(tmp_path, monkeypatch):
-    import fasttrdpo.trainer as tr
+    import fasttrdpo.training.checkpoint as tr
 
     cfg = _config(tmp_path, max_steps=2, save_steps=2)
     trainer = TRDPOTrainer(tiny_model(0, **SMALL), tiny_tokenizer(), synthetic_preference_dataset(16, seed=0), cfg)
@@ -221,3 +222,161 @@ def test_validation_errors(tmp_path):
                            _config(tmp_path, resume_from_checkpoint="latest"))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         trainer.train()
+
+
+def _tiny_gpt2(seed=0, dropout=0.1):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=384, n_positions=128, n_embd=32, n_layer=2, n_head=2, resid_pdrop=dropout,
+                     embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(cfg)
+
+
+def test_dropout_is_disabled_by_default_as_in_trl(tmp_path):
+    # GPT-2 configs carry dropout 0.1. Step 1 with the reference a copy of the policy: with dropout off
+    # (TRL's disable_dropout=True) both forwards are the same fp32 computation on the same weights, so the
+    # log-ratios are exactly 0, the rewards exactly 0 and the loss -log(sigmoid(0)) = ln 2 up to the
+    # rounding of that one fp32 expression (a few ulp of 0.69: 1e-7). With dropout the loss was 0.7067.
+    import math
+
+    data = synthetic_preference_dataset(16, seed=0)
+    trainer = TRDPOTrainer(_tiny_gpt2(), tiny_tokenizer(), data, _config(tmp_path, max_steps=1))
+    trainer.train()
+    first = trainer.history[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-7, first["loss"]
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0 and first["rewards/margins"] == 0.0
+    assert all(m.p == 0 for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout))
+    # disable_dropout=False keeps the model's dropout (the policy then differs from its own reference)
+    kept = TRDPOTrainer(_tiny_gpt2(), tiny_tokenizer(), data,
+                        _config(tmp_path / "kept", max_steps=1, disable_dropout=False))
+    kept.train()
+    assert abs(kept.history[0]["loss"] - math.log(2)) > 1e-4 and kept.history[0]["rewards/margins"] != 0.0
+    assert any(m.p == 0.1 for m in kept.model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_train_returns_the_last_training_record_without_an_eval_set(tmp_path):
+    trainer = TRDPOTrainer(tiny_model(0, **SMALL), tiny_tokenizer(), synthetic_preference_dataset(16, seed=0),
+                           _config(tmp_path, max_steps=3, logging_steps=2))
+    final = trainer.train()
+    assert final["step"] == 3 and final == trainer.history[-1] and final["loss"] > 0
+
+
+@pytest.mark.parametrize("name,kwargs", [("cosine_with_min_lr", {"min_lr_rate": 0.1}), ("polynomial", {"power": 2.0}),
+                                         ("constant_with_warmup", None), ("inverse_sqrt", None)])
+def test_learning_rates_follow_transformers_get_scheduler(tmp_path, name, kwargs):
+    # the logged learning rate of step s is get_scheduler's on a scratch optimizer before its s-th step
+    from transformers import get_scheduler
+
+    steps, warmup = 5, 2
+    trainer = TRDPOTrainer(tiny_model(0, **SMALL), tiny_tokenizer(), synthetic_preference_dataset(24, seed=0),
+                           _config(tmp_path, max_steps=steps, warmup_steps=warmup, lr_scheduler_type=name,
+                                   lr_scheduler_kwargs=kwargs))
+    trainer.train()
+    scratch = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    sched = get_scheduler(name, scratch, num_warmup_steps=warmup, num_training_steps=steps,
+                          scheduler_specific_kwargs=kwargs or {})
+    expected = []
+    for _ in range(steps):
+        expected.append(scratch.param_groups[0]["lr"])
+        scratch.step()
+        sched.step()
+    got = [r["learning_rate"] for r in trainer.history]
+    # the same float64 lambda times the same base rate: equal up to one rounding of the product
+    assert got == pytest.approx(expected, rel=1e-12, abs=0), (got, expected)
+
+
+def test_metric_driven_schedules_need_an_evaluation(tmp_path, monkeypatch):
+    data = synthetic_preference_dataset(16, seed=0)
+    with pytest.raises(ValueError, match="reduce_lr_on_plateau"):
+        TRDPOTrainer(tiny_model(0, **SMALL), tiny_tokenizer(), data,
+                     _config(tmp_path, lr_scheduler_type="reduce_lr_on_plateau"))
+    with pytest.raises(ValueError, match="lr_scheduler_type"):
+        TRDPOConfig(lr_scheduler_type="bogus")
+    # with evaluations it is stepped on eval_loss: patience 0 and a rising eval loss halve the rate
+    trainer = TRDPOTrainer(tiny_model(0, **SMALL), tiny_tokenizer(), data,
+                           _config(tmp_path / "p", max_steps=3, eval_steps=1, lr_scheduler_type="reduce_lr_on_plateau",
+                                   lr_scheduler_kwargs={"patience": 0, "factor": 0.5}),
+                           eval_dataset=synthetic_preference_dataset(4, seed=3))
+    stepped, real_step = [], torch.optim.lr_scheduler.ReduceLROnPlateau.step
+    monkeypatch.setattr(torch.optim.lr_scheduler.ReduceLROnPlateau, "step",
+                        lambda self, metric: (stepped.append(metric), real_step(self, metric)))
+    trainer.train()
+    evals = [r for r in trainer.history if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2, 3]
+    assert stepped == [evals[1]["eval_loss"], evals[2]["eval_loss"]]  # the periodic evaluations, as HF's Trainer
+
+
+def _fake_checkpoint(out, step, run_id, run_name=None):
+    path = out / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"run_id": run_id, "run_name": run_name}))
+    return path
+
+
+def test_a_new_run_refuses_an_output_dir_holding_another_runs_checkpoints(tmp_path):
+    from fasttrdpo.trainer import OutputDirError
+
+    data = synthetic_preference_dataset(16, seed=0)
+    first = TRDPOTrainer(tiny_model(0, **SMALL), tiny_tokenizer(), data, _config(tmp_path, max_steps=4, save_steps=2))
+    first.train()
+    out = tmp_path / "out"
+    state = json.load(open(out / "checkpoint-4" / "trainer_state.json"))
+    assert state["run_id"] == first.run_id and len(first.run_id) == 32
+    before = sorted(os.listdir(out))
+    second = TRDPOTrainer(tiny_model(1, **SMALL), tiny_tokenizer(), data, _config(tmp_path, max_steps=2, save_steps=1))
+    with pytest.raises(OutputDirError, match="--overwrite-output-dir.*--resume") as err:
+        second.train()
+    assert "\n" not in str(err.value) and first.run_id in str(err.value)
+    assert sorted(os.listdir(out)) == before and second.global_step == 0  # nothing written, nothing trained
+    # --overwrite-output-dir: the old run's checkpoints and records go, the new run's stay
+    third = TRDPOTrainer(tiny_model(1, **SMALL), tiny_tokenizer(), data,
+                         _config(tmp_path, max_steps=2, save_steps=1, overwrite_output_dir=True))
+    third.train()
+    ckpts = sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))
+    assert ckpts == ["checkpoint-1", "checkpoint-2"]
+    assert {json.load(open(out / n / "trainer_state.json"))["run_id"] for n in ckpts} == {third.run_id}
+    assert [r["step"] for r in map(json.loads, open(out / "metrics.jsonl"))] == [1, 2]
+
+
+def test_rotation_deletes_only_this_runs_checkpoints(tmp_path):
+    from fasttrdpo.training.output_dir import rotate_checkpoints
+
+    out = tmp_path / "out"
+    for step in (20, 30):
+        _fake_checkpoint(out, step, "old")
+    for step in (5, 10, 15):
+        _fake_checkpoint(out, step, "new")
+    (out / "checkpoint-99").mkdir()  # no state: nobody's, never rotated
+    rotate_checkpoints(str(out), 2, "new")
+    assert sorted(os.listdir(out)) == ["checkpoint-10", "checkpoint-15", "checkpoint-20", "checkpoint-30",
+                                       "checkpoint-99"]
+
+
+def test_the_lock_refuses_a_second_writer_until_the_first_is_killed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from fasttrdpo.trainer import OutputDirError
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from fasttrdpo.training.output_dir import OutputDirLock; "
+         "OutputDirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        data = synthetic_preference_dataset(16, seed=0)
+        trainer = TRDPOTrainer(tiny_model(0, **SMALL), tiny_tokenizer(), data, _config(tmp_path, max_steps=1))
+        with pytest.raises(OutputDirError, match=f"in use by another fasttrdpo process \\(pid {holder.pid}"):
+            trainer.train()
+        assert trainer.global_step == 0
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    # the kernel dropped the lock with the process; the lock file and a final/ folder are not "another run"
+    (out / "final").mkdir()
+    assert os.path.exists(out / ".fasttrdpo.lock")
+    trainer.train()
+    assert trainer.global_step == 1 and os.path.isdir(out / "checkpoint-1")

@@ -1,6 +1,6 @@
-"""The TR-DPO loss family (DESIGN.md §4): preference losses on per-sequence log-probs, KTO, and
-`TRDPOLoss`, which goes from hidden states and the lm_head weight to the loss without ever holding
-[tokens × vocab] logits beyond one chunk.
+"""The TR-DPO loss family (formulas in the README's "Losses" section): preference losses on
+per-sequence log-probs, KTO, and `TRDPOLoss`, which goes from hidden states and the lm_head weight to
+the loss without ever holding [tokens × vocab] logits beyond one chunk.
 
     import fasttrdpo.loss
     loss_fn = fasttrdpo.loss.TRDPOLoss(beta=0.1)
