@@ -7,7 +7,8 @@
     loss, metrics = loss_fn(policy_hidden, lm_head.weight, labels, ref_hidden, ref_lm_head.weight)
 """
 from .preference import LOSS_TYPES, kto_loss, preference_loss, sequence_logprobs
+from .token_list import trdpo_loss_from_tokens
 from .trdpo import TRDPOLoss, trdpo_loss_from_logits
 
 __all__ = ["LOSS_TYPES", "preference_loss", "kto_loss", "sequence_logprobs", "TRDPOLoss",
-           "trdpo_loss_from_logits"]
+           "trdpo_loss_from_logits", "trdpo_loss_from_tokens"]
