@@ -109,7 +109,7 @@ def test_cuda_path_one_valid_token_and_empty_pairs():
     w = pw.clone().requires_grad_()
     loss, m = L.TRDPOLoss(backend="triton")(h, w, labels, rh, rw)
     loss.backward()
-    assert math.isclose(float(loss), math.log(2.0), rel_tol=1e-6)
+    assert math.isclose(float(loss.detach()), math.log(2.0), rel_tol=1e-6)
     assert float(h.grad.abs().max()) == 0.0 and float(w.grad.abs().max()) == 0.0
 
 
@@ -269,6 +269,22 @@ def test_token_list_bad_inputs(mutate, exc, match):
     assert torch.equal(args["policy_weight"], w_before)
 
 
+def test_token_list_without_tokens_and_unvalidated_bad_label():
+    args = _tok_args()
+    # no token at all: every pair's Δ = 0 → loss log 2, zero gradients
+    empty = dict(args, policy_hidden=args["policy_hidden"][:0].clone().requires_grad_(),
+                 ref_hidden=args["ref_hidden"][:0], labels=args["labels"][:0], row_ids=args["row_ids"][:0])
+    w = args["policy_weight"].clone().requires_grad_()
+    loss, m = L.trdpo_loss_from_tokens(**dict(empty, policy_weight=w), backend="triton")
+    loss.backward()
+    assert math.isclose(float(loss.detach()), math.log(2.0), rel_tol=1e-6) and float(w.grad.abs().max()) == 0.0
+    # validate=False (no host sync for the range check): a label outside [0, V) is never used as an address;
+    # its log-prob, hence the loss, is NaN instead of an error
+    args["labels"][3] = 11
+    loss, _ = L.trdpo_loss_from_tokens(**args, backend="triton", validate=False)
+    assert math.isnan(float(loss))
+
+
 def test_token_list_bad_config():
     args = _tok_args()
     with pytest.raises(ValueError, match="chunk_bytes"):
@@ -294,9 +310,13 @@ def test_cuda_path_on_gpu(h_dtype, w_dtype):
     cpu = (ph.to(h_dtype), pw.to(w_dtype), labels, rh.to(h_dtype), rw.to(w_dtype), pb.to(w_dtype), rb.to(w_dtype))
     gpu = tuple(t.cuda() for t in cpu)
     fn = L.TRDPOLoss(beta=0.1, backend="triton", chunk_bytes=1031 * 8 * 100)  # several chunks
-    torch.backends.cuda.matmul.allow_tf32 = False
-    loss, metrics, grads = _run(fn, gpu)
-    loss2, _, grads2 = _run(fn, gpu)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 GEMMs in IEEE: the fp32 bounds apply
+    try:
+        loss, metrics, grads = _run(fn, gpu)
+        loss2, _, grads2 = _run(fn, gpu)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     assert torch.equal(loss, loss2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
     ref = reference(*cpu, 0.1, "sigmoid", 0.0)
     tiles = (tile_units(h_dtype, w_dtype),) * 2

@@ -58,7 +58,7 @@ Traffic and FLOPs at N = 16384 valid tokens, H = H' = 4096, V = 128256, bf16, th
 
 Determinism: fixed chunk plan, GEMMs (cuBLAS is run-to-run deterministic on one GPU), the Triton kernels
 (one program per row / block, no atomics), segment sums (`torch.segment_reduce`), gathers and
-index_copy_ with unique indices. No index_add_ / scatter_add_ / accumulating index_put_.
+index_put_ (accumulate=False) with unique indices. No index_add_ / scatter_add_ / accumulating index_put_.
 """
 from __future__ import annotations
 
@@ -188,9 +188,9 @@ class TokenChunkedTRDPOFunction(torch.autograd.Function):
         max_pair = max((counts[i] + counts[P + i] for i in range(P)), default=0)
         rows = max(budget_rows, min(max_pair, cap_rows))
         rows = max(1, min(rows, n_total))
-        # zeros, not empty: the first addmm with beta=0 ignores them anyway, but never reads garbage
-        ptile = torch.zeros(rows, V, dtype=pdt, device=device)
-        rtile = torch.zeros(rows, V, dtype=rdt, device=device)
+        # empty: every GEMM writes its rows in full (addmm with beta=0 does not read them, NaN included)
+        ptile = torch.empty(rows, V, dtype=pdt, device=device)
+        rtile = torch.empty(rows, V, dtype=rdt, device=device)
         t32 = torch.empty(rows, V, dtype=f32, device=device) if softcap is not None else None
         rt32 = torch.empty(rows, V, dtype=f32, device=device) if softcap is not None else None
         ones = torch.ones(rows, dtype=f32, device=device)
@@ -316,7 +316,7 @@ class TokenChunkedTRDPOFunction(torch.autograd.Function):
         if grad_h_tok is not None:
             # every row not in pol_index (ignored positions) gets exactly 0; unique indices: no accumulation
             grad_h = torch.zeros(ctx.hidden_shape, dtype=h_dtype, device=grad_h_tok.device)
-            grad_h.index_copy_(0, pol_index, grad_h_tok.mul_(grad_loss).to(h_dtype))
+            grad_h[pol_index] = grad_h_tok.mul_(grad_loss).to(h_dtype)
         if grad_w is not None:
             grad_w = grad_w.mul_(grad_loss).to(w_dtype)
         if grad_b is not None:
