@@ -244,8 +244,8 @@ class TokenChunkedTRDPOFunction(torch.autograd.Function):
         for p0, p1 in _plan_pair_chunks(counts, P, rows):
             k = p1 - p0
             tok = torch.cat([all_tokens[offsets[p0]:offsets[p1]], all_tokens[offsets[P + p0]:offsets[P + p1]]])
-            seg_counts = counts[p0:p1] + counts[P + p0:P + p1]
-            seg_lengths = torch.as_tensor(seg_counts, dtype=torch.int64, device=device)
+            # device-side slices (no host-to-device copy per chunk: a pageable copy would stall the stream)
+            seg_lengths = torch.cat([lengths[p0:p1], lengths[P + p0:P + p1]])
             n = tok.numel()
             yc = y[tok]
             logp = torch.zeros(n, dtype=f32, device=device)
