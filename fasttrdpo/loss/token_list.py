@@ -48,13 +48,17 @@ Traffic and FLOPs at N = 16384 valid tokens, H = H' = 4096, V = 128256, bf16, th
          of which the fused kernels move 8 B/logit = 16.8 GB (5.0 ms at 3.35 TB/s, 3.5 ms at 4.8 TB/s)
          and the GEMMs the rest, hidden under their compute (each is compute-bound: n·H·V·2 FLOPs
          against 2·n·V bytes of tile, ~4000 FLOP/B).
-  per chunk besides: W read by three GEMMs (3 × 1.05 GB) and the reference W once (1.05 GB); the
-         grad_W GEMM writes a bf16 partial (1.05 GB) that is added into the fp32 accumulator
-         (read 1.05 + 2.1, write 2.1 GB): 5.25 GB → 10.5 GB for 2 chunks (2.2-3.1 ms); the final
-         cast of grad_W to bf16 3.15 GB. Total ≈ 33.6 + 2·(4.2 + 6.3) + 3.15 ≈ 58 GB.
-  Roofline (sum of per-kernel max(compute, memory)): H100 69.6 + 5.0 + 3.1 + 0.9 ≈ 78.6 ms = 1.13×
-         the 8·N·H·V floor (an fp32 tile: 18 B/logit in the kernels → ≈ 85 ms = 1.22×). Today's
-         generic lm_head kernels move ~2 TB for the same step (issue 11): ~1/35 of it here, no recompute.
+  per chunk besides: W read by two GEMMs (logits, grad_h) and W_ref by one: 3 × 1.05 GB; the grad_W
+         GEMM writes bf16 partials (1.05 GB, in blocks of GRAD_W_BLOCK_ROWS) that are added into the fp32
+         accumulator (read 1.05 + 2.1, write 2.1 GB = 5.25 GB): 9.45 GB per chunk, 18.9 GB for 2 chunks;
+         the final cast of grad_W to bf16 3.15 GB; hidden-side tensors (n × H) are negligible.
+         Total ≈ 33.6 + 18.9 + 3.15 ≈ 56 GB.
+  Roofline (sum over kernels of max(compute, memory)): H100 (989 TFLOP/s, 3.35 TB/s) 69.6 GEMMs
+         + 5.0 fused kernels + 3.1 accumulate + 0.9 cast ≈ 78.7 ms = 1.13× the 8·N·H·V floor;
+         H200 (4.8 TB/s) ≈ 76 ms = 1.09×. An fp32 tile (with a bf16 copy of D for the gradient GEMMs)
+         moves 26 B per logit, 14 B of them in the fused kernels (29.4 GB, 8.8 ms on H100) → ≈ 82.4 ms
+         = 1.18×: over the 1.15× target, hence the half tile. Today's generic lm_head kernels move
+         ~2 TB for the same step (issue 11): ~1/35 of it here, and nothing is recomputed.
 
 Determinism: fixed chunk plan, GEMMs (cuBLAS is run-to-run deterministic on one GPU), the Triton kernels
 (one program per row / block, no atomics), segment sums (`torch.segment_reduce`), gathers and
