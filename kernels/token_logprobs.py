@@ -28,6 +28,9 @@ Memory traffic, with b = bytes per logit (2 for bf16/fp16, 4 for fp32), counting
               (label, g, lse); in place it allocates nothing. Ignored rows: b written, nothing read.
 
 Standalone: imports only torch and triton. Host-side launchers: `launch_forward`, `launch_backward`.
+Used by fasttrdpo.ops.logits (logits-level op) and by TRDPOLoss's chunked GEMM path
+(fasttrdpo/loss/token_list.py: forward on the policy and reference tiles of a chunk of valid tokens,
+then the backward with g = 1 in place, turning the policy tile into onehot − softmax).
 """
 from __future__ import annotations
 
@@ -204,7 +207,8 @@ def aot_specs():
     32000, 50304, 128256, ...), so the loads vectorise. One per (policy dtype, reference dtype or
     none) for the forward and per dtype for the backward.
     "generic" variants: no divisibility and a runtime inner_size (odd vocabularies, [:, :-1] slices),
-    for the policy-only forward and the backward.
+    for the forward (policy only, and paired with every reference dtype: TRDPOLoss's chunked path
+    launches the paired forward on [n, V] tiles of any V) and the backward.
     """
     names = {tl.float32: "fp32", tl.bfloat16: "bf16", tl.float16: "fp16"}
     ptr = {t: "*" + names[t] for t in names}
@@ -255,6 +259,6 @@ def aot_specs():
     for pt in names:
         specs += [forward_spec(pt, rt, rows=True) for rt in [None, *names]]
         specs.append(backward_spec(pt, rows=True))
-        specs.append(forward_spec(pt, None, rows=False))
+        specs += [forward_spec(pt, rt, rows=False) for rt in [None, *names]]
         specs.append(backward_spec(pt, rows=False))
     return specs

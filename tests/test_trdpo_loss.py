@@ -11,6 +11,16 @@ arithmetic (see `_bounds`), built on tests/helpers.py's per-token log-prob bound
     of the softcap derivative, and the fp32 GEMM accumulation bound γ_K·Σ|terms|; bf16 outputs add one
     bf16 rounding (2^-8 relative).
 The bounds hold for any summation order; a wrong index, mask, sign or scale is O(1) and fails them.
+
+backend="triton" (fasttrdpo/loss/token_list.py) forms logits by GEMM in the pair's half dtype when the inputs
+are half (bf16/fp16 operands, fp32 accumulation) and stores the tile in that dtype. `tile_units` gives, per
+model, u (the tile's unit roundoff: 2^-8 bf16, 2^-11 fp16, 0 for an fp32 tile) and u_cast (u when an fp32
+operand was rounded to the half dtype, as autocast would). Their terms, added to the fp32 ones above:
+  * each logit: ≤ 2u·s·(Σ_k|h_k W_vk| + |b_v|) (rounding of s·(hW+b) into the tile, and of the softcap's
+    argument) + u_cast·s·(Σ|hW| + |b|) — added to the per-token dot bound, so it enters lse and z_y;
+  * D = onehot − p is stored in the tile: + u·|D|;
+  * grad_h = (D @ W) rounded to the half dtype before ·c: + (u + u_cast)·|c|·(|D| @ |W|);
+  * grad_W partial Dᵀ(c⊙h): (c⊙h) and the partial each rounded once: + 2u·|D|ᵀ|c⊙h|; grad_b likewise.
 """
 import math
 
@@ -22,16 +32,7 @@ from helpers import U32, dot_error_bound, logprob_tolerance
 from test_loss import ref_preference_losses
 
 
-def _linear_ops_available() -> bool:
-    try:
-        from fasttrdpo.ops.linear import paired_linear_token_logprobs  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-BACKENDS = ["eager", pytest.param("triton", marks=pytest.mark.skipif(
-    not _linear_ops_available(), reason="fasttrdpo.ops.linear (the lm_head op) is not in this checkout"))]
+BACKENDS = ["eager", "triton"]  # triton: fasttrdpo/loss/token_list.py, its kernels in the interpreter here
 
 
 def make_inputs(B=6, T=9, H=16, V=67, dtype=torch.float32, seed=0, bias=False, ref_H=None, ignore_patterns=True):
@@ -89,8 +90,31 @@ def reference(ph, pw, labels, rh, rw, pb, rb, beta, loss_type, eps, scale=1.0, c
                 grads=grads, metrics=metrics)
 
 
-def _seq_err(z64, tok64, h, w, b, mask, scale, cap):
+U_HALF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def tile_units(hidden_dtype, weight_dtype):
+    """(u, u_cast) of backend="triton"'s logits tile for one model (module docstring)."""
+    from fasttrdpo.loss.token_list import gemm_dtype
+    dt = gemm_dtype(hidden_dtype, weight_dtype)
+    u = U_HALF.get(dt, 0.0)
+    cast = u if (hidden_dtype != dt or weight_dtype != dt) else 0.0
+    return u, cast
+
+
+def _tiles(backend, inputs):
+    if backend != "triton":
+        return None
+    ph, pw, _, rh, rw, _, _ = inputs
+    return tile_units(ph.dtype, pw.dtype), tile_units(rh.dtype, rw.dtype)
+
+
+def _seq_err(z64, tok64, h, w, b, mask, scale, cap, tile=(0.0, 0.0)):
     dot = dot_error_bound(h, w, b, scale)
+    if tile[0] or tile[1]:
+        H = h.shape[-1]
+        gamma = H * U32 / (1 - H * U32)
+        dot = dot + (2 * tile[0] + tile[1]) * dot / (gamma + 2 * U32)  # dot / (γ+2u) = s·max_v(Σ|hW| + |b|)
     if cap is not None:
         dot = dot + 4 * U32 * cap  # tanh and the ·cap rounding
     tok_tol = logprob_tolerance(z64, dot_err=dot) * mask
@@ -99,13 +123,15 @@ def _seq_err(z64, tok64, h, w, b, mask, scale, cap):
     return seq, tok_tol, dot
 
 
-def _bounds(ref, inputs, beta, loss_type, eps, scale, cap, out_dtypes):
-    """Derived tolerances for (loss, policy seq logps, ref seq logps, grads...) — see the module docstring."""
+def _bounds(ref, inputs, beta, loss_type, eps, scale, cap, out_dtypes, tiles=None):
+    """Derived tolerances for (loss, policy seq logps, ref seq logps, grads...) — see the module docstring.
+    tiles: None (fp32 logits) or ((u, u_cast) policy, (u, u_cast) reference) from `tile_units`."""
     ph, pw, labels, rh, rw, pb, rb = inputs
     mask = labels != -100
     P = labels.shape[0] // 2
-    s_err, tok_tol, dot = _seq_err(ref["z"], ref["tok"], ph, pw, pb, mask, scale, cap)
-    r_err, _, _ = _seq_err(ref["zr"], ref["rtok"], rh, rw, rb, mask, scale, cap)
+    (u_t, u_c), rtile = tiles if tiles is not None else ((0.0, 0.0), (0.0, 0.0))
+    s_err, tok_tol, dot = _seq_err(ref["z"], ref["tok"], ph, pw, pb, mask, scale, cap, (u_t, u_c))
+    r_err, _, _ = _seq_err(ref["zr"], ref["rtok"], rh, rw, rb, mask, scale, cap, rtile)
 
     # ∂L/∂s and its Hessian in float64 (L as a function of the policy sequence log-probs)
     def L_of(s):
@@ -133,27 +159,28 @@ def _bounds(ref, inputs, beta, loss_type, eps, scale, cap, out_dtypes):
         rho_g = 2 * t.abs() * dot.unsqueeze(-1) / cap + 6 * U32
     D = (p - onehot) * g
     rho_p = (2 * tok_tol + 4 * U32).unsqueeze(-1)
-    dD = rho_p * p * g.abs() + rho_g * D.abs() + U32 * D.abs()
+    dD = rho_p * p * g.abs() + rho_g * D.abs() + (U32 + u_t) * D.abs()
     V, H = pw.shape
     N = int(mask.sum())
     gam = lambda k: k * U32 / (1 - k * U32)  # noqa: E731
     absW = pw.double().abs()
     absD = D.abs()
     gh = (dc.unsqueeze(-1) * (absD @ absW) + c.abs().unsqueeze(-1) * (dD @ absW)
-          + c.abs().unsqueeze(-1) * gam(V) * (absD @ absW))
+          + c.abs().unsqueeze(-1) * (gam(V) + u_t + u_c) * (absD @ absW))
     absh = ph.double().abs()
     flatD, flatdD = absD.reshape(-1, V), dD.reshape(-1, V)
     ch = (c.abs().unsqueeze(-1) * absh).reshape(-1, H)
-    gw = (flatD.T @ (dc.unsqueeze(-1) * absh).reshape(-1, H) + flatdD.T @ ch + gam(N + 1) * (flatD.T @ ch))
+    gw = (flatD.T @ (dc.unsqueeze(-1) * absh).reshape(-1, H) + flatdD.T @ ch
+          + (gam(N + 1) + 2 * u_t) * (flatD.T @ ch))
     tols = [gh, gw]
     if pb is not None:
         cb = c.abs().reshape(-1)
-        tols.append(flatD.T @ dc.reshape(-1) + flatdD.T @ cb + gam(N + 1) * (flatD.T @ cb))
+        tols.append(flatD.T @ dc.reshape(-1) + flatdD.T @ cb + (gam(N + 1) + 2 * u_t) * (flatD.T @ cb))
     out = []
     for tol, exact, dt in zip(tols, ref["grads"], out_dtypes):
         tol = tol + 4 * U32 * exact.abs()
-        if dt == torch.bfloat16:
-            tol = tol + 2.0 ** -8 * (exact.abs() + tol)
+        if dt in U_HALF:  # the output's own rounding
+            tol = tol + U_HALF[dt] * (exact.abs() + tol)
         out.append(tol)
     return loss_tol, s_err, r_err, out
 
@@ -186,7 +213,8 @@ def test_trdpo_matches_float64(backend, loss_type, eps, beta, dtype):
     loss, metrics, grads = _run(fn, inputs)
     ref = reference(*inputs, beta, loss_type, eps)
     loss_tol, s_err, r_err, grad_tols = _bounds(ref, inputs, beta, loss_type, eps, 1.0, None,
-                                                [inputs[0].dtype, inputs[1].dtype, inputs[1].dtype])
+                                                [inputs[0].dtype, inputs[1].dtype, inputs[1].dtype],
+                                                _tiles(backend, inputs))
     assert loss.dtype == torch.float32 and loss.shape == ()
     _assert_within(loss, ref["loss"], loss_tol, "loss")
     for got, exp, tol, name in zip(grads, ref["grads"], grad_tols, ["grad_hidden", "grad_weight", "grad_bias"]):
@@ -341,12 +369,13 @@ def test_liger_per_sequence_logps_side_by_side():
     (lambda a: a["labels"].__setitem__((0, 5), 67), ValueError, "labels"),
     (lambda a: a["labels"].__setitem__((0, 5), -7), ValueError, "labels"),
 ])
-def test_trdpo_bad_inputs(mutate, exc, match):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trdpo_bad_inputs(mutate, exc, match, backend):
     ph, pw, labels, rh, rw, _, _ = make_inputs(seed=11)
     args = dict(policy_hidden=ph, policy_weight=pw, labels=labels.clone(), ref_hidden=rh, ref_weight=rw)
     mutate(args)
     with pytest.raises(exc, match=match):
-        L.TRDPOLoss(backend="eager")(args["policy_hidden"], args["policy_weight"], args["labels"],
+        L.TRDPOLoss(backend=backend)(args["policy_hidden"], args["policy_weight"], args["labels"],
                                      args["ref_hidden"], args["ref_weight"], policy_bias=args.get("policy_bias"))
 
 
@@ -471,7 +500,8 @@ def test_trdpo_on_cuda_matches_float64(backend, dtype):
     fn = L.TRDPOLoss(beta=0.1, backend=backend)
     loss, metrics, grads = _run(fn, tuple(t.cuda() if t is not None else None for t in inputs))
     ref = reference(*inputs, 0.1, "sigmoid", 0.0)
-    loss_tol, s_err, _, grad_tols = _bounds(ref, inputs, 0.1, "sigmoid", 0.0, 1.0, None, [dtype] * 3)
+    loss_tol, s_err, _, grad_tols = _bounds(ref, inputs, 0.1, "sigmoid", 0.0, 1.0, None, [dtype] * 3,
+                                            _tiles(backend, inputs))
     _assert_within(loss.cpu(), ref["loss"], loss_tol, "loss")
     for got, exp, tol, name in zip(grads, ref["grads"], grad_tols, ["grad_hidden", "grad_weight", "grad_bias"]):
         _assert_within(got.cpu(), exp, tol, name)

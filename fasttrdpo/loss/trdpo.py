@@ -9,6 +9,7 @@ from torch import nn
 from .._backend import resolve_backend
 from .._validate import check_float, check_label_range, check_labels_tensor, check_same_device
 from ._chunked import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_PAIR_BYTES, ChunkedTRDPOFunction
+from .token_list import DEFAULT_TILE_BYTES, run_token_chunks
 from .preference import check_loss_config, preference_loss, sequence_logprobs
 
 
@@ -49,32 +50,6 @@ def _check_transform(logit_scale, softcap):
     check_logit_transform(logit_scale, softcap)
 
 
-def _mean_logit_per_token(hidden, weight, bias, logit_scale, softcap, mask, chunk_tokens):
-    """Vocabulary mean of the (transformed) logits at each completion token, no grad, 0 elsewhere."""
-    with torch.no_grad():
-        H = hidden.shape[-1]
-        h = hidden.reshape(-1, H)
-        out = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
-        if softcap is None:
-            w_mean = weight.mean(0, dtype=torch.float32)  # no fp32 copy of a bf16 weight
-            m = h.float() @ w_mean
-            if bias is not None:
-                m = m + bias.float().mean()
-            out = torch.where(mask.reshape(-1), m * logit_scale, out)
-        else:  # not linear in the logits: form them chunk by chunk (only models with a softcap pay this)
-            idx = mask.reshape(-1).nonzero().squeeze(1)
-            w32 = weight.float()
-            b32 = bias.float() if bias is not None else None
-            for s in range(0, idx.numel(), chunk_tokens):
-                sel = idx[s:s + chunk_tokens]
-                z = h[sel].float() @ w32.T
-                if b32 is not None:
-                    z += b32
-                z = softcap * torch.tanh(z * (logit_scale / softcap))
-                out[sel] = z.mean(1)
-        return out.view(mask.shape)
-
-
 class TRDPOLoss(nn.Module):
     """DPO-family loss of a policy against a (trust-region) reference, straight from hidden states.
 
@@ -86,15 +61,22 @@ class TRDPOLoss(nn.Module):
     mean over pairs; metrics are TRL's (detached tensors, no host sync). Gradients flow to
     policy_hidden, policy_weight and policy_bias only.
 
-    backend: "eager" runs the chunked path of `_chunked.py` (loss and gradient finished chunk by chunk
-    over whole pairs; one host sync to plan the chunks); "triton" runs the paired lm_head kernel
-    (`fasttrdpo.ops.linear.paired_linear_token_logprobs`) with the loss on top; "auto" picks as every op
-    does (DESIGN.md §4) among triton and eager ("cpp" is logits-level only: asking for it raises).
+    backend: "eager" runs the chunked path of `_chunked.py` (fp32 logits; loss and gradient finished chunk
+    by chunk over whole pairs; one host sync to plan the chunks); "triton" (what auto picks on CUDA) runs
+    `token_list.py`: the valid rows are gathered and, per chunk of whole pairs, logits by GEMM (cuBLAS;
+    half operands, fp32 accumulation, the tile in the half dtype), the paired Triton log-prob kernels,
+    the loss, the in-place backward kernel and two gradient GEMMs; deterministic. "auto" picks as every
+    op does (DESIGN.md §4) among triton and eager ("cpp" is logits-level only: asking for it raises).
+
+    chunk_bytes: memory budget of one chunk's logits; None = the backend's default (eager: 32 MiB of fp32
+    logits, `DEFAULT_CHUNK_BYTES`; triton: 4 GiB of policy + reference tiles, `DEFAULT_TILE_BYTES`, which
+    holds >= 4096 tokens at V = 128256 so the GEMMs stay compute-bound). A chunk holds whole pairs; a
+    pair longer than max(chunk_bytes, max_pair_bytes) is done in two passes (its logits formed twice).
     """
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  ignore_index: int = -100, *, logit_scale: float = 1.0, softcap: float | None = None,
-                 validate: bool = True, backend: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 validate: bool = True, backend: str = "auto", chunk_bytes: int | None = None,
                  max_pair_bytes: int = DEFAULT_MAX_PAIR_BYTES):
         super().__init__()
         check_loss_config(beta, loss_type, label_smoothing)
@@ -102,6 +84,8 @@ class TRDPOLoss(nn.Module):
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         for name, v in (("chunk_bytes", chunk_bytes), ("max_pair_bytes", max_pair_bytes)):
+            if name == "chunk_bytes" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.beta = float(beta)
@@ -155,46 +139,44 @@ class TRDPOLoss(nn.Module):
                 ref_bias=None):
         self._check(policy_hidden, policy_weight, labels, ref_hidden, ref_weight, policy_bias, ref_bias)
         backend = self._resolve(labels.device)
-        # fp32 math whatever autocast says: the inputs are used as stored (bf16 hidden from an autocast
-        # backbone is fine), but no matmul in here may drop to bf16.
+        # Autocast off: the inputs are used as stored (bf16 hidden from an autocast backbone is fine). eager:
+        # fp32 matmuls; triton: the GEMM dtype follows the stored dtypes (token_list.gemm_dtype), never
+        # autocast's region dtype, so the same inputs give the same result inside and outside autocast.
         with torch.autocast(device_type=labels.device.type, enabled=False):
             if backend == "eager":
                 return self._forward_eager(policy_hidden, policy_weight, labels, ref_hidden, ref_weight,
                                            policy_bias, ref_bias)
-            return self._forward_op(policy_hidden, policy_weight, labels, ref_hidden, ref_weight,
-                                    policy_bias, ref_bias, backend)
+            return self._forward_tokens(policy_hidden, policy_weight, labels, ref_hidden, ref_weight,
+                                        policy_bias, ref_bias)
 
     def _forward_eager(self, policy_hidden, policy_weight, labels, ref_hidden, ref_weight, policy_bias, ref_bias):
         # Out-of-range labels would index out of bounds in the chunked path: always checked here.
         check_label_range(labels, policy_weight.shape[0], self.ignore_index)
+        chunk_bytes = DEFAULT_CHUNK_BYTES if self.chunk_bytes is None else self.chunk_bytes
         cfg = (self.beta, self.loss_type, self.label_smoothing, self.ignore_index, self.logit_scale, self.softcap,
-               self.chunk_bytes, self.max_pair_bytes, torch.is_grad_enabled())
+               chunk_bytes, self.max_pair_bytes, torch.is_grad_enabled())
         loss, policy_logps, ref_logps, mean_logit_sums = ChunkedTRDPOFunction.apply(
             policy_hidden, policy_weight, policy_bias, ref_hidden.detach(), ref_weight.detach(),
             None if ref_bias is None else ref_bias.detach(), labels, cfg)
         lengths = (labels.reshape(labels.shape[0], -1) != self.ignore_index).sum(1)
         return loss, _pair_metrics(policy_logps, ref_logps, self.beta, mean_logit_sums, lengths)
 
-    def _forward_op(self, policy_hidden, policy_weight, labels, ref_hidden, ref_weight, policy_bias, ref_bias,
-                    backend):
-        from ..ops.linear import paired_linear_token_logprobs
-
-        policy_tok, ref_tok = paired_linear_token_logprobs(
-            policy_hidden, policy_weight, ref_hidden.detach(), ref_weight.detach(), labels,
-            policy_bias=policy_bias, ref_bias=None if ref_bias is None else ref_bias.detach(),
-            ignore_index=self.ignore_index, logit_scale=self.logit_scale, softcap=self.softcap,
-            validate=self.validate, backend=backend)
+    def _forward_tokens(self, policy_hidden, policy_weight, labels, ref_hidden, ref_weight, policy_bias, ref_bias):
+        """The triton backend: gather the valid rows, then `token_list.run_token_chunks` (its docstring)."""
+        if self.validate:
+            check_label_range(labels, policy_weight.shape[0], self.ignore_index)
         B = labels.shape[0]
-        flat_labels = labels.reshape(B, -1)
-        policy_logps, lengths = sequence_logprobs(policy_tok.reshape(B, -1), flat_labels, self.ignore_index)
-        ref_logps, _ = sequence_logprobs(ref_tok.reshape(B, -1), flat_labels, self.ignore_index)
-        loss = _loss_from_sequence_logps(policy_logps, ref_logps, lengths, self.beta, self.loss_type,
-                                         self.label_smoothing)
-        mask = labels != self.ignore_index
-        chunk_tokens = max(1, self.chunk_bytes // (4 * policy_weight.shape[0]))
-        mean_tok = _mean_logit_per_token(policy_hidden, policy_weight, policy_bias, self.logit_scale, self.softcap,
-                                         mask, chunk_tokens)
-        mean_logit_sums = mean_tok.reshape(B, -1).sum(1)
+        flat_labels = labels.reshape(-1)
+        mask = flat_labels != self.ignore_index
+        valid = mask.nonzero().squeeze(1)  # row-major: each row's tokens contiguous, rows in slot order
+        lengths = mask.view(B, -1).sum(1)
+        loss, policy_logps, ref_logps, mean_logit_sums = run_token_chunks(
+            policy_hidden.reshape(-1, policy_hidden.shape[-1]), policy_weight, policy_bias,
+            ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias, valid, valid, flat_labels[valid],
+            lengths.tolist(), beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+            logit_scale=self.logit_scale, softcap=self.softcap,
+            chunk_bytes=DEFAULT_TILE_BYTES if self.chunk_bytes is None else self.chunk_bytes,
+            max_pair_bytes=self.max_pair_bytes, middle="triton")
         return loss, _pair_metrics(policy_logps, ref_logps, self.beta, mean_logit_sums, lengths)
 
 
