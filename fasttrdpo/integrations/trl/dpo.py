@@ -41,7 +41,7 @@ from trl.trainer.utils import use_adapter
 
 from ...loss import LOSS_TYPES, TRDPOLoss
 from ...loss.preference import CLASSIC_LOSS_TYPES, check_loss_config, preference_loss, sequence_logprobs
-from ...loss.trdpo import _mean_logit_per_token, _pair_metrics
+from ...loss.trdpo import _pair_metrics
 
 try:  # PEFT is optional
     from peft import PeftModel
@@ -165,6 +165,32 @@ def use_trdpo_loss(trainer, *, backend: str = "auto") -> "DPOTrainer":
                                                     logit_scale=scale, softcap=softcap, backend=backend)
     trainer._compute_loss = types.MethodType(_compute_loss, trainer)
     return trainer
+
+
+def _mean_logit_per_token(hidden, weight, bias, logit_scale, softcap, mask, chunk_tokens):
+    """Vocabulary mean of the (transformed) logits at each completion token, no grad, 0 elsewhere."""
+    with torch.no_grad():
+        H = hidden.shape[-1]
+        h = hidden.reshape(-1, H)
+        out = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+        if softcap is None:
+            w_mean = weight.mean(0, dtype=torch.float32)  # no fp32 copy of a bf16 weight
+            m = h.float() @ w_mean
+            if bias is not None:
+                m = m + bias.float().mean()
+            out = torch.where(mask.reshape(-1), m * logit_scale, out)
+        else:  # not linear in the logits: form them chunk by chunk (only models with a softcap pay this)
+            idx = mask.reshape(-1).nonzero().squeeze(1)
+            w32 = weight.float()
+            b32 = bias.float() if bias is not None else None
+            for s in range(0, idx.numel(), chunk_tokens):
+                sel = idx[s:s + chunk_tokens]
+                z = h[sel].float() @ w32.T
+                if b32 is not None:
+                    z += b32
+                z = softcap * torch.tanh(z * (logit_scale / softcap))
+                out[sel] = z.mean(1)
+        return out.view(mask.shape)
 
 
 class _LossFamilyFromHidden(torch.nn.Module):
