@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._validate import check_float, check_label_range, check_labels_tensor, check_same_device
+from .._validate import (check_float, check_label_range, check_labels_tensor, check_logit_transform,
+                         check_same_device)
 
 # Each eager chunk holds at most this many bytes of fp32 logits, in one buffer reused by every chunk
 # (the backward with softcap keeps a second one).
@@ -318,15 +319,7 @@ def _linear_logprobs(*inputs):
 
 # ------------------------------------------------------------------------------------------ validation
 def _check_scalars(logit_scale, softcap, ignore_index):
-    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
-        raise TypeError(f"logit_scale must be a float, got {type(logit_scale).__name__}")
-    if not (math.isfinite(logit_scale) and logit_scale > 0):
-        raise ValueError(f"logit_scale must be finite and > 0, got {logit_scale}")
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-            raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
-        if not (math.isfinite(softcap) and softcap > 0):
-            raise ValueError(f"softcap must be finite and > 0 (or None), got {softcap}")
+    check_logit_transform(logit_scale, softcap)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -2 ** 31 <= ignore_index < 2 ** 31:
