@@ -175,8 +175,8 @@ MODEL_IMPL = {
 # --dry-run proves the plumbing with each (case, implementation) measured once, at its first shape in the
 # plan; these also run at every shape (our own paths: TRDPOLoss at both valid fractions is checked against
 # float64 by tests/test_gpu_check_dryrun.py, and its GEMM roof; the blend targets' rows at both policy dtypes)
-DRY_RUN_EVERY_SHAPE = {("loss_step", "fasttrdpo-auto"), ("loss_step", "gemm-chain"), ("blend", "fasttrdpo-auto-unchecked"),
-                       ("blend", "fasttrdpo-auto")}
+DRY_RUN_EVERY_SHAPE = {("loss_step", "fasttrdpo-auto"), ("loss_step", "gemm-chain"),
+                       ("blend", "fasttrdpo-auto-unchecked"), ("blend", "fasttrdpo-auto")}
 # seconds a child spends besides the timed steps: process, CUDA context, inputs (CPU dry run: ~1 s),
 # plus a first-call cost (compilation, autotuning) for the implementations that have one
 CHILD_OVERHEAD_S = {"cuda": 3.0, "cpu": 1.5}

@@ -249,7 +249,7 @@ def retiled_fwd_phases(n, H, V, s, model="") -> list:
 def retiled_bwd_phases(n, H, V, s) -> list:
     """The retiled backward over n rows, vocabulary-chunked (C columns per chunk, a [n, C] dz buffer of
     VOCAB_CHUNK_BYTES): per chunk the dz kernel recomputes the logits tile by tile (W chunk once per
-    group, h once per chunk) and writes dz; cuBLAS grad_W[chunk] = dz^T h (complete, written once) and
+    group, h once per chunk; labels, lse and g 16 B per row) and writes dz; cuBLAS grad_W[chunk] = dz^T h (complete, written once) and
     grad_h += dz W[chunk] (a half [n, H] product written and read, the fp32 accumulator read and
     written). The recompute is the only FLOPs beyond the useful ones (2 n H V)."""
     C = retiled_vocab_chunk(n, V, s)
@@ -258,7 +258,7 @@ def retiled_bwd_phases(n, H, V, s) -> list:
     gemm = 2.0 * n * H * V
     return [
         Phase("dz kernel (recompute, dz = g (onehot - softmax) written per chunk)",
-              groups * V * H * s + chunks * n * H * s + n * V * s + chunks * n * 20, gemm, 0.0,
+              groups * V * H * s + chunks * n * H * s + n * V * s + chunks * n * 16, gemm, 0.0,
               note=f"{chunks} chunk(s) of {C} columns; W read {groups} time(s)"),
         Phase("grad_W[chunk] = dz^T h (cuBLAS)", n * V * s + chunks * n * H * s + V * H * s, gemm),
         Phase("grad_h += dz W[chunk] (cuBLAS, fp32 accumulator)",
@@ -269,7 +269,8 @@ def retiled_bwd_phases(n, H, V, s) -> list:
 def linear_retiled(shape) -> Model:
     """fasttrdpo.paired_linear_token_logprobs (backend triton) + a loss on top, the generic op after the
     retile: the valid rows are gathered (both models), the retiled forward runs on each model, the
-    chunked backward on the policy; grad_h is zero-initialised at [N, H] and the valid rows copied in."""
+    chunked backward on the policy (recomputing the logits once: 10 N_valid H V FLOPs, 8 of them useful);
+    grad_h is zero-initialised at [N, H] and the valid rows copied in."""
     s = DTYPE_BYTES[shape["dtype"]]
     H, V, N = shape["hidden"], shape["vocab"], 2 * shape["pairs"] * shape["seq"]
     Nv = _valid_tokens(shape)
@@ -277,8 +278,9 @@ def linear_retiled(shape) -> Model:
     ph += retiled_fwd_phases(Nv, H, V, s, "policy") + retiled_fwd_phases(Nv, H, V, s, "reference")
     ph += [Phase("backward: gather valid rows of h, g, lse", 2 * Nv * H * s + Nv * 16)]
     ph += retiled_bwd_phases(Nv, H, V, s)
-    ph += [Phase("grad_h zeros [N, H] + index_copy of the valid rows; grad_W cast",
-                 N * H * s + Nv * H * (FP32 + s) + V * H * 2 * s)]
+    ph += [Phase("grad_h fp32 -> storage dtype, zeros [N, H], index_copy of the valid rows",
+                 Nv * H * (FP32 + s) + N * H * s + 2 * Nv * H * s,
+                 note="grad_W comes out in the operand dtype: no cast for a bf16 weight")]
     return Model("loss_step", "linear-retiled", dict(shape, **RETILED_TILE), ph,
                  linear_retiled.__doc__.split("\n")[0])
 
