@@ -4,7 +4,8 @@
     python benchmarks/throughput.py --quick    # sub-minute CPU run on tiny shapes (fewer repeats)
     python benchmarks/throughput.py --json benchmarks/results/cpu-2026-11-25.json --plot out.png
     python benchmarks/throughput.py --gpu-check --budget-s 200 --json out/throughput.json --md out/throughput.md
-    python benchmarks/throughput.py --gpu-check --dry-run ...   # the same plan at tiny shapes (CPU plumbing)
+    python benchmarks/throughput.py --gpu-check --dry-run ...   # the same plan at tiny shapes (CPU plumbing;
+                                                                # each implementation measured once)
 
 Cases (see benchmarks/_cases.py and _e2e.py):
   loss_step    paired policy+reference log-probs at the lm_head level + sigmoid DPO loss, fwd+bwd
@@ -16,7 +17,8 @@ Cases (see benchmarks/_cases.py and _e2e.py):
 --gpu-check (what scripts/gpu_check.sh runs): issue 11's GPU primary shapes only: the loss step at N=16k,
 H=4096, V=128256 bf16 with 60 % and 100 % valid rows (TRDPOLoss, the generic op, TRL's chunked path,
 Liger's LigerFusedLinearDPOLoss, Apple's CCE, and the same cuBLAS GEMMs alone as the reachable roof), the
-lm_head op forward against its GEMM, and the blend of the whole Llama-8B list against a same-run copy_.
+lm_head op forward against its GEMM, and the blend of the whole Llama-8B list against a same-run copy_
+(blend_ with check_finite=False, the target's row, and with the default check_finite=True).
 Repeats come from the traffic model (benchmarks/traffic.py) so the run fits --budget-s; what would not
 fit is reported as not run, with the estimate. Each row carries the model's predicted time.
 
