@@ -249,9 +249,10 @@ def retiled_fwd_phases(n, H, V, s, model="") -> list:
 def retiled_bwd_phases(n, H, V, s) -> list:
     """The retiled backward over n rows, vocabulary-chunked (C columns per chunk, a [n, C] dz buffer of
     VOCAB_CHUNK_BYTES): per chunk the dz kernel recomputes the logits tile by tile (W chunk once per
-    group, h once per chunk; labels, lse and g 16 B per row) and writes dz; cuBLAS grad_W[chunk] = dz^T h (complete, written once) and
-    grad_h += dz W[chunk] (a half [n, H] product written and read, the fp32 accumulator read and
-    written). The recompute is the only FLOPs beyond the useful ones (2 n H V)."""
+    group, h once per chunk; labels, lse and g 16 B per row) and writes dz; cuBLAS grad_W[chunk] =
+    dz^T h (complete, written once) and grad_h += dz W[chunk] (a half [n, H] product written and read,
+    the fp32 accumulator read and written). The recompute is the only FLOPs beyond the useful ones
+    (2 n H V)."""
     C = retiled_vocab_chunk(n, V, s)
     chunks = math.ceil(V / C)
     groups = math.ceil(n / (RETILED_TILE["GROUP_N"] * RETILED_TILE["BLOCK_N"]))
@@ -389,8 +390,8 @@ def cce_pair(shape, filtered=False) -> Model:
 
 def loss_step_models(shape) -> list:
     return [new_trdpo_loss(shape, "fp32"), new_trdpo_loss(shape, "bf16"), gemm_chain(shape), linear_today(shape),
-            linear_retiled(shape), trl_chunked(shape), liger_dpo(shape, compiled=False), liger_dpo(shape, compiled=True), cce_pair(shape),
-            cce_pair(shape, filtered=True)]
+            linear_retiled(shape), trl_chunked(shape), liger_dpo(shape, compiled=False),
+            liger_dpo(shape, compiled=True), cce_pair(shape), cce_pair(shape, filtered=True)]
 
 
 # ================================================================================ lm_head op forward
