@@ -632,8 +632,10 @@ class Blend(_Case):
         "fasttrdpo-cpp": "fasttrdpo.blend_(..., backend='cpp') after fasttrdpo.build_cpp() (check_finite=True)",
         "fasttrdpo-triton": "fasttrdpo.blend_(..., backend='triton') (CUDA; check_finite=True)",
         "fasttrdpo-auto": "fasttrdpo.blend_(...) (backend auto; check_finite=True)",
+        "fasttrdpo-auto-unchecked": "fasttrdpo.blend_(..., check_finite=False) (backend auto): the blend alone, "
+                                    "without the finite screen's extra read of the policy",
     }
-    EXTRA_IMPLS = ("fasttrdpo-auto",)
+    EXTRA_IMPLS = ("fasttrdpo-auto", "fasttrdpo-auto-unchecked")
     BASELINES = ("trl-loop",)
 
     def __init__(self, impl, shape, device, dtype=None, seed=0):
@@ -642,8 +644,10 @@ class Blend(_Case):
         pdt, rdt = _DTYPES[shape["policy_dtype"]], _DTYPES[shape["ref_dtype"]]
         if impl.startswith("fasttrdpo-"):
             backend, ft = _fasttrdpo_backend(impl, device, "blend_")
+            # check_finite=True (the default) screens the policy for NaN/inf before writing: one more read
+            check = not impl.endswith("-unchecked")
             self._blend = lambda refs, pols, a: ft.blend_(ref_tensors=refs, policy_tensors=pols, alpha=a,
-                                                         backend=backend)
+                                                         backend=backend, check_finite=check)
         elif impl == "trl-loop":
             def loop(refs, pols, a):
                 for r, p in zip(refs, pols):

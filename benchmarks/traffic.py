@@ -174,12 +174,12 @@ def gemm_chain(shape, chunk_tokens=NEW_CHUNK_TOKENS) -> Model:
     return Model("loss_step", "gemm-chain", dict(shape, chunk_tokens=chunk_tokens), ph, gemm_chain.__doc__)
 
 
-# today's kernels/linear_logprobs.py launch configs for bf16 x bf16 (its _HALF_CONFIGS)
+# kernels/linear_logprobs.py before the retile (issue 11 "today"): its launch configs for bf16 x bf16
 TODAY_BLOCKS = {"fwd": (64, 128), "bwd_hidden": (64, 128), "bwd_weight": (64, 128)}  # (BLOCK_N, BLOCK_V)
 
 
 def linear_today(shape, blocks=TODAY_BLOCKS) -> Model:
-    """kernels/linear_logprobs.py as on main (TRDPOLoss backend="triton" goes through it): every row,
+    """kernels/linear_logprobs.py before the retile (issue 11's "today", the acceptance figures' baseline): every row,
     ignored or not; forward 1-D grid over 64-row blocks x 2 models, each program re-reading its hidden
     block for every 128-wide V tile; backward two kernels, each recomputing the logits and
     read-modify-writing fp32 accumulators in global memory for every tile."""
@@ -216,6 +216,74 @@ def linear_today(shape, blocks=TODAY_BLOCKS) -> Model:
     ]
     return Model("loss_step", "linear-today", dict(shape, blocks={k: list(v) for k, v in blocks.items()}), ph,
                  linear_today.__doc__.split("\n")[0])
+
+
+# kernels/linear_logprobs.py after the retile (issue 11 item 2), the sm_90 half-dtype list's first config
+# (CONFIGS[90]["half"][0]) and its backward's dz budget (VOCAB_CHUNK_BYTES); tests/test_traffic_model.py
+# checks these against the kernel module, so a retune there fails here until the model follows
+RETILED = "retiled"
+RETILED_TILE = {"BLOCK_N": 128, "BLOCK_V": 128, "GROUP_N": 16}
+RETILED_VOCAB_CHUNK_BYTES = 2 ** 30
+
+
+def retiled_vocab_chunk(n, V, s, budget=RETILED_VOCAB_CHUNK_BYTES) -> int:
+    """Columns per backward chunk, as kernels/linear_logprobs.vocab_chunk picks them."""
+    return min(V, max(128, (budget // (max(1, n) * s)) // 128 * 128))
+
+
+def retiled_fwd_phases(n, H, V, s, model="") -> list:
+    """The retiled forward over n (compacted) rows: the 2-D tile kernel reads h once and W once per group
+    of GROUP_N row blocks (the group's other row blocks find the W tiles in L2), writes per row and
+    vocabulary block the tile's (max, sum of exp) in fp32 (8 B); the merge kernel reads them back.
+    Labels (8 B), the label logit (4 B, written and read) and logp, lse (8 B) per row: 24 B."""
+    bn, bv, group = RETILED_TILE["BLOCK_N"], RETILED_TILE["BLOCK_V"], RETILED_TILE["GROUP_N"]
+    groups = math.ceil(n / (group * bn))
+    partials = n * math.ceil(V / bv) * 8
+    tag = f"{model}: " if model else ""
+    return [Phase(f"{tag}2-D tile kernel (h once, W once per group of {group * bn} rows)",
+                  n * H * s + groups * V * H * s + partials + n * 12, 2.0 * n * H * V,
+                  note=f"W read {groups} time(s)"),
+            Phase(f"{tag}merge kernel (per-block max, sum -> lse, logp)", partials + n * 12)]
+
+
+def retiled_bwd_phases(n, H, V, s) -> list:
+    """The retiled backward over n rows, vocabulary-chunked (C columns per chunk, a [n, C] dz buffer of
+    VOCAB_CHUNK_BYTES): per chunk the dz kernel recomputes the logits tile by tile (W chunk once per
+    group, h once per chunk; labels, lse and g 16 B per row) and writes dz; cuBLAS grad_W[chunk] =
+    dz^T h (complete, written once) and grad_h += dz W[chunk] (a half [n, H] product written and read,
+    the fp32 accumulator read and written). The recompute is the only FLOPs beyond the useful ones
+    (2 n H V)."""
+    C = retiled_vocab_chunk(n, V, s)
+    chunks = math.ceil(V / C)
+    groups = math.ceil(n / (RETILED_TILE["GROUP_N"] * RETILED_TILE["BLOCK_N"]))
+    gemm = 2.0 * n * H * V
+    return [
+        Phase("dz kernel (recompute, dz = g (onehot - softmax) written per chunk)",
+              groups * V * H * s + chunks * n * H * s + n * V * s + chunks * n * 16, gemm, 0.0,
+              note=f"{chunks} chunk(s) of {C} columns; W read {groups} time(s)"),
+        Phase("grad_W[chunk] = dz^T h (cuBLAS)", n * V * s + chunks * n * H * s + V * H * s, gemm),
+        Phase("grad_h += dz W[chunk] (cuBLAS, fp32 accumulator)",
+              n * V * s + V * H * s + chunks * 2 * n * H * s + chunks * 2 * n * H * FP32, gemm),
+    ]
+
+
+def linear_retiled(shape) -> Model:
+    """fasttrdpo.paired_linear_token_logprobs (backend triton) + a loss on top, the generic op after the
+    retile: the valid rows are gathered (both models), the retiled forward runs on each model, the
+    chunked backward on the policy (recomputing the logits once: 10 N_valid H V FLOPs, 8 of them useful);
+    grad_h is zero-initialised at [N, H] and the valid rows copied in."""
+    s = DTYPE_BYTES[shape["dtype"]]
+    H, V, N = shape["hidden"], shape["vocab"], 2 * shape["pairs"] * shape["seq"]
+    Nv = _valid_tokens(shape)
+    ph = [Phase("gather valid rows (policy + reference hidden, labels)", 2 * 2 * Nv * H * s + N * 8 + Nv * 8)]
+    ph += retiled_fwd_phases(Nv, H, V, s, "policy") + retiled_fwd_phases(Nv, H, V, s, "reference")
+    ph += [Phase("backward: gather valid rows of h, g, lse", 2 * Nv * H * s + Nv * 16)]
+    ph += retiled_bwd_phases(Nv, H, V, s)
+    ph += [Phase("grad_h fp32 -> storage dtype, zeros [N, H], index_copy of the valid rows",
+                 Nv * H * (FP32 + s) + N * H * s + 2 * Nv * H * s,
+                 note="grad_W comes out in the operand dtype: no cast for a bf16 weight")]
+    return Model("loss_step", "linear-retiled", dict(shape, **RETILED_TILE), ph,
+                 linear_retiled.__doc__.split("\n")[0])
 
 
 def trl_chunked(shape, token_chunk=4096, vocab_chunk=32768) -> Model:
@@ -322,8 +390,8 @@ def cce_pair(shape, filtered=False) -> Model:
 
 def loss_step_models(shape) -> list:
     return [new_trdpo_loss(shape, "fp32"), new_trdpo_loss(shape, "bf16"), gemm_chain(shape), linear_today(shape),
-            trl_chunked(shape), liger_dpo(shape, compiled=False), liger_dpo(shape, compiled=True), cce_pair(shape),
-            cce_pair(shape, filtered=True)]
+            linear_retiled(shape), trl_chunked(shape), liger_dpo(shape, compiled=False),
+            liger_dpo(shape, compiled=True), cce_pair(shape), cce_pair(shape, filtered=True)]
 
 
 # ================================================================================ lm_head op forward
@@ -336,14 +404,10 @@ def lmhead_fwd_models(shape) -> list:
     today = Model("lmhead_fwd", "linear-today", dict(shape), [
         Phase("forward kernel (1-D grid over 64-row blocks)",
               N * H * s * math.ceil(V / bv) + V * H * s * math.ceil(math.ceil(N / bn) / SMS) + N * 16, gemm)],
-        "kernels/linear_logprobs.py forward as on main")
-    # issue 11 item 2: 2-D grid of 128 x 256 tiles, grouped rasterization (8 row blocks per group),
-    # per-tile partial (max, sum) written and merged by a second small kernel
-    gb, tb, tv = 8, 128, 256
-    retiled = Model("lmhead_fwd", "retiled (issue 11 item 2)", dict(shape), [
-        Phase("2-D tile kernel", N * H * s + math.ceil(N / (gb * tb)) * V * H * s + N * math.ceil(V / tv) * 12, gemm),
-        Phase("merge of the partial (max, sum, label logit)", N * math.ceil(V / tv) * 12 + N * 8)],
-        "2-D grid of 128x256 tiles, grouped rasterization, deterministic merge kernel")
+        "kernels/linear_logprobs.py forward before the retile (issue 11's 'today')")
+    retiled = Model("lmhead_fwd", RETILED, dict(shape, **RETILED_TILE), retiled_fwd_phases(N, H, V, s),
+                    "kernels/linear_logprobs.py forward: 2-D grid of 128x128 tiles, grouped rasterization "
+                    "(GROUP_N=16), deterministic merge kernel")
     gemm_only = Model("lmhead_fwd", "gemm", dict(shape), [
         Phase("h @ W^T (cuBLAS, bf16 logits written)", N * H * s + V * H * s + N * V * s, gemm)],
         "the op's GEMM alone: its rate is the op's target denominator")

@@ -69,11 +69,62 @@ fatal() {
 # kernels/ subpackage (setup.py maps it), so fasttrdpo comes from an install or from the symlink tree below
 PYF=()
 "$PY" -P -c "" >/dev/null 2>&1 && PYF=(-P)
-if ! "$PY" -c "import torch, triton" >>"$OUT/gpu_check.log" 2>&1; then
-  fatal "$PY cannot import torch and triton (this script never installs them)"
+
+# peer name | module to import | wheel file prefixes (the peer's own first, then what it needs)
+PEERS="trl|trl.kernels|trl- datasets- dill- multiprocess-
+liger-kernel|liger_kernel.chunked_loss|liger_kernel-
+cut-cross-entropy|cut_cross_entropy|cut_cross_entropy-"
+modules_of() { while IFS='|' read -r name module prefixes; do
+  echo "$module"; for p in ${prefixes#* }; do [ "$p" != "$prefixes" ] && { p="${p%-}"; echo "${p//-/_}"; }; done
+done <<< "$PEERS"; }
+# One process (each start imports torch: seconds) answers, one line each, "key<TAB>status<TAB>detail":
+#   @torch   ok + versions and devices, or error (then nothing else is tried)
+#   @cuda    ok or none
+#   @here    ok (fasttrdpo and fasttrdpo.kernels import from this checkout), elsewhere, or error
+#   <module> ok + its folder, or error + why        (every peer module, see PEERS)
+probe_script='
+import importlib, os, sys
+def out(*a):
+    print(*a, sep="\t", flush=True)
+def why(e):
+    return f"{type(e).__name__}: {e}".replace("\n", " ").replace("\t", " ")[:300]
+args = sys.argv[1:]
+if args and args[0] == "--env":
+    root = os.path.realpath(args[1])
+    args = args[2:]
+    try:
+        import torch, triton
+    except BaseException as e:
+        out("@torch", "error", why(e))
+        sys.exit(0)
+    devs = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
+    out("@torch", "ok", f"{sys.version.split()[0]} torch {torch.__version__} cuda {torch.version.cuda} "
+        f"triton {triton.__version__} | devices: {devs}")
+    out("@cuda", "ok" if torch.cuda.is_available() else "none", "-")
+    try:
+        import fasttrdpo, fasttrdpo.kernels.linear_logprobs
+        files = (fasttrdpo.__file__, fasttrdpo.kernels.linear_logprobs.__file__)
+        here = all(os.path.realpath(f).startswith(root + os.sep) for f in files)
+        out("@here", "ok" if here else "elsewhere", " ".join(files))
+    except BaseException as e:
+        out("@here", "error", why(e))
+for m in args:
+    try:
+        mod = importlib.import_module(m)
+        out(m, "ok", os.path.dirname(getattr(mod, "__file__", "") or "?"))
+    except BaseException as e:
+        out(m, "error", why(e))
+'
+probe() { "$PY" "${PYF[@]}" -c "$probe_script" "$@" 2>/dev/null; }
+PROBE="$SCRATCH/probe.tsv"
+probe --env "$ROOT" $(modules_of | sort -u) > "$PROBE"
+status_of() { awk -F'\t' -v m="$1" '$1 == m {print $2; exit}' "$PROBE"; }
+detail_of() { awk -F'\t' -v m="$1" '$1 == m {print $3; exit}' "$PROBE"; }
+if [ "$(status_of @torch)" != ok ]; then
+  fatal "$PY cannot import torch and triton (this script never installs them): $(detail_of @torch)"
 fi
-log "python $PY: $("$PY" -c 'import sys, torch, triton; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "| devices:", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none")')"
-if [ $DRY = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+log "python $PY: $(detail_of @torch)"
+if [ $DRY = 0 ] && [ "$(status_of @cuda)" != ok ]; then
   fatal "no CUDA device visible to torch (use --dry-run on a CPU machine)"
 fi
 
@@ -87,7 +138,7 @@ files = (fasttrdpo.__file__, fasttrdpo.kernels.linear_logprobs.__file__)
 sys.exit(0 if all(os.path.realpath(f).startswith(root + os.sep) for f in files) else 1)
 EOF
 }
-if ! here_ok; then
+if [ "$(status_of @here)" != ok ]; then
   # setup.py maps kernels/ -> fasttrdpo.kernels and csrc/ -> fasttrdpo.csrc: the same tree, by symlinks
   mkdir -p "$SITE/fasttrdpo"
   for f in "$ROOT"/fasttrdpo/*; do ln -s "$f" "$SITE/fasttrdpo/$(basename "$f")"; done
@@ -99,44 +150,6 @@ else
   log "fasttrdpo: already importable from $ROOT"
 fi
 
-# The tests' collection loads fasttrdpo's C++ CPU extension (tests/helpers.backends()): a cold build takes
-# ~40 s, so it starts now, in the background, while the peers are set up. A load killed mid-way (a test
-# timeout) leaves torch's build lock behind and every later load waits for it (fasttrdpo clears locks only
-# after 10 min): locks older than 2 min in fasttrdpo's cache are removed first (a built load holds it for
-# about a second; nothing else builds on a machine lent for this check).
-CPP_PID=""
-if [ $TESTS = 1 ]; then
-  CACHE="${FASTTRDPO_CACHE:-$HOME/.cache/fasttrdpo}"
-  while read -r l; do [ -n "$l" ] && log "removed a stale C++ build lock (older than 2 min): $l"; done \
-    < <(find "$CACHE" -maxdepth 2 -name lock -mmin +2 -print -delete 2>/dev/null)
-  T_CPP=$(date +%s)
-  ( "$PY" "${PYF[@]}" -c "import fasttrdpo; fasttrdpo.build_cpp()" >"$SCRATCH/cpp_build.log" 2>&1
-    echo $? >"$SCRATCH/cpp_build.rc" ) &
-  CPP_PID=$!
-fi
-
-# peer name | module to import | wheel file prefixes (the peer's own first, then what it needs)
-PEERS="trl|trl.kernels|trl- datasets- dill- multiprocess-
-liger-kernel|liger_kernel.chunked_loss|liger_kernel-
-cut-cross-entropy|cut_cross_entropy|cut_cross_entropy-"
-probe() {  # one process imports every module named on stdin: "module<TAB>ok<TAB>dir" or "module<TAB>error<TAB>why"
-  "$PY" "${PYF[@]}" -c '
-import importlib, os, sys
-for m in sys.stdin.read().split():
-    try:
-        mod = importlib.import_module(m)
-        print(m, "ok", os.path.dirname(getattr(mod, "__file__", "") or "?"), sep="\t")
-    except BaseException as e:
-        print(m, "error", f"{type(e).__name__}: {e}".replace("\n", " ")[:300], sep="\t")
-' 2>/dev/null
-}
-modules_of() { while IFS='|' read -r name module prefixes; do
-  echo "$module"; for p in ${prefixes#* }; do [ "$p" != "$prefixes" ] && { p="${p%-}"; echo "${p//-/_}"; }; done
-done <<< "$PEERS"; }
-PROBE="$SCRATCH/probe.tsv"
-modules_of | sort -u | probe > "$PROBE"
-status_of() { awk -F'\t' -v m="$1" '$1 == m {print $2; exit}' "$PROBE"; }
-detail_of() { awk -F'\t' -v m="$1" '$1 == m {print $3; exit}' "$PROBE"; }
 to_install=()
 while IFS='|' read -r name module prefixes; do
   [ "$(status_of "$module")" = ok ] && continue
@@ -154,9 +167,9 @@ if [ ${#to_install[@]} -gt 0 ]; then
   log "installing ${#to_install[@]} wheel(s) into $SITE (--no-deps --no-index): $(for w in "${to_install[@]}"; do basename "$w"; done | tr '\n' ' ')"
   "$PY" -m pip install -q --no-deps --no-index --no-compile --no-cache-dir --target "$SITE" "${to_install[@]}" \
     >>"$OUT/gpu_check.log" 2>&1 || log "pip install from $WHEELS failed (see above); continuing, the peers say why"
-  # probe again what did not import (one process), keeping the rest of the first probe
-  awk -F'\t' '$2 != "ok" {print $1}' "$PROBE" | probe > "$PROBE.2"
-  awk -F'\t' '$2 == "ok"' "$PROBE" > "$PROBE.1"
+  # probe again the modules that did not import (one process), keeping the rest of the first probe
+  probe $(awk -F'\t' '$2 != "ok" && $1 !~ /^@/ {print $1}' "$PROBE") > "$PROBE.2"
+  awk -F'\t' '$2 == "ok" || $1 ~ /^@/' "$PROBE" > "$PROBE.1"
   cat "$PROBE.1" "$PROBE.2" > "$PROBE"
 fi
 PEERS_TSV="$SCRATCH/peers.tsv"
@@ -181,13 +194,9 @@ SETUP_S=$(elapsed)
 # ------------------------------------------------------------------------------------- 3. CUDA tests
 mapfile -t GPU_TESTS < <(grep -l "pytest.mark.gpu" tests/test_*.py)
 T_TESTS=$(date +%s)
-CPP_WAIT_S=0
 if [ $TESTS = 1 ]; then
-  T_WAIT=$(date +%s)
-  wait "$CPP_PID"
-  CPP_WAIT_S=$(( $(date +%s) - T_WAIT ))
-  log "C++ CPU extension for the tests' collection: exit $(cat "$SCRATCH/cpp_build.rc" 2>/dev/null) after $(( $(date +%s) - T_CPP ))s: $(tail -1 "$SCRATCH/cpp_build.log")"
-  T_TESTS=$(date +%s)
+  # (a session selecting -m gpu alone neither builds nor loads the C++ CPU extension at collection:
+  # tests/helpers.backends() then looks the build up in the cache, see tests/conftest.py)
   log "pytest -m gpu over ${GPU_TESTS[*]} (timeout ${TESTS_TIMEOUT}s)"
   timeout -k 5 "$TESTS_TIMEOUT" "$PY" "${PYF[@]}" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
     --junitxml="$SCRATCH/pytest-gpu.xml" "${GPU_TESTS[@]}" >"$OUT/pytest-gpu.log" 2>&1
@@ -215,7 +224,7 @@ log "benchmarks: exit $BENCH_RC in ${BENCH_S}s"
 
 # ------------------------------------------------------------------------------------- 5. report
 "$PY" benchmarks/gpu_report.py --out "$OUT" --scratch "$SCRATCH" --dry-run "$DRY" --tests-rc="$TESTS_RC" \
-  --bench-rc "$BENCH_RC" --elapsed "setup=$SETUP_S" "cpp_build_wait=$CPP_WAIT_S" "tests=$TESTS_S" "benchmarks=$BENCH_S" \
+  --bench-rc "$BENCH_RC" --elapsed "setup=$SETUP_S" "tests=$TESTS_S" "benchmarks=$BENCH_S" \
   >>"$OUT/gpu_check.log" 2>&1
 REPORT_RC=$?
 log "report: exit $REPORT_RC; total $(elapsed)s; $OUT/gpu_check.md"

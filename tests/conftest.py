@@ -25,6 +25,10 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped on CPU)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    # `-m gpu` alone (scripts/gpu_check.sh): collection looks the C++ build up instead of loading it
+    import helpers
+
+    helpers.GPU_ONLY_SESSION = (config.getoption("markexpr", "") or "").strip() == "gpu"
 
 
 def pytest_collection_modifyitems(config, items):

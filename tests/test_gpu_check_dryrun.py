@@ -2,9 +2,12 @@
 
 Runs the script exactly as on a GPU machine (reused torch, peers probed and installed from a wheel folder,
 pytest -m gpu, benchmarks/throughput.py --gpu-check, the report) and checks what it leaves in --out:
-every planned measurement is measured or reported as not run with a reason, the numbers are real, the
-implementations agree, TRDPOLoss's loss matches a float64 computation, and a peer whose wheel does not
-import is reported as not run with the import error (a fake cut_cross_entropy wheel, built here).
+every planned measurement is measured or reported as not run with a reason, each implementation is
+measured at least once (the dry run measures each once, plus our own rows at every shape), the numbers
+are real, the implementations agree, TRDPOLoss's loss matches a float64 computation, and a peer whose
+wheel does not import is reported as not run with the import error (a fake cut_cross_entropy wheel,
+built here). The run points FASTTRDPO_CACHE at an empty folder: nothing in the check (the -m gpu
+collection included) may build the C++ CPU extension (a cold build takes ~40 s).
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ def dry(tmp_path_factory):
     if fake:
         _fake_wheel(wheels)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTTRDPO_BACKEND")}
+    env["FASTTRDPO_CACHE"] = str(base / "cpp-cache")  # empty: a build would show up there
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "--dry-run", "--out", str(out),
                            "--wheels", str(wheels), "--python", sys.executable, "--budget-s", "400"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -59,11 +63,11 @@ def dry(tmp_path_factory):
     for name in ("gpu_check.json", "throughput.json"):
         p = out / name
         docs[name] = json.loads(p.read_text()) if p.exists() else None
-    return proc, out, docs, fake
+    return proc, out, docs, fake, base / "cpp-cache"
 
 
 def test_script_succeeds_and_leaves_its_files(dry):
-    proc, out, docs, _ = dry
+    proc, out, docs, _, _ = dry
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     files = sorted(os.listdir(out))
     assert files == ["gpu_check.json", "gpu_check.log", "gpu_check.md", "pytest-gpu.log", "throughput.json",
@@ -72,10 +76,20 @@ def test_script_succeeds_and_leaves_its_files(dry):
     assert "# fasttrdpo GPU check" in proc.stdout  # the report is printed at the end
 
 
+def test_nothing_builds_the_cpp_extension(dry):
+    """The -m gpu collection decides tests/helpers.backends() from the cache (GPU_ONLY_SESSION) instead of
+    building and loading the extension, and no benchmark row of the check runs the C++ backend."""
+    proc, out, _, _, cache = dry
+    assert proc.returncode == 0
+    assert not cache.exists() or not any(cache.iterdir()), sorted(p.name for p in cache.iterdir())
+    assert "building the C++" not in (out / "pytest-gpu.log").read_text()
+
+
 def test_report_header_peers_and_tests(dry):
-    _, _, docs, fake = dry
+    _, _, docs, fake, _ = dry
     g = docs["gpu_check.json"]
     assert g["schema"] == "fasttrdpo-gpu-check/1" and g["dry_run"] is True and g["fatal"] is None
+    assert set(g["elapsed_s"]) == {"setup", "tests", "benchmarks", "total"}
     for k in ("setup", "tests", "benchmarks", "total"):
         assert math.isfinite(g["elapsed_s"][k]) and g["elapsed_s"][k] >= 0
     peers = {p["name"]: p for p in g["peers"]}
@@ -97,7 +111,7 @@ def test_report_header_peers_and_tests(dry):
 def test_every_planned_measurement_is_measured_or_not_run_with_a_reason(dry):
     from throughput import GPU_BLEND_IMPLS, GPU_LOSS_IMPLS, GPU_OP_IMPLS
 
-    _, out, docs, fake = dry
+    _, out, docs, fake, _ = dry
     d = docs["throughput.json"]
     assert d["gpu_check"] is True and d["dry_run"] is True and d["complete"] is True
     want = {"loss_step": set(GPU_LOSS_IMPLS), "lmhead_op": set(GPU_OP_IMPLS), "blend": set(GPU_BLEND_IMPLS)}
@@ -113,21 +127,44 @@ def test_every_planned_measurement_is_measured_or_not_run_with_a_reason(dry):
             assert r["status"] == "skipped" and r["reason"], (r["impl"], r.get("traceback"))
             assert f"| {r['impl']} | not run: " in md
     by = {(r["case"], r["impl"], r["shape"].get("valid"), r["shape"].get("policy_dtype")): r for r in d["results"]}
-    # the peers the test extra installs, and our own implementations, are measured
+    once = "skipped by --dry-run: each implementation is measured once, at "
+    # every implementation is measured once (or says why it cannot run), at its first shape in the plan;
+    # the other shapes' rows point to that one
+    for case, impls in want.items():
+        for impl in impls:
+            rows = [r for r in d["results"] if r["case"] == case and r["impl"] == impl]
+            measured = [r for r in rows if r["status"] == "ok" or not r["reason"].startswith(once)]
+            assert measured, (case, impl)
+            for r in rows:
+                if r["status"] != "ok" and r["reason"].startswith(once):
+                    assert r["order"] > measured[0]["order"]
+    # the peers the test extra installs and our own implementations are measured at the first loss shape;
+    # TRDPOLoss and its GEMM roof at both, the blend targets' rows (both check_finite) at both policy dtypes
     for impl in ("gemm-chain", "fasttrdpo-auto", "fasttrdpo-op-auto", "trl-chunked", "liger"):
-        for v in (0.6, 1.0):
-            assert by[("loss_step", impl, v, None)]["status"] == "ok", by[("loss_step", impl, v, None)].get("reason")
+        assert by[("loss_step", impl, 0.6, None)]["status"] == "ok", by[("loss_step", impl, 0.6, None)].get("reason")
+    for impl in ("gemm-chain", "fasttrdpo-auto"):
+        assert by[("loss_step", impl, 1.0, None)]["status"] == "ok", by[("loss_step", impl, 1.0, None)].get("reason")
+    assert by[("loss_step", "trl-chunked", 1.0, None)]["reason"].startswith(once + "N=128 H=64 V=1000 bf16 valid=60%")
+    for pdt in ("fp32", "bf16"):
+        for impl in ("fasttrdpo-auto", "fasttrdpo-auto-unchecked"):
+            assert by[("blend", impl, None, pdt)]["status"] == "ok", by[("blend", impl, None, pdt)].get("reason")
     cce = by[("loss_step", "cce", 0.6, None)]
     assert cce["status"] == "skipped"
     assert (FAKE_CCE_ERROR in cce["reason"]) if fake else ("CUDA" in cce["reason"])
     assert "torch.compile" in by[("loss_step", "liger-compiled", 0.6, None)]["reason"]
+    # the traffic model's rows the measurements sit beside: the generic op is the retiled kernels' model
+    assert by[("lmhead_op", "fasttrdpo-auto", None, None)]["model"]["model_impl"] == "retiled"
+    assert by[("loss_step", "fasttrdpo-op-auto", 0.6, None)]["model"]["model_impl"] == "linear-retiled"
+    assert by[("blend", "fasttrdpo-auto-unchecked", None, "fp32")]["model"]["model_impl"] == \
+        "fasttrdpo (check_finite=False)"
+    assert by[("blend", "fasttrdpo-auto", None, "fp32")]["model"]["model_impl"] == "fasttrdpo (check_finite=True)"
 
 
 def test_measured_numbers_are_real_and_agree(dry):
-    _, _, docs, _ = dry
+    _, _, docs, _, _ = dry
     d = docs["throughput.json"]
     ok = [r for r in d["results"] if r["status"] == "ok"]
-    assert len(ok) >= 17
+    assert len(ok) >= 16
     for r in ok:
         assert r["times_s"] and all(math.isfinite(t) and t > 0 for t in r["times_s"])
         assert isinstance(r["peak_growth_bytes"], int)
@@ -142,8 +179,19 @@ def test_measured_numbers_are_real_and_agree(dry):
     for t in d["targets"]:  # the arithmetic runs; a dry run claims nothing about the targets
         assert t["met"] is None
         assert t["measured"] is None or math.isfinite(t["measured"])
-    assert sum(t["measured"] is not None for t in d["targets"]) >= 8
+    assert sum(t["measured"] is not None for t in d["targets"]) >= 10
     assert set(d["parts_elapsed_s"]) == {"loss_step", "blend", "lmhead_op"}
+    # the blend's >= 0.9-of-copy_ target is stated against check_finite=False; the default (check_finite=True,
+    # one more read of the policy) is reported beside it with the traffic model's ceiling (8/12, 6/8)
+    blend = [t for t in d["targets"] if t["name"].startswith("blend")]
+    assert len(blend) == 4
+    for t in blend:
+        if "check_finite=False" in t["name"]:
+            assert t["target"] == ">= 0.9"
+        else:
+            assert "check_finite=True" in t["name"]
+            assert t["target"] == "reported (traffic-model ceiling " + ("0.67)" if "fp32" in t["name"] else "0.75)")
+        assert t["measured"] is not None and t["measured"] > 0
 
 
 @pytest.mark.parametrize("valid", [0.6, 1.0])
@@ -151,7 +199,7 @@ def test_trdpo_loss_matches_float64(dry, valid):
     """TRDPOLoss's dry-run loss vs float64 on the same inputs (rebuilt from the seed, bf16-rounded)."""
     from _cases import BETA, lm_head_inputs
 
-    _, _, docs, _ = dry
+    _, _, docs, _, _ = dry
     r = next(r for r in docs["throughput.json"]["results"]
              if r["case"] == "loss_step" and r["impl"] == "fasttrdpo-auto" and r["shape"]["valid"] == valid)
     s = r["shape"]

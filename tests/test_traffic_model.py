@@ -114,6 +114,61 @@ def test_today_small_case_by_hand():
     assert m.bytes == 969728 and m.flops == 25165824
 
 
+def test_retiled_kernels_match_their_docstring_figures():
+    """kernels/linear_logprobs.py after the retile, at N=16384 scored rows, H=4096, V=128256, bf16 (e=2), its
+    sm_90 half config (128 x 128 tiles, GROUP_N=16: W read once per group of 2048 rows, 8 groups):
+      forward  h once                    16384 x 4096 x 2                              =    134,217,728
+               W once per group          8 x 128256 x 4096 x 2                         =  8,405,385,216
+               partials (max, sum) fp32  16384 x ceil(128256/128)=1002 x 8, written+read = 262,668,288
+               per row: labels 8, label logit 4+4, logp+lse 8                           =        393,216
+                                                                          total ~8.8 GB = 8,802,664,448
+      backward C = 2^30 / (16384 x 2) = 32768 columns -> 4 chunks
+               dz kernel: W 8,405,385,216 + h 4 x 134,217,728 + dz 16384 x 128256 x 2 = 4,202,692,608
+                          + labels, lse, g 16 B per row per chunk 1,048,576          = 13,145,997,312
+               grad_W = dz^T h: dz 4,202,692,608 + h 536,870,912 + grad_W 1,050,673,152 =  5,790,236,672
+               grad_h += dz W: dz 4,202,692,608 + W 1,050,673,152 + bf16 partial written+read
+                          per chunk 4 x 2 x 134,217,728 + fp32 accumulator read+written per chunk
+                          4 x 2 x 268,435,456                                         =  8,474,591,232
+                                                                         total ~27.4 GB = 27,410,825,216
+    The kernel module's docstring states ~8.8 GB and ~27 GB (27.4); FLOPs: forward 2 NHV, backward 6 NHV
+    of which the recompute (2 NHV) is not useful."""
+    N, H, V = 16384, 4096, 128256
+    fwd, bwd = T.retiled_fwd_phases(N, H, V, 2), T.retiled_bwd_phases(N, H, V, 2)
+    assert sum(p.bytes for p in fwd) == 8_802_664_448
+    assert [round(p.bytes) for p in bwd] == [13_145_997_312, 5_790_236_672, 8_474_591_232]
+    assert sum(p.bytes for p in bwd) == 27_410_825_216
+    gemm = 2.0 * N * H * V
+    assert sum(p.flops for p in fwd) == gemm
+    assert sum(p.flops for p in bwd) == 3 * gemm and sum(p.useful_flops if p.useful_flops is not None else p.flops
+                                                         for p in bwd) == 2 * gemm
+    # the lm_head op's forward row is this model (the GPU check's "fasttrdpo-auto" lm_head op row sits beside it)
+    op = {m.impl: m for m in T.lmhead_fwd_models(T.PRIMARY_OP)}
+    assert op[T.RETILED].bytes == 8_802_664_448
+    # the generic op under a loss: valid rows gathered, both models' forward, the policy's backward
+    for valid in T.VALID_FRACTIONS:
+        shape = dict(T.PRIMARY_LOSS, valid=valid)
+        nv = round(N_PRIMARY * valid)
+        m = T.linear_retiled(shape)
+        assert m.flops == 10.0 * nv * H * V and m.useful_flops == 8.0 * nv * H * V
+        core = (2 * sum(p.bytes for p in T.retiled_fwd_phases(nv, H, V, 2))
+                + sum(p.bytes for p in T.retiled_bwd_phases(nv, H, V, 2)))
+        assert core < m.bytes < core * 1.05  # plus the gathers, the zero-init and the casts
+        assert m.bytes < T.linear_today(shape).bytes / 40  # what the retile bought
+
+
+def test_retiled_model_uses_the_kernels_configuration():
+    """The model's tile and chunk constants are the kernel module's (a retune there must update the model)."""
+    from fasttrdpo.kernels import linear_logprobs as K
+
+    cfg = K.CONFIGS[90]["half"][0]
+    assert {k: cfg[k] for k in T.RETILED_TILE} == T.RETILED_TILE
+    assert K.VOCAB_CHUNK_BYTES == T.RETILED_VOCAB_CHUNK_BYTES
+    import torch
+
+    for n, v in ((16384, 128256), (9830, 128256), (7, 1000), (100000, 50304)):
+        assert T.retiled_vocab_chunk(n, v, 2) == K.vocab_chunk(n, v, torch.bfloat16), (n, v)
+
+
 def test_blend_bytes_per_element():
     """Llama-8B (8.03e9 elements, 291 tensors): B/element = fused 8 (fp32 policy) / 6 (bf16), +4 / +2 for
     the finite pre-pass; trl loop 12 / 10; copy_ of the same bytes = the fused floor."""
@@ -134,11 +189,13 @@ def test_script_prints_table_and_writes_json(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "fasttrdpo-cuda (tile fp32)" in proc.stdout and "linear-today" in proc.stdout
+    assert "linear-retiled" in proc.stdout and "retiled" in proc.stdout
     doc = json.loads(out.read_text())
     assert doc["schema"] == "fasttrdpo-traffic/1"
     impls = {(r["case"], r["impl"]) for r in doc["rows"]}
     for need in [("loss_step", "trl-chunked"), ("loss_step", "liger"), ("loss_step", "cce"), ("loss_step", "gemm-chain"),
-                 ("lmhead_fwd", "gemm"), ("blend", "copy_ (same bytes)")]:
+                 ("loss_step", "linear-retiled"), ("lmhead_fwd", "gemm"), ("lmhead_fwd", "retiled"),
+                 ("blend", "copy_ (same bytes)"), ("blend", "fasttrdpo (check_finite=False)")]:
         assert need in impls
     for r in doc["rows"]:
         for g in ("H100", "H200", "H200-reachable", "A100"):
