@@ -48,6 +48,7 @@ def _require_str(row: dict, key: str) -> str:
         raise ValueError(f"field {key!r} must be a string, got {type(value).__name__}")
     return value
 
+
 def is_messages(value) -> bool:
     """TRL's test for conversational data: a list whose first element is a dict with a "role"."""
     return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
