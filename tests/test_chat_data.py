@@ -147,7 +147,8 @@ def test_load_conversational_files(tmp_path, case, caplog):
     with caplog.at_level(logging.WARNING, logger="fasttrdpo"):
         ds = load_preference_dataset(str(path))
     assert "maybe_extract_prompt" in caplog.text
-    assert [ds[i]["prompt"] for i in range(len(text_prompt))] == [maybe_extract_prompt(r)["prompt"] for r in text_prompt]
+    expected = [maybe_extract_prompt(r)["prompt"] for r in text_prompt]
+    assert [ds[i]["prompt"] for i in range(len(text_prompt))] == expected
     assert _ids(tokenize_dataset(ds, tok, max_length=1024)) == _trl_ids(_trl_rows(tok, EXPLICIT))
 
 

@@ -9,10 +9,11 @@ callbacks blend toward the very same policy at the very same steps and the compa
 separate runs would also compare two training trajectories). One run per trainer covers α = 0.6 (the trainer's
 own reference, ours through replace_in) and α = 1 (a copy each for ours and TRL's).
 
-Bound (α < 1). TRL computes fl(fl(fl(1−α)·r) + fl(α)·p) (the scalars cast to fp32), ours fl(r + fl(α)·fl(p − r)),
-u = 2^-24 the fp32 unit roundoff, M the largest |weight| of policy and reference at a sync. TRL's result is
-within u·(2(1−α)|r| + 2α|p| + |r'|) ≤ 3uM of the exact blend, ours within u·(3α|p − r| + |r'|) ≤ 7uM; an
-earlier difference e carries over as (1−α)·e. After k syncs the two differ by at most 10·k·u·M.
+Bound (α < 1). TRL computes fl(fl(fl(1−α)·r) + fl(α)·p) (the scalars cast to fp32; the add with alpha rounds
+once or twice), ours fl(r + fl(α)·fl(p − r)); u = 2^-24 is the fp32 unit roundoff, M the largest |weight| of
+policy and references at a sync. TRL's result is within u·(2(1−α)|r| + 2α|p| + |r'|) ≤ 3uM of the exact
+blend, ours within u·(3α|p − r| + |r'|) ≤ 7uM; an earlier difference e carries over as (1−α)·e ≤ e. After k
+syncs the two differ by at most 10·k·u·M (measured: 1 ulp of a weight near 1, 1.2e-7, against 1.2e-6).
 α = 1: TRL multiplies by 0 and adds 1·p, ours cast-copies p: both are exactly the policy, so equal bit for bit.
 """
 from __future__ import annotations
@@ -56,7 +57,8 @@ def model_dir(tmp_path_factory):
 def _common(out, alpha, **kw):
     kw = {"save_strategy": "no", "beta": 0.1, "sync_ref_model": True, **kw}
     return dict(output_dir=str(out), per_device_train_batch_size=2, max_steps=STEPS, learning_rate=1e-2,
-                ref_model_mixup_alpha=alpha, ref_model_sync_steps=TAU, report_to=[], use_cpu=True, seed=0, logging_steps=10 ** 6, lr_scheduler_type="constant", dataloader_num_workers=0,
+                ref_model_mixup_alpha=alpha, ref_model_sync_steps=TAU, report_to=[], use_cpu=True, seed=0,
+                logging_steps=10 ** 6, lr_scheduler_type="constant", dataloader_num_workers=0,
                 disable_dropout=True, **kw)
 
 
