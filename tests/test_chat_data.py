@@ -209,3 +209,16 @@ def test_default_truncation_keeps_template_bos_and_prompt_end(case):
     assert pair.chosen == C[:L - keep] and pair.rejected == R[:L - keep]
     if lead:
         assert pair.prompt[0] == tok.bos_token_id
+
+
+def test_trdpo_trainer_takes_conversational_rows(tmp_path):
+    """TRDPOTrainer tokenizes conversational rows through tokenize_dataset unchanged: its pairs are TRL's ids."""
+    from fasttrdpo.tiny import tiny_model
+    from fasttrdpo.trainer import TRDPOConfig, TRDPOTrainer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = TEMPLATES["think"]
+    cfg = TRDPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, max_length=256)
+    trainer = TRDPOTrainer(tiny_model(0, hidden_size=32, num_hidden_layers=1, num_attention_heads=4), tok,
+                           IMPLICIT, cfg)
+    assert _ids(trainer.train_pairs) == _trl_ids(_trl_rows(tok, IMPLICIT))
