@@ -1,7 +1,9 @@
 """Preference data: loading (TRL, Anthropic-HH, OpenAI TL;DR formats), the synthetic task, collation.
 
-`load_preference_dataset(source)` returns a `datasets.Dataset` with three string columns `prompt`,
-`chosen`, `rejected` (TRL's "standard, explicit prompt" layout), whatever the format on disk.
+`load_preference_dataset(source)` returns a `datasets.Dataset` with three columns `prompt`, `chosen`,
+`rejected` (TRL's "explicit prompt" layout), whatever the format on disk: strings, or, for TRL's
+conversational format, message lists (`[{"role": ..., "content": ...}, ...]`) that `tokenize_pair` renders
+with the tokenizer's chat template exactly as TRL's DPOTrainer does.
 `PreferenceCollator` turns such rows into the tensors the trainer feeds to `TRDPOLoss`: chosen rows
 first, then rejected rows, labels already shifted with `ignore_index` on the prompt and the padding.
 """
@@ -47,7 +49,61 @@ def _require_str(row: dict, key: str) -> str:
     return value
 
 
+def is_messages(value) -> bool:
+    """TRL's test for conversational data: a list whose first element is a dict with a "role"."""
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
+
+
+def _require_messages(value, key: str) -> list:
+    if not is_messages(value):
+        raise ValueError(f"field {key!r} must be a non-empty list of messages ({{'role': ..., 'content': ...}}), "
+                         f"got {type(value).__name__}" + (" (empty)" if isinstance(value, list) else ""))
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValueError(f"field {key!r}: message {i} must be a dict with a string 'role'")
+    return value
+
+
+def extract_conversation_prompt(chosen: list, rejected: list) -> tuple[list, list, list]:
+    """Split two full conversations into (prompt, chosen, rejected) as TRL 1.16's `extract_prompt` does: the
+    prompt is the messages before the first one that differs. (When neither conversation differs from the
+    other within the shorter one's length, TRL takes all but the shorter one's last message: kept as is.)"""
+    shorter = min(len(chosen), len(rejected))
+    k = next((i for i in range(shorter) if chosen[i] != rejected[i]), shorter - 1)
+    if k < 1:
+        raise ValueError("'chosen' and 'rejected' differ from their first message: no shared prompt to extract "
+                         "(give the prompt as its own 'prompt' message list)")
+    return chosen[:k], chosen[k:], rejected[k:]
+
+
+def conversational_triple(row: dict) -> tuple[list, list, list]:
+    """(prompt, chosen, rejected) message lists of a conversational row: explicit prompt (a message list), or
+    implicit (no prompt, or a text prompt beside full conversations, as TRL's `maybe_extract_prompt` treats
+    it): the shared leading messages of chosen and rejected."""
+    chosen, rejected = (_require_messages(row.get(k), k) for k in ("chosen", "rejected"))
+    prompt = row.get("prompt")
+    if isinstance(prompt, list):
+        return _require_messages(prompt, "prompt"), chosen, rejected
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError(f"field 'prompt' must be a list of messages (or absent), got {type(prompt).__name__}")
+    return extract_conversation_prompt(chosen, rejected)
+
+
+TEMPLATE_FIELDS = ("tools", "chat_template_kwargs")  # per-row arguments of the chat template (TRL's columns)
+
+
+def _convert_conversation(row: dict) -> dict:
+    prompt, chosen, rejected = conversational_triple(row)
+    out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    for key in TEMPLATE_FIELDS:
+        if row.get(key) is not None:
+            out[key] = row[key]
+    return out
+
+
 def _convert_trl(row: dict) -> dict:
+    if is_messages(row.get("chosen")) or is_messages(row.get("rejected")):
+        return _convert_conversation(row)
     prompt, chosen, rejected = (_require_str(row, k) for k in ("prompt", "chosen", "rejected"))
     if not chosen or not rejected:
         raise ValueError("empty 'chosen' or 'rejected' completion")
@@ -119,10 +175,13 @@ def detect_format(row: dict) -> str:
         return "trl"
     if {"info", "summaries", "choice"} <= keys:
         return "tldr"
+    if {"chosen", "rejected"} <= keys and is_messages(row["chosen"]):
+        return "trl"  # conversational, implicit prompt
     if {"chosen", "rejected"} <= keys:
         return "hh"
     raise ValueError(
-        f"unknown preference format (fields {sorted(keys)}); expected prompt/chosen/rejected (TRL), "
+        f"unknown preference format (fields {sorted(keys)}); expected prompt/chosen/rejected (TRL; text or "
+        "message lists), chosen/rejected conversations (TRL, implicit prompt), "
         "chosen/rejected transcripts (Anthropic-HH) or info/summaries/choice (OpenAI TL;DR)")
 
 
@@ -138,6 +197,8 @@ def convert_rows(rows: Iterable[Any], *, format: str = "auto", skip_malformed: b
     out: list[dict] = []
     skipped: list[int] = []
     fmt = None if format == "auto" else format
+    conversational = None  # the first converted row decides; a column cannot mix text and message lists
+    text_prompts_dropped = 0
     for i, row in enumerate(rows):
         try:
             if isinstance(row, Exception):  # a line that failed to parse (see _read_json_rows)
@@ -146,11 +207,23 @@ def convert_rows(rows: Iterable[Any], *, format: str = "auto", skip_malformed: b
                 fmt = detect_format(row)
             if not isinstance(row, dict):
                 raise ValueError(f"expected an object, got {type(row).__name__}")
-            out.append(_CONVERTERS[fmt](row))
+            converted = _CONVERTERS[fmt](row)
+            is_conv = isinstance(converted["chosen"], list)
+            if conversational is None:
+                conversational = is_conv
+            elif is_conv != conversational:
+                raise ValueError("a conversational row (message lists) among plain-text rows" if is_conv else
+                                 "a plain-text row among conversational rows (message lists)")
+            text_prompts_dropped += is_conv and isinstance(row.get("prompt"), str)
+            out.append(converted)
         except ValueError as err:
             if not skip_malformed:
                 raise MalformedRowError(i, f"{err} (format {fmt or 'undetected'})") from None
             skipped.append(i)
+    if text_prompts_dropped:
+        _log.warning("%d row(s) have a text 'prompt' beside full chosen/rejected conversations: the text is not "
+                     "used, the prompt is the conversations' shared leading messages (TRL's maybe_extract_prompt)",
+                     text_prompts_dropped)
     return out, skipped
 
 
@@ -244,7 +317,10 @@ def _read_parquet_rows(path: str) -> list[dict]:
 
 def load_preference_dataset(source: str, split: str = "train", *, format: str = "auto",
                             skip_malformed: bool = False, return_skipped: bool = False, **hub_kwargs):
-    """Load preference pairs as a `datasets.Dataset` with string columns prompt, chosen, rejected.
+    """Load preference pairs as a `datasets.Dataset` with columns prompt, chosen, rejected: strings, or message
+    lists for TRL's conversational format (explicit prompt, or implicit: full chosen/rejected conversations whose
+    shared leading messages become the prompt), plus TRL's per-row `tools` / `chat_template_kwargs` when rows
+    carry them. All rows are text, or all are conversational.
 
     source: a local file (.jsonl, .json, .parquet, each optionally .gz except parquet), or a Hugging Face
         dataset id (needs a reachable hub; `split` and `hub_kwargs` go to `datasets.load_dataset`).
@@ -279,7 +355,8 @@ def load_preference_dataset(source: str, split: str = "train", *, format: str = 
                      source, len(skipped), len(converted) + len(skipped), skipped[:10])
     if not converted:
         raise ValueError(f"source {source!r}: no usable preference rows")
-    ds = datasets.Dataset.from_dict({k: [r[k] for r in converted] for k in ("prompt", "chosen", "rejected")})
+    columns = ("prompt", "chosen", "rejected") + tuple(k for k in TEMPLATE_FIELDS if any(k in r for r in converted))
+    ds = datasets.Dataset.from_dict({k: [r.get(k) for r in converted] for k in columns})
     return (ds, skipped) if return_skipped else ds
 
 
@@ -371,10 +448,67 @@ def _tokenize_untruncated(tokenizer, prompt: str, chosen: str, rejected: str, ad
     return p[:n], pc[n:], pr[n:]
 
 
-def _truncate(tokenizer, prompt_text: str, p: list[int], c: list[int], r: list[int], *, max_length: int,
+def _render_ids(tokenizer, messages: list, template_kwargs: dict, **kwargs) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs,
+                                              **template_kwargs)["input_ids"])
+
+
+def _tokenize_conversation(tokenizer, prompt: list, chosen: list, rejected: list, template_kwargs: dict
+                           ) -> tuple[list[int], list[int], list[int]]:
+    """TRL 1.16's DPOTrainer tokenization of a conversational row: the prompt rendered by the chat template with
+    the generation prompt, prompt + chosen and prompt + rejected rendered as whole conversations (the template's
+    end-of-turn tokens end the completions: no EOS is added), all tokenized by `apply_chat_template` (special
+    tokens come from the template text alone), and the prompt cut where the three stop sharing a prefix (a
+    template that renders the generation prompt differently from a finished turn leaves that part to the
+    completions)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"conversational rows (message lists) need a tokenizer with a chat template, and this "
+            f"{type(tokenizer).__name__} has none (tokenizer.chat_template is None): set tokenizer.chat_template to a "
+            "Jinja template, use the model's chat tokenizer, or give prompt/chosen/rejected as plain text")
+    p = _render_ids(tokenizer, prompt, template_kwargs, add_generation_prompt=True)
+    pc = _render_ids(tokenizer, prompt + chosen, template_kwargs)
+    pr = _render_ids(tokenizer, prompt + rejected, template_kwargs)
+    n = min(_common_prefix_length(p, pc), _common_prefix_length(p, pr))
+    return p[:n], pc[n:], pr[n:]
+
+
+def _template_kwargs(tools, chat_template_kwargs) -> dict:
+    """apply_chat_template's extra arguments as TRL builds them (a JSON string `tools` is parsed)."""
+    if isinstance(tools, str):
+        tools = json.loads(tools)
+    if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+        raise TypeError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
+    return {"tools": tools, **(chat_template_kwargs or {})}
+
+
+def _tokenize_any(tokenizer, prompt, chosen, rejected, *, add_eos: bool | None, tools=None,
+                  chat_template_kwargs=None) -> tuple[list[int], list[int], list[int], int]:
+    """(prompt ids, chosen ids, rejected ids, leading special ids of the prompt) of a text or conversational
+    row, untruncated."""
+    if is_messages(chosen) or is_messages(rejected) or isinstance(prompt, list):
+        if add_eos:
+            raise ValueError("add_eos applies to plain-text rows: a chat template ends each turn itself "
+                             "(TRL adds no EOS to conversational rows)")
+        prompt, chosen, rejected = conversational_triple({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        p, c, r = _tokenize_conversation(tokenizer, prompt, chosen, rejected,
+                                         _template_kwargs(tools, chat_template_kwargs))
+        # the template writes the BOS as text; keep it first when the prompt is cut
+        bos = getattr(tokenizer, "bos_token_id", None)
+        return p, c, r, int(bos is not None and p[:1] == [bos])
+    if tools is not None or chat_template_kwargs is not None:
+        raise ValueError("tools / chat_template_kwargs apply to conversational rows (message lists) only")
+    for key, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(value, str):
+            raise TypeError(f"{key} must be a string or a list of messages, got {type(value).__name__}")
+    p, c, r = _tokenize_untruncated(tokenizer, prompt, chosen, rejected, True if add_eos is None else add_eos)
+    return p, c, r, _leading_special_count(tokenizer, prompt, p)
+
+
+def _truncate(p: list[int], c: list[int], r: list[int], lead: int, *, max_length: int,
               max_prompt_length: int | None, truncation_mode: str) -> TokenizedPair | None:
-    """Cut a pair to max_length tokens per sequence; None when truncation_mode="keep_start" leaves no
-    completion token (TRL drops such rows)."""
+    """Cut a pair to max_length tokens per sequence (`lead`: the prompt's leading special ids, kept); None when
+    truncation_mode="keep_start" leaves no completion token (TRL drops such rows)."""
     longer = max(len(c), len(r))
     if len(p) + longer <= max_length:
         return TokenizedPair(p, c, r)
@@ -385,7 +519,7 @@ def _truncate(tokenizer, prompt_text: str, p: list[int], c: list[int], r: list[i
         return TokenizedPair(p, c[:room], r[:room])
     cap = max_length // 2 if max_prompt_length is None else max_prompt_length
     keep = min(len(p), max(max_length - longer, cap))
-    lead = min(_leading_special_count(tokenizer, prompt_text, p), keep)  # the BOS stays first
+    lead = min(lead, keep)  # the BOS stays first
     p = p[:lead] + p[len(p) - (keep - lead):]
     room = max_length - len(p)
     return TokenizedPair(p, c[:room], r[:room])
@@ -404,15 +538,22 @@ def _check_lengths(max_length: int, max_prompt_length: int | None, truncation_mo
             raise ValueError(f"max_prompt_length must be in [1, max_length), got {max_prompt_length}")
 
 
-def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, *, max_length: int,
-                  max_prompt_length: int | None = None, add_eos: bool = True,
-                  truncation_mode: str = "keep_prompt_end") -> TokenizedPair:
+def tokenize_pair(tokenizer, prompt: str | list, chosen: str | list, rejected: str | list, *, max_length: int,
+                  max_prompt_length: int | None = None, add_eos: bool | None = None,
+                  truncation_mode: str = "keep_prompt_end", tools: list | str | None = None,
+                  chat_template_kwargs: dict | None = None) -> TokenizedPair:
     """Tokenize one pair exactly as TRL 1.16's DPOTrainer does, then fit it into max_length tokens.
 
-    Tokenization (TRL's): EOS is appended to each completion as text; prompt, prompt + chosen and
-    prompt + rejected are tokenized WITH the tokenizer's special tokens (Llama/Mistral/Gemma get their BOS);
-    the prompt ends where the three token lists stop sharing a prefix. A pair whose prompt + longer
-    completion fits max_length gets exactly TRL's token ids.
+    Plain text (TRL's): EOS is appended to each completion as text (add_eos, default True); prompt,
+    prompt + chosen and prompt + rejected are tokenized WITH the tokenizer's special tokens (Llama/Mistral/Gemma
+    get their BOS); the prompt ends where the three token lists stop sharing a prefix.
+    Conversational (message lists `[{"role": ..., "content": ...}]`, TRL's too): the tokenizer's chat template
+    renders the prompt with the generation prompt, and prompt + chosen / prompt + rejected as whole
+    conversations; the prompt again ends where the three stop sharing a prefix. No EOS is added (the template
+    ends the turn; add_eos=True is an error). `prompt` may be None (implicit prompt): chosen and rejected are
+    then full conversations and their shared leading messages are the prompt. `tools` and
+    `chat_template_kwargs` go to the template as TRL passes them. A tokenizer without a chat template is a
+    ValueError. A pair whose prompt + longer completion fits max_length gets exactly TRL's token ids.
 
     Truncation of a pair that does not fit, per `truncation_mode`:
       "keep_prompt_end" (default): the prompt keeps its END (and its leading special tokens, i.e. the BOS),
@@ -424,8 +565,9 @@ def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, *, max_len
           as TRL does). max_prompt_length does not apply.
     """
     _check_lengths(max_length, max_prompt_length, truncation_mode)
-    p, c, r = _tokenize_untruncated(tokenizer, prompt, chosen, rejected, add_eos)
-    pair = _truncate(tokenizer, prompt, p, c, r, max_length=max_length, max_prompt_length=max_prompt_length,
+    p, c, r, lead = _tokenize_any(tokenizer, prompt, chosen, rejected, add_eos=add_eos, tools=tools,
+                                  chat_template_kwargs=chat_template_kwargs)
+    pair = _truncate(p, c, r, lead, max_length=max_length, max_prompt_length=max_prompt_length,
                      truncation_mode=truncation_mode)
     if pair is None:
         raise ValueError(f"the prompt alone has {len(p)} tokens >= max_length={max_length}: with "
@@ -435,18 +577,28 @@ def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, *, max_len
 
 def tokenize_dataset(dataset, tokenizer, *, max_length: int, max_prompt_length: int | None = None,
                      truncation_mode: str = "keep_prompt_end") -> list[TokenizedPair]:
-    """Tokenize every row of a prompt/chosen/rejected dataset (kept as Python lists: cheap to index) with
-    `tokenize_pair`. With truncation_mode="keep_start", rows whose prompt alone fills max_length are
-    dropped, as TRL drops them, and counted in a WARNING on the `fasttrdpo` logger."""
-    for col in ("prompt", "chosen", "rejected"):
-        if col not in dataset.column_names:
-            raise ValueError(f"dataset must have columns prompt, chosen, rejected; missing {col!r}")
+    """Tokenize every row of a preference dataset (kept as Python lists: cheap to index) with `tokenize_pair`:
+    prompt/chosen/rejected text, or message lists (conversational; the prompt column may be absent when
+    chosen/rejected are full conversations, and `tools` / `chat_template_kwargs` columns are passed to the chat
+    template per row, as TRL does). With truncation_mode="keep_start", rows whose prompt alone fills max_length
+    are dropped, as TRL drops them, and counted in a WARNING on the `fasttrdpo` logger."""
+    columns = set(dataset.column_names)
+    missing = [c for c in ("chosen", "rejected") if c not in columns]
+    if "prompt" not in columns and not missing and not (len(dataset) and is_messages(dataset[0]["chosen"])):
+        missing.insert(0, "prompt")  # only conversational rows may leave the prompt implicit
+    if missing:
+        raise ValueError(f"dataset must have columns prompt, chosen, rejected (text or message lists; prompt may be "
+                         f"absent for full chosen/rejected conversations); missing {missing}")
     _check_lengths(max_length, max_prompt_length, truncation_mode)
     pairs, dropped = [], []
     for i, row in enumerate(dataset):
-        p, c, r = _tokenize_untruncated(tokenizer, row["prompt"], row["chosen"], row["rejected"], True)
-        pair = _truncate(tokenizer, row["prompt"], p, c, r, max_length=max_length,
-                         max_prompt_length=max_prompt_length, truncation_mode=truncation_mode)
+        try:
+            p, c, r, lead = _tokenize_any(tokenizer, row.get("prompt"), row["chosen"], row["rejected"], add_eos=None,
+                                          tools=row.get("tools"), chat_template_kwargs=row.get("chat_template_kwargs"))
+        except ValueError as err:
+            raise MalformedRowError(i, str(err)) from err
+        pair = _truncate(p, c, r, lead, max_length=max_length, max_prompt_length=max_prompt_length,
+                         truncation_mode=truncation_mode)
         if pair is None:
             dropped.append(i)
         else:

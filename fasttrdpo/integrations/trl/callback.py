@@ -7,7 +7,8 @@ rank blends its copy; FSDP2: local shards only), saves the reference beside ever
 restores it on resume, and updates a PEFT reference adapter.
 
 `FusedDPOTrainer(..., args=DPOConfig(sync_ref_model=True, ...))` uses it without further ado. Swap it into
-TRL's own DPOTrainer (same schedule: `ref_model_sync_steps`, `ref_model_mixup_alpha`):
+TRL's own DPOTrainer, GRPOTrainer, RLOOTrainer or KTOTrainer (each adds TRL's callback for
+sync_ref_model=True; same schedule: `ref_model_sync_steps`, `ref_model_mixup_alpha`):
 
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=DPOConfig(..., sync_ref_model=True,
                          ref_model_mixup_alpha=0.6, ref_model_sync_steps=512), ...)
@@ -38,6 +39,11 @@ STATE_FILE = "fasttrdpo_ref_update.pt"
 _log = logging.getLogger("fasttrdpo")
 
 
+def _has_adapter(model, name: str) -> bool:
+    configs = getattr(unwrap_model(model), "peft_config", None) if model is not None else None
+    return isinstance(configs, dict) and name in configs
+
+
 class FusedSyncRefModelCallback(TrainerCallback):
     """Blend the reference toward the policy every `tau` optimizer steps (at on_step_end).
 
@@ -66,15 +72,22 @@ class FusedSyncRefModelCallback(TrainerCallback):
     @classmethod
     def replace_in(cls, trainer, **kwargs) -> "FusedSyncRefModelCallback":
         """Remove TRL's SyncRefModelCallback (and any FusedSyncRefModelCallback already there: two would blend
-        twice per update) from `trainer` and add this callback in their place. FusedDPOTrainer with
-        sync_ref_model=True calls this itself."""
+        twice per update) from `trainer` and add this callback in their place, blending `trainer.ref_model`.
+        Works for every TRL trainer that syncs its reference: DPOTrainer, GRPOTrainer, RLOOTrainer, KTOTrainer
+        (FusedDPOTrainer with sync_ref_model=True calls this itself). A trainer without a ref_model (GRPO/RLOO
+        with beta=0.0) is a ValueError, before anything is changed."""
         from trl.trainer.callbacks import SyncRefModelCallback
 
+        ref_model = getattr(trainer, "ref_model", None)
+        if ref_model is None and not _has_adapter(trainer.model, kwargs.get("ref_adapter") or "ref"):
+            raise ValueError(
+                f"{type(trainer).__name__} has no ref_model to sync (GRPOTrainer/RLOOTrainer build none when "
+                "beta=0.0; a PEFT policy without a reference adapter uses the adapter-free base): nothing to blend. "
+                "Set beta > 0, or give the PeftModel a reference adapter (ref_adapter=...).")
         for old in (SyncRefModelCallback, FusedSyncRefModelCallback):
             while any(isinstance(cb, old) for cb in trainer.callback_handler.callbacks):
                 trainer.remove_callback(old)
-        callback = cls(ref_model=getattr(trainer, "ref_model", None), accelerator=getattr(trainer, "accelerator", None),
-                       **kwargs)
+        callback = cls(ref_model=ref_model, accelerator=getattr(trainer, "accelerator", None), **kwargs)
         trainer.add_callback(callback)
         return callback
 
