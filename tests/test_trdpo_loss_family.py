@@ -24,6 +24,7 @@ SEED = 39  # (B=8) the policy's and the reference's pair margins rank differentl
 BETA = 0.5
 CASES = {  # name: (loss_type, loss_weights, label_smoothing, discopop_tau)
     "rpo": (["sigmoid", "sft"], None, 0.0, 0.05),
+    "sft": ("sft", None, 0.0, 0.05),  # alone: nothing depends on the rejected rows (their gradient is 0)
     "aot": ("aot", None, 0.1, 0.05),
     "aot_unpaired": ("aot_unpaired", None, 0.0, 0.05),
     "weighted3": (["discopop", "sft", "aot"], [0.8, 0.3, 1.5], [0.0, 0.0, 0.05], 0.2),

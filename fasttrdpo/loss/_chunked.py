@@ -75,7 +75,10 @@ def pair_losses_and_grads(loss_kw, pol_rows, ref_chosen, ref_rejected, len_chose
                                        rejected_lengths=len_rejected, batch_mean_chosen_length=mean_len_chosen,
                                        **loss_kw)
         chunk_loss = losses.sum() / n_pairs
-        grads = torch.autograd.grad(chunk_loss, (lc, lr)) if need_grad else None
+        grads = None
+        if need_grad:  # sft alone does not read the rejected rows: their gradient is 0, not an error
+            grads = torch.autograd.grad(chunk_loss, (lc, lr), allow_unused=True)
+            grads = tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, (lc, lr)))
     return chunk_loss.detach(), grads
 
 
