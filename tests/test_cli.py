@@ -291,3 +291,8 @@ def test_loss_lists_from_flags_and_config_and_a_short_rpo_run(tmp_path):
     assert len(rpo) == 2 and all(math.isfinite(v) for v in rpo) and sft[0] > 1.0  # a mean NLL of ~ln V
     # fp32 losses of magnitude ~6: a few ulps (1e-6 relative) apart
     assert math.isclose(rpo[0], math.log(2.0) + 0.5 * sft[0], rel_tol=1e-6)
+    # `fasttrdpo eval` evaluates with the checkpoint's list and weights
+    rc = cli.main(["eval", "--model", str(tmp_path / "rpo" / "checkpoint-2"), "--data", "synthetic", "--eval-size", "4",
+                   "--output", str(tmp_path / "e.json")])
+    ev = json.load(open(tmp_path / "e.json"))
+    assert rc == 0 and (ev["loss_type"], ev["loss_weights"]) == (["sigmoid", "sft"], [1.0, 0.5])
