@@ -45,8 +45,11 @@ RUN_ARGS = {"model": "tiny", "ref_model": None, "data": "synthetic", "eval_data"
             "attn_implementation": "auto", "threads": None}
 _RUN_ARG_TYPES = {"eval_size": int, "train_size": int, "threads": int, "skip_malformed": bool}
 # what `fasttrdpo eval` takes from a checkpoint's recorded config (a flag overrides it, with a notice)
-EVAL_FROM_CHECKPOINT = ("loss_type", "beta", "label_smoothing", "max_length", "max_prompt_length", "truncation_mode",
-                         "bf16", "seed")
+EVAL_FROM_CHECKPOINT = ("loss_type", "beta", "label_smoothing", "loss_weights", "discopop_tau", "max_length",
+                         "max_prompt_length", "truncation_mode", "bf16", "seed")
+# TRDPOConfig fields that take a list: (element kind, whether one bare value is allowed). On the command line a
+# list is comma-separated (--loss-type sigmoid,sft --loss-weights 1.0,0.5); in --config JSON, a JSON list.
+LIST_FIELDS = {"loss_type": (str, True), "label_smoothing": (float, True), "loss_weights": (float, False)}
 
 
 class UsageError(Exception):
@@ -56,6 +59,34 @@ class UsageError(Exception):
 def _field_kind(type_name: str):
     base = type_name.replace(" | None", "").replace("None | ", "").strip()
     return {"float": float, "int": int, "str": str, "bool": bool, "dict": dict}[base]
+
+
+def _comma_list(kind, scalar_ok: bool):
+    """argparse type of a LIST_FIELDS flag: "a,b" -> [a, b]; "a" -> a (or [a] where only a list is allowed)."""
+    def parse(text: str):
+        parts = [p.strip() for p in text.split(",")]
+        if any(p == "" for p in parts):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}")
+        try:
+            values = [kind(p) for p in parts]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+        return values[0] if (scalar_ok and len(values) == 1) else values
+    return parse
+
+
+def _coerce_list(name: str, value, kind, scalar_ok: bool, optional: bool, where: str):
+    """A --config value of a LIST_FIELDS field: a JSON list of `kind` (or one bare value where allowed)."""
+    if value is None and optional:
+        return None
+    one = lambda v: (isinstance(v, kind) and not isinstance(v, bool)) or \
+        (kind is float and isinstance(v, int) and not isinstance(v, bool))  # noqa: E731
+    if isinstance(value, list) and value and all(one(v) for v in value):
+        return [kind(v) for v in value]
+    if scalar_ok and one(value):
+        return kind(value)
+    what = f"{kind.__name__} or a list of {kind.__name__}" if scalar_ok else f"a list of {kind.__name__}"
+    raise UsageError(f"{where}: field {name} must be {what}{' or null' if optional else ''}, got {value!r}")
 
 
 def _json_object(text: str) -> dict:
@@ -74,6 +105,11 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         if f.name in _EXPLICIT:
             continue
         flag = "--" + f.name.replace("_", "-")
+        if f.name in LIST_FIELDS:
+            kind, scalar_ok = LIST_FIELDS[f.name]
+            group.add_argument(flag, dest=f.name, type=_comma_list(kind, scalar_ok), default=None,
+                               metavar="TYPE[,TYPE...]" if kind is str else "FLOAT[,FLOAT...]", help=f"comma-separated list (default {f.default})")
+            continue
         kind = _field_kind(str(f.type))
         if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
@@ -126,9 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--skip-malformed", action="store_true")
     ev.add_argument("--eval-size", type=int, default=None,
                     help="the last N pairs of --data: the pairs `train --eval-size N` held out of the same file")
-    ev.add_argument("--loss-type", default=None)
+    ev.add_argument("--loss-type", type=_comma_list(str, True), default=None, help="a name or a comma-separated list")
     ev.add_argument("--beta", type=float, default=None)
-    ev.add_argument("--label-smoothing", type=float, default=None)
+    ev.add_argument("--label-smoothing", type=_comma_list(float, True), default=None)
+    ev.add_argument("--loss-weights", type=_comma_list(float, False), default=None)
+    ev.add_argument("--discopop-tau", type=float, default=None)
     ev.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
     ev.add_argument("--max-length", type=int, default=None)
     ev.add_argument("--max-prompt-length", type=int, default=None)
@@ -247,7 +285,10 @@ def resolve_run(args) -> tuple[TRDPOConfig, dict, dict]:
     for key, value in file_values.items():
         if key in fields:
             type_name = str(fields[key].type)
-            values[key] = _coerce(key, value, _field_kind(type_name), "None" in type_name, where)
+            if key in LIST_FIELDS:
+                values[key] = _coerce_list(key, value, *LIST_FIELDS[key], "None" in type_name, where)
+            else:
+                values[key] = _coerce(key, value, _field_kind(type_name), "None" in type_name, where)
     for name in fields:
         v = getattr(args, name, None)
         if name not in _EXPLICIT and v is not None:
@@ -478,7 +519,8 @@ def cmd_eval(args) -> int:
     # the checkpoint's own step and reference updates, and the settings the figures were computed with
     result["step"] = state.get("global_step", 0)
     result["ref_updates"] = state.get("ref_updates", 0)
-    result.update({k: getattr(config, k) for k in ("loss_type", "beta", "label_smoothing", "max_length")})
+    result.update({k: getattr(config, k) for k in ("loss_type", "beta", "label_smoothing", "loss_weights",
+                                                   "discopop_tau", "max_length")})
     if trainer.is_main:
         print(json.dumps(result, indent=1))
         if args.output:

@@ -111,7 +111,8 @@ class TRDPOTrainer:
             self.policy_ddp = self.policy
 
         self.loss_fn = TRDPOLoss(beta=config.beta, loss_type=config.loss_type,
-                                 label_smoothing=config.label_smoothing, ignore_index=self.collator.ignore_index)
+                                 label_smoothing=config.label_smoothing, loss_weights=config.loss_weights,
+                                 discopop_tau=config.discopop_tau, ignore_index=self.collator.ignore_index)
         self.updater = (RefModelUpdater(policy=self.model, ref=self.ref_model, alpha=config.alpha, tau=config.tau)
                         if config.sync_ref_model else None)
 

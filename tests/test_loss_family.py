@@ -257,22 +257,22 @@ def test_bad_config_raises_naming_the_argument(kwargs, exc, match):
 
 
 def test_check_loss_config_default_accepts_only_the_classic_four():
-    # TRDPOLoss / trdpo_loss_from_logits call it without `accept`: until they handle batch losses and
-    # lists they must keep refusing the new types instead of finishing aot chunk by chunk.
+    # Without `accept` a caller gets the classic four; TRDPOLoss and the trdpo_loss_* entry points pass
+    # accept=LOSS_TYPES now that they handle batch losses (aot in two passes, sft with the batch's mean length).
     for t in ("sigmoid", "ipo", "hinge", "robust"):
         check_loss_config(0.1, t, 0.0)
     for t in ("aot", "sft", "bco_pair"):
         with pytest.raises(ValueError, match="loss_type"):
             check_loss_config(0.1, t, 0.0)
         check_loss_config(0.1, t, 0.0, accept=L.LOSS_TYPES)
-    import fasttrdpo.loss as FL
+        assert L.TRDPOLoss(loss_type=t).loss_type == t
     with pytest.raises(ValueError, match="loss_type"):
-        FL.TRDPOLoss(loss_type="aot")
+        L.TRDPOLoss(loss_type="dpo")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # TRL's DPOTrainer end to end (fp32, 3 steps) vs FusedDPOTrainer on the same weights and batches.
-# Two runs cover all 15 types through the integration's op path: RPO (sigmoid + the batch-dependent sft), and
+# Two runs cover all 15 types through TRDPOLoss (eager on CPU): RPO (sigmoid + the batch-dependent sft), and
 # every other type in one weighted list (aot/aot_unpaired sort the batch; exo_pair, robust and the aot pair read
 # TRL's label_smoothing; weights keep the squared losses from dominating, so a wrong term moves the sum and its
 # gradient far beyond the tolerance). 4 pairs per step so aot's sort is not trivial.
@@ -291,7 +291,7 @@ def test_same_trajectory_as_trl(tmp_path, case):
     pytest.importorskip("trl")
     from trl import DPOTrainer
 
-    from fasttrdpo.integrations.trl.dpo import FusedDPOTrainer, _LossFamilyFromHidden
+    from fasttrdpo.integrations.trl.dpo import FusedDPOTrainer
     from test_trl_dpo_integration import _args, _dataset
     from fasttrdpo.tiny import tiny_model, tiny_tokenizer
 
@@ -305,8 +305,9 @@ def test_same_trajectory_as_trl(tmp_path, case):
 
     _, trl_logs = train(DPOTrainer, "trl")
     trainer, ours_logs = train(FusedDPOTrainer, "ours")
-    assert isinstance(trainer._trdpo_loss, _LossFamilyFromHidden)
+    assert type(trainer._trdpo_loss) is L.TRDPOLoss  # every type and list runs TRDPOLoss itself
     assert trainer._trdpo_loss.loss_type == E2E[case]["loss_type"]
+    assert trainer._trdpo_loss.loss_weights == E2E[case]["loss_weights"]
     assert len(trl_logs) == len(ours_logs) == E2E_STEPS
     get = lambda logs, k: torch.tensor([h[k] for h in logs], dtype=torch.float64)  # noqa: E731
     trl_loss, our_loss = get(trl_logs, "loss"), get(ours_logs, "loss")
@@ -314,9 +315,19 @@ def test_same_trajectory_as_trl(tmp_path, case):
     # fp32 sums over ≤ 48 tokens × V=384 differ from TRL's in summation order only (~1e-7 relative per
     # log-prob); 3 Adam steps at lr 3e-3 keep the trajectories within 1e-5 relative.
     torch.testing.assert_close(our_loss, trl_loss, rtol=1e-5, atol=0)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
-                "logits/chosen", "logits/rejected", "rewards/accuracies"):
+    for key in ("logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "rewards/accuracies"):
         torch.testing.assert_close(get(ours_logs, key), get(trl_logs, key), rtol=1e-5, atol=1e-6, msg=key)
+    # rewards = β·(π − π_ref): the difference of two fp32 sums of magnitude |logps| (60-110 here), held above to
+    # 1e-5 relative each. Propagated, a reward may differ by β·1e-5·(|π| + |π_ref|) = 2β·1e-5·|logps| (all
+    # log-probs < 0, so the mean of |row sums| is |logps|): an absolute bound set by the log-probs' magnitude. A
+    # relative bound on the reward itself (a −0.04 reward from two ~−68 sums) would ask each sum for 6e-9
+    # relative, below fp32's unit roundoff; TRL and TRDPOLoss sum in different orders (observed: ~2 ulps).
+    beta = trainer.beta  # 0.1 (test_trl_dpo_integration._args)
+    mag_c, mag_r = get(trl_logs, "logps/chosen").abs(), get(trl_logs, "logps/rejected").abs()
+    for key, atol in (("rewards/chosen", 2 * beta * 1e-5 * mag_c), ("rewards/rejected", 2 * beta * 1e-5 * mag_r),
+                      ("rewards/margins", 2 * beta * 1e-5 * (mag_c + mag_r))):
+        err = (get(ours_logs, key) - get(trl_logs, key)).abs()
+        assert bool((err <= atol).all()), (key, err.tolist(), atol.tolist())
 
 
 def test_integration_validates_loss_settings(tmp_path):

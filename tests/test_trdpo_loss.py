@@ -60,8 +60,11 @@ def _transform(zraw, scale, cap):
     return (cap * torch.tanh(u / cap)) if cap is not None else u
 
 
-def reference(ph, pw, labels, rh, rw, pb, rb, beta, loss_type, eps, scale=1.0, cap=None, ignore_index=-100):
-    """float64: loss, per-row policy/ref log-probs, metrics, and ∂loss/∂(ph, pw, pb)."""
+def reference(ph, pw, labels, rh, rw, pb, rb, beta, loss_type, eps, scale=1.0, cap=None, ignore_index=-100,
+              loss_of=None):
+    """float64: loss, per-row policy/ref log-probs, metrics, and ∂loss/∂(ph, pw, pb).
+    loss_of: per-pair losses (pc, pr, rc, rr, len_c, len_r) -> [P] float64 in place of the classic four
+    (tests/test_trdpo_loss_family.py: TRL's whole family); the loss is their mean."""
     leaves = [ph.double().requires_grad_(), pw.double().requires_grad_()]
     if pb is not None:
         leaves.append(pb.double().requires_grad_())
@@ -75,7 +78,10 @@ def reference(ph, pw, labels, rh, rw, pb, rb, beta, loss_type, eps, scale=1.0, c
         rtok = torch.log_softmax(zr, -1).gather(-1, safe.unsqueeze(-1)).squeeze(-1) * mask
     s, r, n = tok.sum(1), rtok.sum(1), mask.sum(1)
     P = labels.shape[0] // 2
-    loss = ref_preference_losses(s[:P], s[P:], r[:P], r[P:], beta, loss_type, eps, n[:P], n[P:]).mean()
+    if loss_of is None:
+        loss = ref_preference_losses(s[:P], s[P:], r[:P], r[P:], beta, loss_type, eps, n[:P], n[P:]).mean()
+    else:
+        loss = loss_of(s[:P], s[P:], r[:P], r[P:], n[:P], n[P:]).mean()
     grads = torch.autograd.grad(loss, leaves)
     cr, rj = beta * (s[:P] - r[:P]).detach(), beta * (s[P:] - r[P:]).detach()
     zmean = (z.detach().mean(-1) * mask)
@@ -123,9 +129,14 @@ def _seq_err(z64, tok64, h, w, b, mask, scale, cap, tile=(0.0, 0.0)):
     return seq, tok_tol, dot
 
 
-def _bounds(ref, inputs, beta, loss_type, eps, scale, cap, out_dtypes, tiles=None):
+def _bounds(ref, inputs, beta, loss_type, eps, scale, cap, out_dtypes, tiles=None, loss_of=None):
     """Derived tolerances for (loss, policy seq logps, ref seq logps, grads...) — see the module docstring.
-    tiles: None (fp32 logits) or ((u, u_cast) policy, (u, u_cast) reference) from `tile_units`."""
+    tiles: None (fp32 logits) or ((u, u_cast) policy, (u, u_cast) reference) from `tile_units`.
+    loss_of: as in `reference`; then the loss is a function of the policy AND reference sequence log-probs
+    x = [s, r] that need not depend on them through s − r alone (aot sorts them separately), so the
+    first-order terms use the float64 gradient and Hessian in x: loss error ≤ 2·Σ|∂L/∂x|·err(x) (+ its fp32
+    evaluation: ≤ 16 roundings, each u relative to the inputs feeding it: 16u·(|L| + Σ|∂L/∂x|·|x|)); error of
+    c = ∂L/∂s ≤ 2·|∂²L/∂s∂x|·err(x) + 16u·|∂²L/∂s∂x|·|x| (its arguments' rounding) + 8u·|c|."""
     ph, pw, labels, rh, rw, pb, rb = inputs
     mask = labels != -100
     P = labels.shape[0] // 2
@@ -133,16 +144,31 @@ def _bounds(ref, inputs, beta, loss_type, eps, scale, cap, out_dtypes, tiles=Non
     s_err, tok_tol, dot = _seq_err(ref["z"], ref["tok"], ph, pw, pb, mask, scale, cap, (u_t, u_c))
     r_err, _, _ = _seq_err(ref["zr"], ref["rtok"], rh, rw, rb, mask, scale, cap, rtile)
 
-    # ∂L/∂s and its Hessian in float64 (L as a function of the policy sequence log-probs)
-    def L_of(s):
-        return ref_preference_losses(s[:P], s[P:], ref["r"][:P], ref["r"][P:], beta, loss_type, eps,
-                                     ref["n"][:P], ref["n"][P:]).mean()
-    s = ref["s"].clone().requires_grad_()
-    c_row = torch.autograd.grad(L_of(s), s)[0]
-    hess = torch.autograd.functional.hessian(L_of, ref["s"].clone())
-    err_sr = s_err + r_err
-    loss_tol = 2 * (c_row.abs() * err_sr).sum() + 16 * U32 * (ref["loss"].abs() + beta * (ref["s"] - ref["r"]).abs().max())
-    c_err_row = 2 * hess.abs() @ err_sr + 8 * U32 * c_row.abs()
+    if loss_of is None:
+        # ∂L/∂s and its Hessian in float64 (L as a function of the policy sequence log-probs)
+        def L_of(s):
+            return ref_preference_losses(s[:P], s[P:], ref["r"][:P], ref["r"][P:], beta, loss_type, eps,
+                                         ref["n"][:P], ref["n"][P:]).mean()
+        s = ref["s"].clone().requires_grad_()
+        c_row = torch.autograd.grad(L_of(s), s)[0]
+        hess = torch.autograd.functional.hessian(L_of, ref["s"].clone())
+        err_sr = s_err + r_err
+        loss_tol = 2 * (c_row.abs() * err_sr).sum() + 16 * U32 * (ref["loss"].abs() + beta * (ref["s"] - ref["r"]).abs().max())
+        c_err_row = 2 * hess.abs() @ err_sr + 8 * U32 * c_row.abs()
+    else:
+        B = 2 * P
+
+        def L_of(x):
+            s_, r_ = x[:B], x[B:]
+            return loss_of(s_[:P], s_[P:], r_[:P], r_[P:], ref["n"][:P], ref["n"][P:]).mean()
+        x = torch.cat([ref["s"], ref["r"]])
+        xg = x.clone().requires_grad_()
+        g = torch.autograd.grad(L_of(xg), xg)[0]
+        hess = torch.autograd.functional.hessian(L_of, x.clone())[:B].abs()  # rows: ∂/∂s
+        err_x = torch.cat([s_err, r_err])
+        c_row = g[:B]
+        loss_tol = 2 * (g.abs() * err_x).sum() + 16 * U32 * (ref["loss"].abs() + (g.abs() * x.abs()).sum())
+        c_err_row = 2 * hess @ err_x + 16 * U32 * hess @ x.abs() + 8 * U32 * c_row.abs()
 
     # token-level quantities [B, T, V]
     c = (c_row.unsqueeze(1) * mask)                   # ∂L/∂logp_t
@@ -349,8 +375,8 @@ def test_liger_per_sequence_logps_side_by_side():
     ph, pw, labels, rh, rw, _, _ = make_inputs(B=6, T=10, H=32, V=101, seed=10)
     lg = liger.LigerFusedLinearDPOLoss(beta=0.1, compiled=False, use_ref_model=True, average_log_prob=False)
     _, aux = lg(pw, ph, labels, None, rh, rw, None)
-    from fasttrdpo.loss._chunked import ChunkedTRDPOFunction
-    cfg = (0.1, "sigmoid", 0.0, -100, 1.0, None, 1 << 20, 1 << 28, False)
+    from fasttrdpo.loss._chunked import ChunkedTRDPOFunction, loss_config
+    cfg = (loss_config(0.1, "sigmoid", 0.0, None, 0.05), -100, 1.0, None, 1 << 20, 1 << 28, False)
     _, policy_logps, _, _ = ChunkedTRDPOFunction.apply(ph, pw, None, rh, rw, None, labels, cfg)
     torch.testing.assert_close(policy_logps[:3], aux[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(policy_logps[3:], aux[1], rtol=1e-5, atol=1e-5)

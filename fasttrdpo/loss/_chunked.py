@@ -18,18 +18,73 @@ over z, then one scatter of n elements) and c_t is applied on the thin [chunk ×
 so each policy chunk costs its three matmuls plus one fused in-place log_softmax (log p_y is read from
 it at full precision) and one in-place exp; a reference chunk costs one matmul and the log_softmax. With softcap the transform's derivative is elementwise, so p is multiplied by it
 in place (one more buffer and a few passes; only models with a softcap pay that).
+
+Loss types (every TRL 1.16 type, and weighted lists; `pair_losses_and_grads` below):
+- pairwise types (a pair's loss depends on that pair alone): finished per chunk as above;
+- sft (mean NLL over ALL chosen tokens of the batch): still per chunk, single pass: every chunk's
+  preference_loss gets the whole batch's batch_mean_chosen_length = max(Σ chosen lengths, 1) / P, known
+  from the labels up front, so the chunk terms add up to the batch loss;
+- aot, aot_unpaired (they sort log-ratios over the batch: needs_all_logps): two passes. Pass 1 computes
+  every row's policy log-prob chunk by chunk (the reference's are computed once up front, as always, and
+  never again); then preference_loss runs once on the whole batch, under autograd on detached [P] leaves,
+  giving ∂loss/∂logp of every row; pass 2 forms each chunk's policy logits again and accumulates the
+  gradients. Extra cost, only for these types: one more policy logits GEMM (+ its log-softmax) per chunk.
 """
 from __future__ import annotations
 
 import torch
 
-from .preference import preference_loss
+from .preference import LOSS_TYPES, check_loss_config, needs_all_logps, preference_loss
 
 # Size of one chunk's fp32 logits. A chunk holds at least one whole pair (its logits are needed together
 # to finish its loss without recompute), up to MAX_PAIR_BYTES; a pair longer than that is done in two
 # passes over chunk-sized token blocks (its policy logits formed twice), so memory stays bounded.
 DEFAULT_CHUNK_BYTES = 32 << 20
 DEFAULT_MAX_PAIR_BYTES = 256 << 20
+
+
+def loss_config(beta, loss_type, label_smoothing, loss_weights, discopop_tau) -> dict:
+    """Validate (check_loss_config over every TRL 1.16 type: ValueError/TypeError naming the argument) and
+    return preference_loss's keywords: loss_type / label_smoothing / loss_weights as tuples (or one value)."""
+    check_loss_config(beta, loss_type, label_smoothing, loss_weights=loss_weights, discopop_tau=discopop_tau,
+                      accept=LOSS_TYPES)
+    as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return dict(beta=float(beta), loss_type=as_tuple(loss_type),
+                label_smoothing=tuple(float(e) for e in label_smoothing)
+                if isinstance(label_smoothing, (list, tuple)) else float(label_smoothing),
+                loss_weights=None if loss_weights is None else tuple(float(w) for w in loss_weights),
+                discopop_tau=float(discopop_tau))
+
+
+def batch_mean_chosen_length(chosen_counts) -> float:
+    """sft's n̄_c for a chunked caller: (Σ chosen lengths of the whole batch, clamped to >= 1) / pairs.
+    From host ints (the chunk plan's counts): no host sync."""
+    return max(sum(chosen_counts), 1) / max(len(chosen_counts), 1)
+
+
+def pair_losses_and_grads(loss_kw, pol_rows, ref_chosen, ref_rejected, len_chosen, len_rejected, n_pairs,
+                          need_grad, mean_len_chosen):
+    """Σ pair losses / n_pairs of the pairs in pol_rows ([chosen rows..., rejected rows...]) and, when need_grad,
+    its gradient in those row log-probs, by autograd on detached leaves (so every loss_type works).
+    mean_len_chosen: the whole batch's batch_mean_chosen_length (sft), or None. Returns (loss, (g_c, g_r) | None)."""
+    k = pol_rows.shape[0] // 2
+    with torch.enable_grad():
+        lc = pol_rows[:k].detach().requires_grad_(True)
+        lr = pol_rows[k:].detach().requires_grad_(True)
+        losses, _, _ = preference_loss(lc, lr, ref_chosen, ref_rejected, chosen_lengths=len_chosen,
+                                       rejected_lengths=len_rejected, batch_mean_chosen_length=mean_len_chosen,
+                                       **loss_kw)
+        chunk_loss = losses.sum() / n_pairs
+        grads = None
+        if need_grad:  # sft alone does not read the rejected rows: their gradient is 0, not an error
+            grads = torch.autograd.grad(chunk_loss, (lc, lr), allow_unused=True)
+            grads = tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, (lc, lr)))
+    return chunk_loss.detach(), grads
+
+
+def _types(loss_kw) -> tuple:
+    t = loss_kw["loss_type"]
+    return (t,) if isinstance(t, str) else tuple(t)
 
 
 def _plan_pair_chunks(row_counts: list[int], n_pairs: int, max_tokens: int) -> list[tuple[int, int]]:
@@ -70,7 +125,7 @@ class ChunkedTRDPOFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels, cfg):
-        beta, loss_type, eps, ignore_index, logit_scale, softcap, chunk_bytes, max_pair_bytes, grad_enabled = cfg
+        loss_kw, ignore_index, logit_scale, softcap, chunk_bytes, max_pair_bytes, grad_enabled = cfg
         B = labels.shape[0]
         P = B // 2
         device = labels.device
@@ -168,6 +223,20 @@ class ChunkedTRDPOFunction(torch.autograd.Function):
         policy_logps = torch.empty(B, dtype=f32, device=device)
         mean_logit_sums = torch.empty(B, dtype=f32, device=device)
         loss = torch.zeros((), dtype=f32, device=device)
+        # aot / aot_unpaired: every pair's log-probs before any loss (module docstring: two passes)
+        deferred = needs_all_logps(loss_kw["loss_type"])
+        mean_len_c = batch_mean_chosen_length(row_counts[:P]) if "sft" in _types(loss_kw) else None
+        pending = []  # deferred: what pass 2 needs per chunk
+
+        def second_pass(sel, yc, c, n):
+            """The chunk's policy logits again, block by block, and its gradients (c = ∂loss/∂logp per token)."""
+            for s in range(0, n, chunk_rows):
+                e = min(s + chunk_rows, n)
+                h = pol_h[sel[s:e]].to(f32)
+                z, t, _ = logits_(h, e - s)
+                _label_logprobs_(z, yc[s:e])
+                z.exp_()
+                accumulate_grads_(z, t, h, yc[s:e], c[s:e], sel[s:e])
 
         for p0, p1 in _plan_pair_chunks(row_counts, P, chunk_rows):
             k = p1 - p0
@@ -180,14 +249,14 @@ class ChunkedTRDPOFunction(torch.autograd.Function):
                 torch.as_tensor(row_counts[p0:p1] + row_counts[P + p0:P + p1], device=device))
             n = sel.numel()
             yc = y[tok_slice]
-            single_pass = n <= chunk_rows
+            single_pass = n <= chunk_rows and not deferred
 
             if single_pass:
                 h = pol_h[sel].to(f32)
                 z, t, tok_mean = logits_(h, n)
                 logp = _label_logprobs_(z, yc)
                 z.exp_()  # softmax, in place: what the gradient needs
-            else:  # a pair longer than the buffer: log-probs now, gradients in a second pass (recompute)
+            else:  # a pair longer than the buffer, or a deferred loss: log-probs now, gradients in a second pass
                 logp = torch.empty(n, dtype=f32, device=device)
                 tok_mean = torch.empty(n, dtype=f32, device=device)
                 for s in range(0, n, chunk_rows):
@@ -200,31 +269,30 @@ class ChunkedTRDPOFunction(torch.autograd.Function):
             mean_logit_sums[chunk_rows_ids] = torch.zeros(2 * k, dtype=f32, device=device).index_add_(
                 0, local_row, tok_mean)
 
+            if deferred:
+                pending.append((chunk_rows_ids, sel, yc, local_row, n))
+                continue
             # Pair losses of this chunk and ∂loss/∂(row log-prob), by autograd on [k] tensors.
-            with torch.enable_grad():
-                lc = pol_rows[:k].detach().requires_grad_(True)
-                lr = pol_rows[k:].detach().requires_grad_(True)
-                losses, _, _ = preference_loss(
-                    lc, lr, ref_logps[p0:p1], ref_logps[P + p0:P + p1], beta=beta, loss_type=loss_type,
-                    label_smoothing=eps, chosen_lengths=lengths[p0:p1], rejected_lengths=lengths[P + p0:P + p1])
-                chunk_loss = losses.sum() / P
-                if need_grad:
-                    g_c, g_r = torch.autograd.grad(chunk_loss, (lc, lr))
-            loss += chunk_loss.detach()
+            chunk_loss, g = pair_losses_and_grads(loss_kw, pol_rows, ref_logps[p0:p1], ref_logps[P + p0:P + p1],
+                                                  lengths[p0:p1], lengths[P + p0:P + p1], P, need_grad, mean_len_c)
+            loss += chunk_loss
             if not need_grad:
                 continue
 
-            c = torch.cat([g_c, g_r])[local_row]  # ∂loss/∂logp_t, per token
+            c = torch.cat(g)[local_row]  # ∂loss/∂logp_t, per token
             if single_pass:
                 accumulate_grads_(z, t, h, yc, c, sel)
             else:
-                for s in range(0, n, chunk_rows):
-                    e = min(s + chunk_rows, n)
-                    h = pol_h[sel[s:e]].to(f32)
-                    z, t, _ = logits_(h, e - s)
-                    _label_logprobs_(z, yc[s:e])
-                    z.exp_()
-                    accumulate_grads_(z, t, h, yc[s:e], c[s:e], sel[s:e])
+                second_pass(sel, yc, c, n)
+
+        if deferred:  # the whole batch's loss once, then pass 2 chunk by chunk
+            batch_loss, g = pair_losses_and_grads(loss_kw, policy_logps, ref_logps[:P], ref_logps[P:], lengths[:P],
+                                                  lengths[P:], P, need_grad, mean_len_c)
+            loss += batch_loss
+            if need_grad:
+                c_rows = torch.cat(g)  # ∂loss/∂(row log-prob), rows in batch order
+                for chunk_rows_ids, sel, yc, local_row, n in pending:
+                    second_pass(sel, yc, c_rows[chunk_rows_ids][local_row], n)
 
         ctx.grads = (
             grad_h.view(policy_hidden.shape) if grad_h is not None else None,

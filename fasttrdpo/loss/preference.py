@@ -13,9 +13,9 @@ import torch.nn.functional as F
 # Every loss type TRL 1.16's DPOConfig accepts (TRL's order). `preference_loss` computes all of them.
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-# What check_loss_config accepts when the caller does not say (TRDPOLoss, trdpo_loss_from_logits): the types
-# whose pair loss depends on that pair alone and which those callers were written and tested for. A caller
-# widens it with accept=LOSS_TYPES once it handles the rest (see needs_batch).
+# What check_loss_config accepts when the caller does not say: the four types of DESIGN.md §4. A caller that
+# handles the whole family (batch losses included, see needs_batch) passes accept=LOSS_TYPES, as TRDPOLoss,
+# trdpo_loss_from_tokens / _from_logits and preference_loss do.
 CLASSIC_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 # A pair's loss depends on other pairs of the batch: aot/aot_unpaired sort log-ratios over the batch; TRL's sft
 # is the mean NLL over all chosen tokens of the batch (a token-weighted mean, not a mean of per-pair means).

@@ -27,6 +27,14 @@ cannot leak into anything):
   A pair whose tokens do not fit the budget alone is done in two passes over budget-sized blocks
   (its policy logits formed twice), so memory stays O(chunk) whatever the sequence length.
 
+Loss types: every TRL 1.16 type and weighted lists. Pairwise types are finished per chunk as above; sft
+too, each chunk's preference_loss given the whole batch's mean chosen length (from the host counts, no
+sync). aot / aot_unpaired sort over the batch: pass 1 runs steps 1-2 on every chunk (row log-probs and the
+policy lse; reference log-probs are final after it), preference_loss runs once on the whole batch (autograd
+on detached [2P] leaves → ∂loss/∂logp of every row), and pass 2 forms each chunk's policy logits again and
+runs step 4. Extra cost, only for those two types: one more policy logits GEMM per chunk (2·n·H·V FLOPs,
++25% of the 4 GEMMs) and the tile traffic it writes; the reference GEMM and kernels are not repeated.
+
 Tile dtype: the half dtype of the GEMM (bf16 for a bf16 model), decided by the traffic arithmetic
 below: an fp32 tile would need a second (half) buffer for the backward GEMMs' operand and moves
 26 B per logit instead of 16. What it costs in precision: each logit is rounded once to the half
@@ -70,8 +78,8 @@ import torch
 
 from .._backend import resolve_backend
 from .._validate import check_float, check_label_range, check_same_device
-from ._chunked import _plan_pair_chunks
-from .preference import check_loss_config, preference_loss
+from ._chunked import _plan_pair_chunks, _types, batch_mean_chosen_length, loss_config, pair_losses_and_grads
+from .preference import needs_all_logps
 
 # Memory budget for one chunk's logits tiles (policy + reference, + two fp32 tanh buffers with a softcap).
 # 4 GiB holds >= 4096 tokens for V <= 128256 in any dtype (8372 in bf16), so the GEMMs stay compute-bound.
@@ -162,7 +170,7 @@ class TokenChunkedTRDPOFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias,
                 pol_index, ref_index, y, counts, cfg):
-        beta, loss_type, eps, logit_scale, softcap, chunk_bytes, max_pair_bytes, middle_name, grad_enabled = cfg
+        loss_kw, logit_scale, softcap, chunk_bytes, max_pair_bytes, middle_name, grad_enabled = cfg
         middle = _MIDDLES[middle_name]
         device = y.device
         f32 = torch.float32
@@ -245,6 +253,17 @@ class TokenChunkedTRDPOFunction(torch.autograd.Function):
             if need_b:
                 grad_b.add_(torch.mv(z.T, c.to(z.dtype)))
 
+        # aot / aot_unpaired: every pair's log-probs before any loss (module docstring: two passes)
+        deferred = needs_all_logps(loss_kw["loss_type"])
+        mean_len_c = batch_mean_chosen_length(counts[:P]) if "sft" in _types(loss_kw) else None
+        pending = []  # deferred: what pass 2 needs per chunk
+
+        def second_pass(tok, lse, yc, c, blocks):
+            """The chunk's policy logits again, block by block, and its gradients (lse kept from pass 1)."""
+            for s, e in blocks:
+                h, zp = policy_logits(tok[s:e])
+                accumulate_grads(h, zp, lse[s:e], yc[s:e], c[s:e], tok[s:e])
+
         for p0, p1 in _plan_pair_chunks(counts, P, rows):
             k = p1 - p0
             tok = torch.cat([all_tokens[offsets[p0]:offsets[p1]], all_tokens[offsets[P + p0]:offsets[P + p1]]])
@@ -271,7 +290,7 @@ class TokenChunkedTRDPOFunction(torch.autograd.Function):
                     tok_mean[s:e] = m * logit_scale
                 else:
                     tok_mean[s:e] = zp.mean(1, dtype=f32)
-                if len(blocks) == 1:
+                if len(blocks) == 1 and not deferred:
                     kept = h
 
             slots = torch.cat([torch.arange(p0, p1, device=device), torch.arange(P + p0, P + p1, device=device)])
@@ -280,26 +299,31 @@ class TokenChunkedTRDPOFunction(torch.autograd.Function):
             ref_logps[slots] = torch.segment_reduce(rlogp, "sum", lengths=seg_lengths, unsafe=True)
             mean_logit_sums[slots] = torch.segment_reduce(tok_mean, "sum", lengths=seg_lengths, unsafe=True)
 
+            if deferred:
+                pending.append((slots, seg_lengths, tok, lse, yc, blocks, n))
+                continue
             # Pair losses of this chunk and ∂loss/∂(row log-prob), by autograd on [k] tensors.
-            with torch.enable_grad():
-                lc = pol_rows[:k].detach().requires_grad_(True)
-                lr = pol_rows[k:].detach().requires_grad_(True)
-                losses, _, _ = preference_loss(
-                    lc, lr, ref_logps[p0:p1], ref_logps[P + p0:P + p1], beta=beta, loss_type=loss_type,
-                    label_smoothing=eps, chosen_lengths=lengths[p0:p1], rejected_lengths=lengths[P + p0:P + p1])
-                chunk_loss = losses.sum() / P
-                if need_grad:
-                    g_c, g_r = torch.autograd.grad(chunk_loss, (lc, lr))
-            loss += chunk_loss.detach()
+            chunk_loss, g = pair_losses_and_grads(loss_kw, pol_rows, ref_logps[p0:p1], ref_logps[P + p0:P + p1],
+                                                  lengths[p0:p1], lengths[P + p0:P + p1], P, need_grad, mean_len_c)
+            loss += chunk_loss
             if not need_grad or n == 0:
                 continue
-            c = torch.repeat_interleave(torch.cat([g_c, g_r]), seg_lengths, output_size=n)
+            c = torch.repeat_interleave(torch.cat(g), seg_lengths, output_size=n)
             if kept is not None:  # the tile still holds this chunk's policy logits: no recompute
                 accumulate_grads(kept, ptile[:n], lse, yc, c, tok)
             else:  # a pair longer than the budget: its policy logits again, block by block
-                for s, e in blocks:
-                    h, zp = policy_logits(tok[s:e])
-                    accumulate_grads(h, zp, lse[s:e], yc[s:e], c[s:e], tok[s:e])
+                second_pass(tok, lse, yc, c, blocks)
+
+        if deferred:  # the whole batch's loss once, then pass 2 chunk by chunk
+            batch_loss, g = pair_losses_and_grads(loss_kw, policy_logps, ref_logps[:P], ref_logps[P:], lengths[:P],
+                                                  lengths[P:], P, need_grad, mean_len_c)
+            loss += batch_loss
+            if need_grad:
+                c_rows = torch.cat(g)  # ∂loss/∂(row log-prob), slot order
+                for slots, seg_lengths, tok, lse, yc, blocks, n in pending:
+                    if n:
+                        second_pass(tok, lse, yc, torch.repeat_interleave(c_rows[slots], seg_lengths, output_size=n),
+                                    blocks)
 
         ctx.grads = (grad_h_tok, grad_w, grad_b)
         ctx.save_for_backward(pol_index)
@@ -329,11 +353,10 @@ class TokenChunkedTRDPOFunction(torch.autograd.Function):
 
 
 def run_token_chunks(policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, pol_index,
-                     ref_index, y, counts, *, beta, loss_type, label_smoothing, logit_scale, softcap, chunk_bytes,
-                     max_pair_bytes, middle):
-    """Shared by TRDPOLoss and trdpo_loss_from_tokens: inputs already validated, tokens sorted by slot."""
-    cfg = (beta, loss_type, label_smoothing, logit_scale, softcap, chunk_bytes, max_pair_bytes, middle,
-           torch.is_grad_enabled())
+                     ref_index, y, counts, *, loss_kw, logit_scale, softcap, chunk_bytes, max_pair_bytes, middle):
+    """Shared by TRDPOLoss and trdpo_loss_from_tokens: inputs already validated, tokens sorted by slot;
+    loss_kw from `_chunked.loss_config`."""
+    cfg = (loss_kw, logit_scale, softcap, chunk_bytes, max_pair_bytes, middle, torch.is_grad_enabled())
     with torch.autocast(device_type=y.device.type, enabled=False):
         return TokenChunkedTRDPOFunction.apply(
             policy_hidden, policy_weight, policy_bias, ref_hidden.detach(), ref_weight.detach(),
@@ -352,9 +375,9 @@ def _check_index(name, t, n=None):
 
 def trdpo_loss_from_tokens(policy_hidden, policy_weight, ref_hidden, ref_weight, labels, row_ids, chosen_rows,
                            rejected_rows, *, policy_bias=None, ref_bias=None, beta: float = 0.1,
-                           loss_type: str = "sigmoid", label_smoothing: float = 0.0, logit_scale: float = 1.0,
-                           softcap: float | None = None, chunk_bytes: int = DEFAULT_TILE_BYTES,
-                           validate: bool = True, backend: str = "auto"):
+                           loss_type="sigmoid", label_smoothing=0.0, loss_weights=None, discopop_tau: float = 0.05,
+                           logit_scale: float = 1.0, softcap: float | None = None,
+                           chunk_bytes: int = DEFAULT_TILE_BYTES, validate: bool = True, backend: str = "auto"):
     """TR-DPO loss and TRL's metrics from the VALID tokens only (no [rows, T] layout, no ignore_index).
 
     policy_hidden [n, H], ref_hidden [n, H'] (token t's last hidden states), labels [n] int64 in [0, V)
@@ -365,8 +388,10 @@ def trdpo_loss_from_tokens(policy_hidden, policy_weight, ref_hidden, ref_weight,
     as in `fasttrdpo.linear_token_logprobs`.
 
     Returns (loss, metrics): loss = mean over pairs of the preference loss (DESIGN.md §4, lengths = token
-    counts per row for ipo), metrics as TRDPOLoss (chosen = the chosen rows). Gradients reach
-    policy_hidden, policy_weight and policy_bias only.
+    counts per row for ipo, sigmoid_norm and sft), metrics as TRDPOLoss (chosen = the chosen rows). Gradients
+    reach policy_hidden, policy_weight and policy_bias only. loss_type: any TRL 1.16 type or a list, with
+    loss_weights, per-type label_smoothing and discopop_tau as in `preference_loss`; aot / aot_unpaired cost
+    one more policy logits GEMM per chunk (module docstring).
 
     backend: "triton" (the paired kernels; CUDA, or CPU under TRITON_INTERPRET=1), "eager" (the same
     chunked GEMMs with torch ops in the middle), "auto" (triton on CUDA, eager otherwise).
@@ -377,7 +402,7 @@ def trdpo_loss_from_tokens(policy_hidden, policy_weight, ref_hidden, ref_weight,
     """
     from .trdpo import _check_transform, _pair_metrics
 
-    check_loss_config(beta, loss_type, label_smoothing)
+    loss_kw = loss_config(beta, loss_type, label_smoothing, loss_weights, discopop_tau)
     _check_transform(logit_scale, softcap)
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
@@ -441,8 +466,7 @@ def trdpo_loss_from_tokens(policy_hidden, policy_weight, ref_hidden, ref_weight,
     counts = torch.bincount(slot, minlength=2 * P).tolist()
     loss, policy_logps, ref_logps, mean_logit_sums = run_token_chunks(
         policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, order, order, labels[order],
-        counts, beta=float(beta), loss_type=loss_type, label_smoothing=float(label_smoothing),
-        logit_scale=float(logit_scale), softcap=None if softcap is None else float(softcap),
+        counts, loss_kw=loss_kw, logit_scale=float(logit_scale), softcap=None if softcap is None else float(softcap),
         chunk_bytes=chunk_bytes, max_pair_bytes=chunk_bytes, middle=chosen_backend)
     lengths = torch.as_tensor(counts, device=labels.device)
     return loss, _pair_metrics(policy_logps, ref_logps, float(beta), mean_logit_sums, lengths)

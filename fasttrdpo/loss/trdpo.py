@@ -8,9 +8,9 @@ from torch import nn
 
 from .._backend import resolve_backend
 from .._validate import check_float, check_label_range, check_labels_tensor, check_same_device
-from ._chunked import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_PAIR_BYTES, ChunkedTRDPOFunction
+from ._chunked import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_PAIR_BYTES, ChunkedTRDPOFunction, _types, loss_config
 from .token_list import DEFAULT_TILE_BYTES, run_token_chunks
-from .preference import check_loss_config, preference_loss, sequence_logprobs
+from .preference import preference_loss, sequence_logprobs
 
 
 def _pair_metrics(policy_logps, ref_logps, beta, mean_logit_sums, lengths):
@@ -61,6 +61,13 @@ class TRDPOLoss(nn.Module):
     mean over pairs; metrics are TRL's (detached tensors, no host sync). Gradients flow to
     policy_hidden, policy_weight and policy_bias only.
 
+    Loss: every loss type of TRL 1.16 (`fasttrdpo.loss.LOSS_TYPES`, formulas in `preference_loss`), or a list
+    of them summed with loss_weights (RPO = ["sigmoid", "sft"]); label_smoothing one float or one per type;
+    discopop_tau for discopop. Pairwise types and sft are finished chunk by chunk in one pass (sft with the
+    whole batch's mean chosen length). aot and aot_unpaired sort over the whole batch, so both backends run
+    two passes: every row's log-probs first, the loss once on the batch, then the gradients chunk by chunk
+    — one more policy logits GEMM per chunk than the other types (the reference is not recomputed).
+
     backend: "eager" runs the chunked path of `_chunked.py` (fp32 logits; loss and gradient finished chunk
     by chunk over whole pairs; one host sync to plan the chunks); "triton" (what auto picks on CUDA) runs
     `token_list.py`: the valid rows are gathered and, per chunk of whole pairs, logits by GEMM (cuBLAS;
@@ -74,12 +81,13 @@ class TRDPOLoss(nn.Module):
     pair longer than max(chunk_bytes, max_pair_bytes) is done in two passes (its logits formed twice).
     """
 
-    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 ignore_index: int = -100, *, logit_scale: float = 1.0, softcap: float | None = None,
+    def __init__(self, beta: float = 0.1, loss_type="sigmoid", label_smoothing=0.0,
+                 ignore_index: int = -100, *, loss_weights=None, discopop_tau: float = 0.05,
+                 logit_scale: float = 1.0, softcap: float | None = None,
                  validate: bool = True, backend: str = "auto", chunk_bytes: int | None = None,
                  max_pair_bytes: int = DEFAULT_MAX_PAIR_BYTES):
         super().__init__()
-        check_loss_config(beta, loss_type, label_smoothing)
+        self._loss_kw = loss_config(beta, loss_type, label_smoothing, loss_weights, discopop_tau)
         _check_transform(logit_scale, softcap)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -88,9 +96,6 @@ class TRDPOLoss(nn.Module):
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        self.beta = float(beta)
-        self.loss_type = loss_type
-        self.label_smoothing = float(label_smoothing)
         self.ignore_index = ignore_index
         self.logit_scale = float(logit_scale)
         self.softcap = None if softcap is None else float(softcap)
@@ -99,8 +104,36 @@ class TRDPOLoss(nn.Module):
         self.chunk_bytes = chunk_bytes
         self.max_pair_bytes = max_pair_bytes
 
+    # The loss settings are validated once, at construction, and read-only after (a new TRDPOLoss for others).
+    @property
+    def beta(self) -> float:
+        return self._loss_kw["beta"]
+
+    @property
+    def loss_type(self):
+        """The loss name, or the list of names as given."""
+        t = self._loss_kw["loss_type"]
+        return t if isinstance(t, str) else list(t)
+
+    @property
+    def label_smoothing(self):
+        e = self._loss_kw["label_smoothing"]
+        return e if isinstance(e, float) else list(e)
+
+    @property
+    def loss_weights(self):
+        w = self._loss_kw["loss_weights"]
+        return None if w is None else list(w)
+
+    @property
+    def discopop_tau(self) -> float:
+        return self._loss_kw["discopop_tau"]
+
     def extra_repr(self) -> str:
-        return (f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}, "
+        extra = f", loss_weights={self.loss_weights}" if self.loss_weights is not None else ""
+        if "discopop" in _types(self._loss_kw):
+            extra += f", discopop_tau={self.discopop_tau}"
+        return (f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}{extra}, "
                 f"ignore_index={self.ignore_index}, backend={self.backend!r}")
 
     def _check(self, policy_hidden, policy_weight, labels, ref_hidden, ref_weight, policy_bias, ref_bias):
@@ -153,8 +186,8 @@ class TRDPOLoss(nn.Module):
         # Out-of-range labels would index out of bounds in the chunked path: always checked here.
         check_label_range(labels, policy_weight.shape[0], self.ignore_index)
         chunk_bytes = DEFAULT_CHUNK_BYTES if self.chunk_bytes is None else self.chunk_bytes
-        cfg = (self.beta, self.loss_type, self.label_smoothing, self.ignore_index, self.logit_scale, self.softcap,
-               chunk_bytes, self.max_pair_bytes, torch.is_grad_enabled())
+        cfg = (self._loss_kw, self.ignore_index, self.logit_scale, self.softcap, chunk_bytes, self.max_pair_bytes,
+               torch.is_grad_enabled())
         loss, policy_logps, ref_logps, mean_logit_sums = ChunkedTRDPOFunction.apply(
             policy_hidden, policy_weight, policy_bias, ref_hidden.detach(), ref_weight.detach(),
             None if ref_bias is None else ref_bias.detach(), labels, cfg)
@@ -173,31 +206,31 @@ class TRDPOLoss(nn.Module):
         loss, policy_logps, ref_logps, mean_logit_sums = run_token_chunks(
             policy_hidden.reshape(-1, policy_hidden.shape[-1]), policy_weight, policy_bias,
             ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias, valid, valid, flat_labels[valid],
-            lengths.tolist(), beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-            logit_scale=self.logit_scale, softcap=self.softcap,
+            lengths.tolist(), loss_kw=self._loss_kw, logit_scale=self.logit_scale, softcap=self.softcap,
             chunk_bytes=DEFAULT_TILE_BYTES if self.chunk_bytes is None else self.chunk_bytes,
             max_pair_bytes=self.max_pair_bytes, middle="triton")
         return loss, _pair_metrics(policy_logps, ref_logps, self.beta, mean_logit_sums, lengths)
 
 
-def _loss_from_sequence_logps(policy_logps, ref_logps, lengths, beta, loss_type, label_smoothing):
-    """Mean over pairs of the preference loss; rows: first half chosen, second half rejected."""
+def _loss_from_sequence_logps(policy_logps, ref_logps, lengths, loss_kw):
+    """Mean over pairs of the preference loss on the whole batch; rows: first half chosen, second half rejected."""
     P = policy_logps.shape[0] // 2
     losses, _, _ = preference_loss(
-        policy_logps[:P], policy_logps[P:], ref_logps[:P], ref_logps[P:], beta=beta, loss_type=loss_type,
-        label_smoothing=label_smoothing, chosen_lengths=lengths[:P], rejected_lengths=lengths[P:])
+        policy_logps[:P], policy_logps[P:], ref_logps[:P], ref_logps[P:], chosen_lengths=lengths[:P],
+        rejected_lengths=lengths[P:], **loss_kw)
     return losses.mean()
 
 
-def trdpo_loss_from_logits(policy_logits, ref_logits, labels, *, beta: float = 0.1, loss_type: str = "sigmoid",
-                           label_smoothing: float = 0.0, ignore_index: int = -100, validate: bool = True,
-                           backend: str = "auto"):
+def trdpo_loss_from_logits(policy_logits, ref_logits, labels, *, beta: float = 0.1, loss_type="sigmoid",
+                           label_smoothing=0.0, ignore_index: int = -100, loss_weights=None,
+                           discopop_tau: float = 0.05, validate: bool = True, backend: str = "auto"):
     """The TRDPOLoss computation for code that already holds logits [B, T, V] (policy and reference).
 
     Log-probs come from `fasttrdpo.ops.logits.paired_token_logprobs` (fused, the reference without
-    grad); rows and metrics as in TRDPOLoss. Returns (loss, metrics).
+    grad); rows, metrics and the loss options (every TRL 1.16 type, lists, loss_weights, discopop_tau) as in
+    TRDPOLoss; the loss is formed once on the whole batch (autograd does the rest). Returns (loss, metrics).
     """
-    check_loss_config(beta, loss_type, label_smoothing)
+    loss_kw = loss_config(beta, loss_type, label_smoothing, loss_weights, discopop_tau)
     from ..ops.logits import paired_token_logprobs
 
     check_float("policy_logits", policy_logits, min_dim=2)
@@ -209,7 +242,7 @@ def trdpo_loss_from_logits(policy_logits, ref_logits, labels, *, beta: float = 0
     flat_labels = labels.reshape(B, -1)
     policy_logps, lengths = sequence_logprobs(policy_tok.reshape(B, -1), flat_labels, ignore_index)
     ref_logps, _ = sequence_logprobs(ref_tok.reshape(B, -1), flat_labels, ignore_index)
-    loss = _loss_from_sequence_logps(policy_logps, ref_logps, lengths, beta, loss_type, label_smoothing)
+    loss = _loss_from_sequence_logps(policy_logps, ref_logps, lengths, loss_kw)
     with torch.no_grad():
         mean_tok = policy_logits.detach().mean(-1, dtype=torch.float32)
         mean_tok = torch.where(labels != ignore_index, mean_tok, torch.zeros((), device=mean_tok.device))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..loss.preference import LOSS_TYPES, check_loss_config
 from .schedule import scheduler_names
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -19,10 +20,12 @@ class TRDPOConfig:
     output_dir: str = "outputs/fasttrdpo"  # outputs/ is git-ignored
     overwrite_output_dir: bool = False  # a new run may replace another run's outputs in output_dir
     run_name: str | None = None  # a label recorded with the run id in every checkpoint
-    # loss
+    # loss: any of fasttrdpo.loss.LOSS_TYPES (TRL 1.16's), or a list summed with loss_weights (RPO: sigmoid, sft)
     beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
+    loss_type: str | list[str] = "sigmoid"
+    label_smoothing: float | list[float] = 0.0  # one value, or one per loss_type
+    loss_weights: list[float] | None = None  # one per loss_type; None = 1.0 each
+    discopop_tau: float = 0.05
     # reference updates (TR-DPO): every tau optimizer steps, ref <- ref + alpha * (policy - ref)
     sync_ref_model: bool = True
     alpha: float = 0.6
@@ -66,10 +69,17 @@ class TRDPOConfig:
     device: str = "auto"
 
     def __post_init__(self):
+        # lists as lists (a tuple from Python code, a list from JSON: the same config, the same record)
+        for name in ("loss_type", "label_smoothing", "loss_weights"):
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
+        try:  # the loss settings as TRDPOLoss checks them, before anything else runs
+            check_loss_config(self.beta, self.loss_type, self.label_smoothing, loss_weights=self.loss_weights,
+                              discopop_tau=self.discopop_tau, accept=LOSS_TYPES)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"TRDPOConfig: {e}") from None
         checks = [
             (self.beta > 0, "beta must be > 0"),
-            (self.loss_type in ("sigmoid", "hinge", "ipo", "robust"),
-             "loss_type must be one of sigmoid, hinge, ipo, robust"),
             (0.0 <= self.alpha <= 1.0, "alpha must be in [0, 1]"),
             (self.tau >= 1, "tau must be >= 1"),
             (self.ref_dtype is None or self.ref_dtype in DTYPES,

@@ -22,9 +22,8 @@ math on their fp32 hidden states (TRL's head rounds its logits tiles to bf16 ins
 Supported: every `loss_type` of TRL 1.16 and weighted lists (`loss_weights`, e.g. RPO = ["sigmoid", "sft"]),
 `discopop_tau`, `label_smoothing` where TRL applies it (exo_pair, robust, aot, aot_unpaired), the standard
 reverse-KL DPO, no `ld_alpha`, no WPO weighting, no precomputed reference log-probs, no MoE auxiliary loss;
-other settings raise at construction instead of silently training something else. A single sigmoid, hinge,
-ipo or robust runs TRDPOLoss; the other types and lists run the paired lm_head op + `preference_loss` on the
-whole batch (`_LossFamilyFromHidden`) until TRDPOLoss takes them.
+other settings raise at construction instead of silently training something else. Every type and list runs
+TRDPOLoss (aot / aot_unpaired in its two-pass mode: one more policy logits GEMM per chunk).
 """
 from __future__ import annotations
 
@@ -40,8 +39,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from ...loss import LOSS_TYPES, TRDPOLoss
-from ...loss.preference import CLASSIC_LOSS_TYPES, check_loss_config, preference_loss, sequence_logprobs
-from ...loss.trdpo import _pair_metrics
+from ...loss.preference import check_loss_config
 
 try:  # PEFT is optional
     from peft import PeftModel
@@ -156,84 +154,16 @@ def use_trdpo_loss(trainer, *, backend: str = "auto") -> "DPOTrainer":
     scale, softcap = _logit_transform(policy)
     loss_types, weights = list(trainer.loss_types), [float(w) for w in trainer.loss_weights]
     eps = _trl_label_smoothing(trainer)
-    if len(loss_types) == 1 and loss_types[0] in CLASSIC_LOSS_TYPES and weights == [1.0]:
+    if len(loss_types) == 1 and weights == [1.0]:  # one type: TRDPOLoss's plain form (no list, no weight)
         trainer._trdpo_loss = TRDPOLoss(beta=trainer.beta, loss_type=loss_types[0], label_smoothing=eps[0],
-                                        logit_scale=scale, softcap=softcap, backend=backend)
+                                        discopop_tau=trainer.args.discopop_tau, logit_scale=scale, softcap=softcap,
+                                        backend=backend)
     else:
-        trainer._trdpo_loss = _LossFamilyFromHidden(beta=trainer.beta, loss_type=loss_types, label_smoothing=eps,
-                                                    loss_weights=weights, discopop_tau=trainer.args.discopop_tau,
-                                                    logit_scale=scale, softcap=softcap, backend=backend)
+        trainer._trdpo_loss = TRDPOLoss(beta=trainer.beta, loss_type=loss_types, label_smoothing=eps,
+                                        loss_weights=weights, discopop_tau=trainer.args.discopop_tau,
+                                        logit_scale=scale, softcap=softcap, backend=backend)
     trainer._compute_loss = types.MethodType(_compute_loss, trainer)
     return trainer
-
-
-def _mean_logit_per_token(hidden, weight, bias, logit_scale, softcap, mask, chunk_tokens):
-    """Vocabulary mean of the (transformed) logits at each completion token, no grad, 0 elsewhere."""
-    with torch.no_grad():
-        H = hidden.shape[-1]
-        h = hidden.reshape(-1, H)
-        out = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
-        if softcap is None:
-            w_mean = weight.mean(0, dtype=torch.float32)  # no fp32 copy of a bf16 weight
-            m = h.float() @ w_mean
-            if bias is not None:
-                m = m + bias.float().mean()
-            out = torch.where(mask.reshape(-1), m * logit_scale, out)
-        else:  # not linear in the logits: form them chunk by chunk (only models with a softcap pay this)
-            idx = mask.reshape(-1).nonzero().squeeze(1)
-            w32 = weight.float()
-            b32 = bias.float() if bias is not None else None
-            for s in range(0, idx.numel(), chunk_tokens):
-                sel = idx[s:s + chunk_tokens]
-                z = h[sel].float() @ w32.T
-                if b32 is not None:
-                    z += b32
-                z = softcap * torch.tanh(z * (logit_scale / softcap))
-                out[sel] = z.mean(1)
-        return out.view(mask.shape)
-
-
-class _LossFamilyFromHidden(torch.nn.Module):
-    """TRDPOLoss's interface for what it does not take yet (loss lists, TRL's other types, batch losses):
-    per-token log-probs of all rows from the paired lm_head op (fused, no [tokens × vocab] logits on the
-    triton path), then `preference_loss` once on the whole batch, so aot's sort and sft's batch mean see every
-    pair. Rows: first half chosen, second half rejected. Returns (mean loss, TRL's metrics)."""
-
-    def __init__(self, *, beta, loss_type, label_smoothing, loss_weights, discopop_tau, logit_scale, softcap,
-                 backend, ignore_index=-100, chunk_bytes=32 << 20):
-        super().__init__()
-        check_loss_config(beta, loss_type, label_smoothing, loss_weights=loss_weights, discopop_tau=discopop_tau,
-                          accept=LOSS_TYPES)
-        self.beta, self.loss_type, self.label_smoothing = float(beta), list(loss_type), list(label_smoothing)
-        self.loss_weights, self.discopop_tau = list(loss_weights), float(discopop_tau)
-        self.logit_scale, self.softcap, self.backend = logit_scale, softcap, backend
-        self.ignore_index, self.chunk_bytes = ignore_index, chunk_bytes
-
-    def forward(self, policy_hidden, policy_weight, labels, ref_hidden, ref_weight, *, policy_bias=None,
-                ref_bias=None):
-        from ...ops.linear import paired_linear_token_logprobs
-
-        with torch.autocast(device_type=labels.device.type, enabled=False):  # fp32 math, as TRDPOLoss
-            policy_tok, ref_tok = paired_linear_token_logprobs(
-                policy_hidden, policy_weight, ref_hidden.detach(), ref_weight.detach(), labels,
-                policy_bias=policy_bias, ref_bias=None if ref_bias is None else ref_bias.detach(),
-                ignore_index=self.ignore_index, logit_scale=self.logit_scale, softcap=self.softcap,
-                backend=self.backend)
-            B = labels.shape[0]
-            P = B // 2
-            flat = labels.reshape(B, -1)
-            policy_logps, lengths = sequence_logprobs(policy_tok.reshape(B, -1), flat, self.ignore_index)
-            ref_logps, _ = sequence_logprobs(ref_tok.reshape(B, -1), flat, self.ignore_index)
-            losses, _, _ = preference_loss(
-                policy_logps[:P], policy_logps[P:], ref_logps[:P], ref_logps[P:], beta=self.beta,
-                loss_type=self.loss_type, label_smoothing=self.label_smoothing, loss_weights=self.loss_weights,
-                discopop_tau=self.discopop_tau, chosen_lengths=lengths[:P], rejected_lengths=lengths[P:])
-            mask = labels != self.ignore_index
-            chunk_tokens = max(1, self.chunk_bytes // (4 * policy_weight.shape[0]))
-            mean_tok = _mean_logit_per_token(policy_hidden, policy_weight, policy_bias, self.logit_scale,
-                                             self.softcap, mask, chunk_tokens)
-            metrics = _pair_metrics(policy_logps, ref_logps, self.beta, mean_tok.reshape(B, -1).sum(1), lengths)
-        return losses.mean(), metrics
 
 
 def _head(model):
