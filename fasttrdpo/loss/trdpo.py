@@ -1,8 +1,6 @@
 """TRDPOLoss (hidden states + lm_head weight → DPO-family loss and TRL's metrics) and trdpo_loss_from_logits."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
