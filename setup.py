@@ -28,8 +28,14 @@ setup(
         "ninja",  # torch.utils.cpp_extension builds the C++ CPU kernels (csrc/) with it, on demand
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "trl==1.16.0", "liger-kernel", "matplotlib", "peft"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "trl==1.16.0", "liger-kernel", "matplotlib", "peft",
+                 # the sharded-training tests (FSDP2 needs only torch; ZeRO-3 runs on CPU with gloo) and logging
+                 "deepspeed==0.19.8; platform_system == 'Linux'", "tensorboard", "wandb"],
         "plot": ["matplotlib"],
+        "lora": ["peft"],
+        "deepspeed": ["deepspeed"],
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
         "flash": ["flash-attn"],  # CUDA machines only: a source distribution that needs nvcc
     },
     entry_points={"console_scripts": ["fasttrdpo=fasttrdpo.cli:main"]},
