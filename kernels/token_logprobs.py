@@ -6,6 +6,9 @@ dimensions described by at most two strides) and int64 labels y [...]:
     forward   lse_i  = log sum_v exp(z_iv)        online over vocabulary blocks of BLOCK_V
               logp_i = z_{i, y_i} - lse_i         exactly 0.0 where y_i == ignore_index,
                                                   NaN where y_i lies outside [0, V)
+    optional  H_i    = -sum_v p_iv log p_iv        (policy entropy; p = softmax(z_i))
+    (STATS)   acc_i  = 1.0 if y_i == argmax_v z_iv else 0.0   (first maximal index on ties)
+              both in the same pass over the vocabulary (see `_row_logprob`), for the policy rows only
     backward  dz_iv  = g_i * (onehot(y_i)_v - exp(z_iv - lse_i))
                                                   0 on ignored rows, NaN on rows with a bad label
 
@@ -24,6 +27,7 @@ casts while the hardware rounds: the bit trick gives the same answer on both).
 Memory traffic, with b = bytes per logit (2 for bf16/fp16, 4 for fp32), counting non-ignored rows:
     forward   reads b per logit of the policy and of the reference (each element once), plus
               8 B of label and 4 + 4 (+ 4) B of output per row: the floor for this computation.
+              STATS adds 8 B of output per row and a few FLOPs per logit, no extra read.
     backward  reads b and writes b per policy logit (2b: 4 B/elem for bf16), plus 20 B per row
               (label, g, lse); in place it allocates nothing. Ignored rows: b written, nothing read.
 
@@ -55,11 +59,23 @@ def _row_offset(row, inner_size, stride_outer, stride_inner):
 
 
 @triton.jit
-def _row_logprob(row_ptr, label, V, scan, BLOCK_V: tl.constexpr):
-    """(z_label - lse, lse) of one row in fp32; when `scan` is False the row is not read at all."""
+def _row_logprob(row_ptr, label, V, scan, BLOCK_V: tl.constexpr, STATS: tl.constexpr):
+    """(z_label - lse, lse, entropy, argmax) of one row in fp32; when `scan` is False the row is not read.
+
+    STATS (constexpr; off: no extra work is compiled in) adds, in the same pass over the vocabulary:
+      entropy = -sum_v p_v log p_v = log S - T / S, with S = sum_v exp(z_v - m) and
+                T = sum_v exp(z_v - m) (z_v - m) kept beside the running max m (every term <= 0: no
+                cancellation against a large lse); when m grows by d = m_old - m_new (< 0) the running
+                T becomes (T + S d) exp(d) and S becomes S exp(d);
+      argmax  = the FIRST (lowest) vocabulary index of the maximal logit (torch.argmax's rule): each block
+                contributes its first maximum, and a later block wins only with a strictly larger max.
+    Without STATS, entropy is 0.0 and argmax 0.
+    """
     offs = tl.arange(0, BLOCK_V)
     run_max = tl.full((), float("-inf"), tl.float32)
     run_sum = tl.full((), 0.0, tl.float32)
+    run_ent = tl.full((), 0.0, tl.float32)
+    run_arg = tl.full((), 0, tl.int32)
     v_end = tl.where(scan, V, 0)
     for start in range(0, v_end, BLOCK_V):
         cols = start + offs
@@ -68,14 +84,25 @@ def _row_logprob(row_ptr, label, V, scan, BLOCK_V: tl.constexpr):
         # uint16, so an `other=-inf` would be cast to an integer there.
         x = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
         x = tl.where(in_row, x, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(x, axis=0))
+        block_max = tl.max(x, axis=0)
+        new_max = tl.maximum(run_max, block_max)
         # While every value seen is -inf, shift by 0: exp(-inf - (-inf)) would be NaN.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(x - shift), axis=0)
+        rescale = tl.exp(run_max - shift)
+        e = tl.exp(x - shift)
+        if STATS:
+            d = tl.where(run_max == float("-inf"), 0.0, run_max - shift)
+            # e == 0 (masked or -inf logits) contributes 0, not 0 * -inf = NaN
+            run_ent = (run_ent + run_sum * d) * rescale + tl.sum(tl.where(e > 0.0, e * (x - shift), 0.0), axis=0)
+            block_arg = tl.min(tl.where(x == block_max, cols, V), axis=0)
+            run_arg = tl.where(block_max > run_max, block_arg, run_arg)
+        run_sum = run_sum * rescale + tl.sum(e, axis=0)
         run_max = new_max
-    lse = run_max + tl.log(tl.where(scan, run_sum, 1.0))  # an unscanned row has run_sum 0
+    safe_sum = tl.where(scan, run_sum, 1.0)  # an unscanned row has run_sum 0
+    lse = run_max + tl.log(safe_sum)
+    entropy = tl.log(safe_sum) - run_ent / safe_sum
     label_logit = tl.load(row_ptr + label, mask=scan, other=0.0).to(tl.float32)
-    return label_logit - lse, lse
+    return label_logit - lse, lse, entropy, run_arg
 
 
 @triton.jit
@@ -86,6 +113,8 @@ def token_logprobs_forward_kernel(
     policy_logp_ptr,  # *fp32 [rows]
     policy_lse_ptr,  # *fp32 [rows]
     ref_logp_ptr,  # *fp32 [rows] (ignored when HAS_REF is False)
+    policy_entropy_ptr,  # *fp32 [rows]: policy entropy (written only when STATS)
+    policy_correct_ptr,  # *fp32 [rows]: 1.0 where the label is the policy's argmax, else 0.0 (only when STATS)
     V,  # vocabulary size
     inner_size,  # rows per outer index (rows = outer * inner_size)
     policy_stride_outer, policy_stride_inner,
@@ -93,6 +122,7 @@ def token_logprobs_forward_kernel(
     ignore_index,
     BLOCK_V: tl.constexpr,
     HAS_REF: tl.constexpr,
+    STATS: tl.constexpr,
 ):
     row = tl.program_id(0)
     model = tl.program_id(1)  # 0: policy, 1: reference
@@ -104,13 +134,17 @@ def token_logprobs_forward_kernel(
     bad = tl.full((), float("nan"), tl.float32)
     if model == 0:
         row_ptr = policy_ptr + _row_offset(row, inner_size, policy_stride_outer, policy_stride_inner)
-        logp, lse = _row_logprob(row_ptr, safe_label, V, scan, BLOCK_V)
+        logp, lse, entropy, argmax = _row_logprob(row_ptr, safe_label, V, scan, BLOCK_V, STATS)
         tl.store(policy_logp_ptr + row, tl.where(ignored, 0.0, tl.where(scan, logp, bad)))
         tl.store(policy_lse_ptr + row, tl.where(ignored, 0.0, tl.where(scan, lse, bad)))
+        if STATS:
+            tl.store(policy_entropy_ptr + row, tl.where(ignored, 0.0, tl.where(scan, entropy, bad)))
+            correct = tl.where(argmax == safe_label, 1.0, 0.0)
+            tl.store(policy_correct_ptr + row, tl.where(ignored, 0.0, tl.where(scan, correct, bad)))
     if HAS_REF:
         if model == 1:
             row_ptr = ref_ptr + _row_offset(row, inner_size, ref_stride_outer, ref_stride_inner)
-            logp, lse = _row_logprob(row_ptr, safe_label, V, scan, BLOCK_V)
+            logp, _lse, _entropy, _argmax = _row_logprob(row_ptr, safe_label, V, scan, BLOCK_V, False)
             tl.store(ref_logp_ptr + row, tl.where(ignored, 0.0, tl.where(scan, logp, bad)))
 
 
@@ -158,23 +192,32 @@ def token_logprobs_backward_kernel(
 
 
 def launch_forward(policy, ref, labels, policy_logp, policy_lse, ref_logp, *, rows, inner_size,
-                   policy_strides, ref_strides, ignore_index, block_v=FORWARD_BLOCK_V):
+                   policy_strides, ref_strides, ignore_index, block_v=FORWARD_BLOCK_V,
+                   policy_entropy=None, policy_correct=None):
     """One launch for policy (and reference, when `ref` is not None) rows.
+
+    policy_entropy / policy_correct (fp32 contiguous [rows], both or neither): when given, the same pass
+    also writes each policy row's entropy and 1.0/0.0 for "the label is the argmax" (first maximal index
+    on ties); 0.0 on ignored rows, NaN on bad labels. When not given the kernel is compiled without them.
 
     Caller guarantees: logits with stride 1 in the last dimension and row r at offset
     (r // inner_size) * strides[0] + (r % inner_size) * strides[1]; labels int64 contiguous [rows];
     outputs fp32 contiguous [rows]; everything on one device; rows > 0 and V > 0.
     """
     has_ref = ref is not None
+    stats = policy_entropy is not None
+    if stats != (policy_correct is not None):
+        raise ValueError("give policy_entropy and policy_correct together (or neither)")
     grid = (rows, 2 if has_ref else 1)
     token_logprobs_forward_kernel[grid](
         policy, ref if has_ref else policy, labels,
         policy_logp, policy_lse, ref_logp if has_ref else policy_logp,
+        policy_entropy if stats else policy_logp, policy_correct if stats else policy_logp,
         policy.shape[-1], inner_size,
         policy_strides[0], policy_strides[1],
         *(ref_strides if has_ref else policy_strides),
         ignore_index,
-        BLOCK_V=block_v, HAS_REF=has_ref, num_warps=FORWARD_NUM_WARPS,
+        BLOCK_V=block_v, HAS_REF=has_ref, STATS=stats, num_warps=FORWARD_NUM_WARPS,
     )
 
 
@@ -213,19 +256,20 @@ def aot_specs():
     names = {tl.float32: "fp32", tl.bfloat16: "bf16", tl.float16: "fp16"}
     ptr = {t: "*" + names[t] for t in names}
 
-    def forward_spec(pt, rt, rows):
+    def forward_spec(pt, rt, rows, stats=False):
         sig = {
             "policy_ptr": ptr[pt], "ref_ptr": ptr[rt if rt is not None else pt],
             "labels_ptr": "*i64", "policy_logp_ptr": "*fp32", "policy_lse_ptr": "*fp32",
-            "ref_logp_ptr": "*fp32", "V": "i32", "inner_size": "i32",
+            "ref_logp_ptr": "*fp32", "policy_entropy_ptr": "*fp32", "policy_correct_ptr": "*fp32",
+            "V": "i32", "inner_size": "i32",
             "policy_stride_outer": "i32", "policy_stride_inner": "i32",
             "ref_stride_outer": "i32", "ref_stride_inner": "i32", "ignore_index": "i32",
-            "BLOCK_V": "constexpr", "HAS_REF": "constexpr",
+            "BLOCK_V": "constexpr", "HAS_REF": "constexpr", "STATS": "constexpr",
         }
-        constexprs = {"BLOCK_V": FORWARD_BLOCK_V, "HAS_REF": rt is not None}
+        constexprs = {"BLOCK_V": FORWARD_BLOCK_V, "HAS_REF": rt is not None, "STATS": stats}
         spec = {
             "name": f"token_logprobs_forward_{names[pt]}" + (f"_ref_{names[rt]}" if rt is not None else "")
-                    + ("_rows" if rows else "_generic"),
+                    + ("_stats" if stats else "") + ("_rows" if rows else "_generic"),
             "fn": token_logprobs_forward_kernel, "signature": sig, "constexprs": constexprs,
             "num_warps": FORWARD_NUM_WARPS, "num_stages": 3, "no_spill": True,
         }
@@ -261,4 +305,6 @@ def aot_specs():
         specs.append(backward_spec(pt, rows=True))
         specs += [forward_spec(pt, rt, rows=False) for rt in [None, *names]]
         specs.append(backward_spec(pt, rows=False))
+        # entropy + token accuracy (TRDPOLoss's chunked path pairs each policy tile dtype with the reference's)
+        specs += [forward_spec(pt, rt, rows=r, stats=True) for rt in names for r in (True, False)]
     return specs

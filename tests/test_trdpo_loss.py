@@ -376,8 +376,8 @@ def test_liger_per_sequence_logps_side_by_side():
     lg = liger.LigerFusedLinearDPOLoss(beta=0.1, compiled=False, use_ref_model=True, average_log_prob=False)
     _, aux = lg(pw, ph, labels, None, rh, rw, None)
     from fasttrdpo.loss._chunked import ChunkedTRDPOFunction, loss_config
-    cfg = (loss_config(0.1, "sigmoid", 0.0, None, 0.05), -100, 1.0, None, 1 << 20, 1 << 28, False)
-    _, policy_logps, _, _ = ChunkedTRDPOFunction.apply(ph, pw, None, rh, rw, None, labels, cfg)
+    cfg = (loss_config(0.1, "sigmoid", 0.0, None, 0.05), -100, 1.0, None, 1 << 20, 1 << 28, False, False)
+    _, policy_logps, _, _, _ = ChunkedTRDPOFunction.apply(ph, pw, None, rh, rw, None, labels, cfg)
     torch.testing.assert_close(policy_logps[:3], aux[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(policy_logps[3:], aux[1], rtol=1e-5, atol=1e-5)
 

@@ -114,6 +114,15 @@ def _softcap_(z, softcap):
     return z.div_(softcap).tanh_().mul_(softcap)
 
 
+def _token_stats(lsm, correct):
+    """[n, 2]: per token the entropy −Σ_v p·log p from log_softmax rows lsm [n, V] (p = 0 where lsm = −inf
+    contributes 0, not 0·−inf) beside `correct` [n] (label is the first argmax, taken on the logits before
+    log_softmax: z − lse could round two distinct logits to one value)."""
+    p = lsm.exp()
+    entropy = -torch.where(p > 0, p.mul_(lsm), torch.zeros((), device=lsm.device)).sum(1)
+    return torch.stack([entropy, correct], 1)
+
+
 def _label_logprobs_(z, y):
     """log p(y) per row from logits z [n, V]; leaves log_softmax(z) in z (in place, one fused pass)."""
     torch._log_softmax(z, 1, False, out=z)
@@ -121,11 +130,12 @@ def _label_logprobs_(z, y):
 
 
 class ChunkedTRDPOFunction(torch.autograd.Function):
-    """(loss, policy_logps[B], ref_logps[B], mean_logit_sums[B]); only loss is differentiable."""
+    """(loss, policy_logps[B], ref_logps[B], mean_logit_sums[B], stat_sums[B, 2] or [0, 2]); only loss is
+    differentiable. stat_sums (cfg's stats): per row Σ policy entropy, Σ [label is the argmax] over its tokens."""
 
     @staticmethod
     def forward(ctx, policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels, cfg):
-        loss_kw, ignore_index, logit_scale, softcap, chunk_bytes, max_pair_bytes, grad_enabled = cfg
+        loss_kw, ignore_index, logit_scale, softcap, chunk_bytes, max_pair_bytes, grad_enabled, stats = cfg
         B = labels.shape[0]
         P = B // 2
         device = labels.device
@@ -222,7 +232,15 @@ class ChunkedTRDPOFunction(torch.autograd.Function):
 
         policy_logps = torch.empty(B, dtype=f32, device=device)
         mean_logit_sums = torch.empty(B, dtype=f32, device=device)
+        # per row: Σ policy entropy and Σ [label is the argmax] over its tokens, when stats (else empty)
+        stat_sums = torch.zeros((B if stats else 0, 2), dtype=f32, device=device)
         loss = torch.zeros((), dtype=f32, device=device)
+
+        def label_logprobs_(z, yc):
+            """_label_logprobs_, plus the tokens' [n, 2] stats when asked (else None)."""
+            correct = (z.argmax(1) == yc).to(f32) if stats else None
+            logp = _label_logprobs_(z, yc)
+            return logp, (_token_stats(z, correct) if stats else None)
         # aot / aot_unpaired: every pair's log-probs before any loss (module docstring: two passes)
         deferred = needs_all_logps(loss_kw["loss_type"])
         mean_len_c = batch_mean_chosen_length(row_counts[:P]) if "sft" in _types(loss_kw) else None
@@ -254,20 +272,26 @@ class ChunkedTRDPOFunction(torch.autograd.Function):
             if single_pass:
                 h = pol_h[sel].to(f32)
                 z, t, tok_mean = logits_(h, n)
-                logp = _label_logprobs_(z, yc)
+                logp, tok_stats = label_logprobs_(z, yc)
                 z.exp_()  # softmax, in place: what the gradient needs
             else:  # a pair longer than the buffer, or a deferred loss: log-probs now, gradients in a second pass
                 logp = torch.empty(n, dtype=f32, device=device)
                 tok_mean = torch.empty(n, dtype=f32, device=device)
+                tok_stats = torch.empty((n, 2), dtype=f32, device=device) if stats else None
                 for s in range(0, n, chunk_rows):
                     e = min(s + chunk_rows, n)
                     z, _, tok_mean[s:e] = logits_(pol_h[sel[s:e]].to(f32), e - s)
-                    logp[s:e] = _label_logprobs_(z, yc[s:e])
+                    logp[s:e], block_stats = label_logprobs_(z, yc[s:e])
+                    if stats:
+                        tok_stats[s:e] = block_stats
 
             pol_rows = torch.zeros(2 * k, dtype=f32, device=device).index_add_(0, local_row, logp)
             policy_logps[chunk_rows_ids] = pol_rows
             mean_logit_sums[chunk_rows_ids] = torch.zeros(2 * k, dtype=f32, device=device).index_add_(
                 0, local_row, tok_mean)
+            if stats:
+                stat_sums[chunk_rows_ids] = torch.zeros(2 * k, 2, dtype=f32, device=device).index_add_(
+                    0, local_row, tok_stats)
 
             if deferred:
                 pending.append((chunk_rows_ids, sel, yc, local_row, n))
@@ -300,8 +324,8 @@ class ChunkedTRDPOFunction(torch.autograd.Function):
             grad_b,
         )
         ctx.dtypes = (policy_hidden.dtype, policy_weight.dtype, policy_bias.dtype if policy_bias is not None else None)
-        ctx.mark_non_differentiable(policy_logps, ref_logps, mean_logit_sums)
-        return loss, policy_logps, ref_logps, mean_logit_sums
+        ctx.mark_non_differentiable(policy_logps, ref_logps, mean_logit_sums, stat_sums)
+        return loss, policy_logps, ref_logps, mean_logit_sums, stat_sums
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):

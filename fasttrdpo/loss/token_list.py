@@ -116,16 +116,28 @@ def _logits_(h, w, b, scale, softcap, out, t32):
     return out
 
 
+def token_stats_(z32, lse, y, entropy, correct):
+    """entropy ← −Σ_v p log p = lse − Σ_v p·z and correct ← 1.0 where y is argmax_v z (torch.argmax: the first
+    maximal index on ties), per row of the fp32 logits z32 [n, V] with lse [n]. One [n, V] temporary; the
+    eager twin of the kernels' STATS outputs."""
+    p = (z32 - lse.unsqueeze(1)).exp_()
+    # Σ p·(z − lse) = −entropy; z − lse ≤ 0 and p = 0 where z = −inf (0·−inf would be NaN): where() guards it
+    entropy.copy_(-torch.where(p > 0, p * (z32 - lse.unsqueeze(1)), torch.zeros((), device=z32.device)).sum(1))
+    correct.copy_((z32.argmax(1) == y).to(torch.float32))
+
+
 class _TritonMiddle:
     """The paired Triton kernels of kernels/token_logprobs.py (CUDA, or CPU under TRITON_INTERPRET=1)."""
 
     @staticmethod
-    def forward(zp, zr, y, logp, lse, rlogp):
+    def forward(zp, zr, y, logp, lse, rlogp, entropy=None, correct=None):
+        """entropy / correct (or None): the policy's per-token entropy and label-is-argmax, same launch."""
         from fasttrdpo.kernels import token_logprobs as kernels
 
         V = zp.shape[1]
         kernels.launch_forward(zp, zr, y, logp, lse, rlogp, rows=zp.shape[0], inner_size=1,
-                               policy_strides=(V, 0), ref_strides=(V, 0), ignore_index=_NO_IGNORE)
+                               policy_strides=(V, 0), ref_strides=(V, 0), ignore_index=_NO_IGNORE,
+                               policy_entropy=entropy, policy_correct=correct)
 
     @staticmethod
     def backward_(zp, lse, y, ones):
@@ -141,13 +153,15 @@ class _EagerMiddle:
     """The same two steps in fp32 torch ops (the token-list entry point on CPU without the interpreter)."""
 
     @staticmethod
-    def forward(zp, zr, y, logp, lse, rlogp):
+    def forward(zp, zr, y, logp, lse, rlogp, entropy=None, correct=None):
         for z, lp, ls in ((zp, logp, lse), (zr, rlogp, None)):
             z32 = z.float()
             s = torch.logsumexp(z32, 1)
             lp.copy_(z32.gather(1, y.unsqueeze(1)).squeeze(1) - s)
             if ls is not None:
                 ls.copy_(s)
+                if entropy is not None:
+                    token_stats_(z32, s, y, entropy, correct)
 
     @staticmethod
     def backward_(zp, lse, y, ones):
@@ -160,7 +174,8 @@ _MIDDLES = {"triton": _TritonMiddle, "eager": _EagerMiddle}
 
 
 class TokenChunkedTRDPOFunction(torch.autograd.Function):
-    """(loss, policy_logps[2P], ref_logps[2P], mean_logit_sums[2P]); only loss is differentiable.
+    """(loss, policy_logps[2P], ref_logps[2P], mean_logit_sums[2P], stat_sums[2P, 2] or [0, 2]); only loss is
+    differentiable (stat_sums: `run_token_chunks`).
 
     Slots: 0..P-1 the chosen rows of pairs 0..P-1, P..2P-1 their rejected rows. pol_index / ref_index [n]
     are the rows of policy_hidden / ref_hidden ([M, H], [M', H']) of the tokens sorted by slot (unique
@@ -170,7 +185,7 @@ class TokenChunkedTRDPOFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias,
                 pol_index, ref_index, y, counts, cfg):
-        loss_kw, logit_scale, softcap, chunk_bytes, max_pair_bytes, middle_name, grad_enabled = cfg
+        loss_kw, logit_scale, softcap, chunk_bytes, max_pair_bytes, middle_name, grad_enabled, stats = cfg
         middle = _MIDDLES[middle_name]
         device = y.device
         f32 = torch.float32
@@ -221,6 +236,8 @@ class TokenChunkedTRDPOFunction(torch.autograd.Function):
         policy_logps = torch.zeros(n_slots, dtype=f32, device=device)
         ref_logps = torch.zeros(n_slots, dtype=f32, device=device)
         mean_logit_sums = torch.zeros(n_slots, dtype=f32, device=device)
+        # per slot: Σ entropy, Σ [label is argmax] over its tokens (policy), when stats; else empty
+        stat_sums = torch.zeros((n_slots if stats else 0, 2), dtype=f32, device=device)
         lengths = torch.as_tensor(counts, dtype=torch.int64, device=device)
         loss = torch.zeros((), dtype=f32, device=device)
         all_tokens = torch.arange(n_total, device=device)
@@ -275,6 +292,7 @@ class TokenChunkedTRDPOFunction(torch.autograd.Function):
             lse = torch.zeros(n, dtype=f32, device=device)
             rlogp = torch.zeros(n, dtype=f32, device=device)
             tok_mean = torch.zeros(n, dtype=f32, device=device)
+            tok_stats = torch.zeros((2, n) if stats else (2, 0), dtype=f32, device=device)
             blocks = [(s, min(s + rows, n)) for s in range(0, n, rows)]
             kept = None
             for s, e in blocks:  # one block unless a single pair exceeds the budget
@@ -282,7 +300,8 @@ class TokenChunkedTRDPOFunction(torch.autograd.Function):
                 hr = ref_hidden.index_select(0, ref_index[tok[s:e]]).to(rdt)
                 zr = _logits_(hr, rw, rb, logit_scale, softcap, rtile[: e - s],
                               rt32[: e - s] if rt32 is not None else None)
-                middle.forward(zp, zr, yc[s:e], logp[s:e], lse[s:e], rlogp[s:e])
+                middle.forward(zp, zr, yc[s:e], logp[s:e], lse[s:e], rlogp[s:e],
+                               *((tok_stats[0, s:e], tok_stats[1, s:e]) if stats else ()))
                 if softcap is None:
                     m = h.float() @ w_mean
                     if b_mean is not None:
@@ -298,6 +317,8 @@ class TokenChunkedTRDPOFunction(torch.autograd.Function):
             policy_logps[slots] = pol_rows
             ref_logps[slots] = torch.segment_reduce(rlogp, "sum", lengths=seg_lengths, unsafe=True)
             mean_logit_sums[slots] = torch.segment_reduce(tok_mean, "sum", lengths=seg_lengths, unsafe=True)
+            if stats:
+                stat_sums[slots] = torch.segment_reduce(tok_stats.T.contiguous(), "sum", lengths=seg_lengths, unsafe=True)
 
             if deferred:
                 pending.append((slots, seg_lengths, tok, lse, yc, blocks, n))
@@ -329,8 +350,8 @@ class TokenChunkedTRDPOFunction(torch.autograd.Function):
         ctx.save_for_backward(pol_index)
         ctx.hidden_shape = policy_hidden.shape
         ctx.dtypes = (policy_hidden.dtype, policy_weight.dtype, policy_bias.dtype if policy_bias is not None else None)
-        ctx.mark_non_differentiable(policy_logps, ref_logps, mean_logit_sums)
-        return loss, policy_logps, ref_logps, mean_logit_sums
+        ctx.mark_non_differentiable(policy_logps, ref_logps, mean_logit_sums, stat_sums)
+        return loss, policy_logps, ref_logps, mean_logit_sums, stat_sums
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
@@ -353,10 +374,14 @@ class TokenChunkedTRDPOFunction(torch.autograd.Function):
 
 
 def run_token_chunks(policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, pol_index,
-                     ref_index, y, counts, *, loss_kw, logit_scale, softcap, chunk_bytes, max_pair_bytes, middle):
+                     ref_index, y, counts, *, loss_kw, logit_scale, softcap, chunk_bytes, max_pair_bytes, middle,
+                     token_stats=False):
     """Shared by TRDPOLoss and trdpo_loss_from_tokens: inputs already validated, tokens sorted by slot;
-    loss_kw from `_chunked.loss_config`."""
-    cfg = (loss_kw, logit_scale, softcap, chunk_bytes, max_pair_bytes, middle, torch.is_grad_enabled())
+    loss_kw from `_chunked.loss_config`. Returns (loss, policy_logps, ref_logps, mean_logit_sums, stat_sums):
+    stat_sums [slots, 2] = per slot Σ policy entropy and Σ [label is the policy's argmax] over its tokens
+    when token_stats (computed in the forward kernel's pass, no logits kept), else an empty [0, 2]."""
+    cfg = (loss_kw, logit_scale, softcap, chunk_bytes, max_pair_bytes, middle, torch.is_grad_enabled(),
+           bool(token_stats))
     with torch.autocast(device_type=y.device.type, enabled=False):
         return TokenChunkedTRDPOFunction.apply(
             policy_hidden, policy_weight, policy_bias, ref_hidden.detach(), ref_weight.detach(),
@@ -377,7 +402,8 @@ def trdpo_loss_from_tokens(policy_hidden, policy_weight, ref_hidden, ref_weight,
                            rejected_rows, *, policy_bias=None, ref_bias=None, beta: float = 0.1,
                            loss_type="sigmoid", label_smoothing=0.0, loss_weights=None, discopop_tau: float = 0.05,
                            logit_scale: float = 1.0, softcap: float | None = None,
-                           chunk_bytes: int = DEFAULT_TILE_BYTES, validate: bool = True, backend: str = "auto"):
+                           chunk_bytes: int = DEFAULT_TILE_BYTES, validate: bool = True, backend: str = "auto",
+                           token_stats: bool = False):
     """TR-DPO loss and TRL's metrics from the VALID tokens only (no [rows, T] layout, no ignore_index).
 
     policy_hidden [n, H], ref_hidden [n, H'] (token t's last hidden states), labels [n] int64 in [0, V)
@@ -399,6 +425,7 @@ def trdpo_loss_from_tokens(policy_hidden, policy_weight, ref_hidden, ref_weight,
     a chunk holds whole pairs; a pair larger than the budget alone is done in two passes.
     Precision: see the module docstring (tile in the GEMM's half dtype: one rounding per logit).
     Deterministic: the same inputs give bit-identical loss and gradients (no atomics).
+    token_stats: metrics also hold TRL's `entropy` and `mean_token_accuracy` (as TRDPOLoss).
     """
     from .trdpo import _check_transform, _pair_metrics
 
@@ -464,9 +491,10 @@ def trdpo_loss_from_tokens(policy_hidden, policy_weight, ref_hidden, ref_weight,
         raise ValueError(f"row_ids: row {bad} is in no pair (not in chosen_rows or rejected_rows)")
     order = torch.sort(slot, stable=True).indices  # rows contiguous, tokens of a row in their given order
     counts = torch.bincount(slot, minlength=2 * P).tolist()
-    loss, policy_logps, ref_logps, mean_logit_sums = run_token_chunks(
+    loss, policy_logps, ref_logps, mean_logit_sums, stat_sums = run_token_chunks(
         policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, order, order, labels[order],
         counts, loss_kw=loss_kw, logit_scale=float(logit_scale), softcap=None if softcap is None else float(softcap),
-        chunk_bytes=chunk_bytes, max_pair_bytes=chunk_bytes, middle=chosen_backend)
+        chunk_bytes=chunk_bytes, max_pair_bytes=chunk_bytes, middle=chosen_backend, token_stats=token_stats)
     lengths = torch.as_tensor(counts, device=labels.device)
-    return loss, _pair_metrics(policy_logps, ref_logps, float(beta), mean_logit_sums, lengths)
+    return loss, _pair_metrics(policy_logps, ref_logps, float(beta), mean_logit_sums, lengths,
+                               stat_sums if token_stats else None)

@@ -11,8 +11,11 @@ from .token_list import DEFAULT_TILE_BYTES, run_token_chunks
 from .preference import preference_loss, sequence_logprobs
 
 
-def _pair_metrics(policy_logps, ref_logps, beta, mean_logit_sums, lengths):
-    """TRL's DPO metrics as detached tensors (no host sync). Rows: first half chosen, second half rejected."""
+def _pair_metrics(policy_logps, ref_logps, beta, mean_logit_sums, lengths, stat_sums=None):
+    """TRL's DPO metrics as detached tensors (no host sync). Rows: first half chosen, second half rejected.
+    stat_sums [rows, 2] (per row Σ policy entropy, Σ [label is argmax]) adds TRL's `entropy` (mean over all
+    completion tokens) and `mean_token_accuracy` (over the chosen completion tokens only, as TRL's
+    DPOTrainer); 0 when there are no tokens, as TRL."""
     P = policy_logps.shape[0] // 2
     policy_logps, ref_logps = policy_logps.detach(), ref_logps.detach()
     chosen_rewards = beta * (policy_logps[:P] - ref_logps[:P])
@@ -30,7 +33,10 @@ def _pair_metrics(policy_logps, ref_logps, beta, mean_logit_sums, lengths):
         "logps/rejected": policy_logps[P:].mean(),
         "logits/chosen": logits_chosen.detach(),
         "logits/rejected": logits_rejected.detach(),
-    }
+    } | ({} if stat_sums is None else {
+        "entropy": stat_sums[:, 0].sum() / lengths.sum().clamp(min=1.0),
+        "mean_token_accuracy": stat_sums[:P, 1].sum() / lengths[:P].sum().clamp(min=1.0),
+    })
 
 
 def _check_rows(labels):
@@ -73,6 +79,12 @@ class TRDPOLoss(nn.Module):
     the loss, the in-place backward kernel and two gradient GEMMs; deterministic. "auto" picks as every
     op does (DESIGN.md §4) among triton and eager ("cpp" is logits-level only: asking for it raises).
 
+    token_stats: metrics also hold TRL's `entropy` (mean policy entropy over all completion tokens) and
+    `mean_token_accuracy` (share of chosen completion tokens whose label is the policy's argmax; ties: the first
+    maximal index, torch.argmax's and TRL's rule), computed in the pass that forms the log-sum-exp (triton: an
+    optional output of the same kernel, a constexpr flag so nothing is compiled in when off; eager: from the
+    chunk's fp32 log-softmax). Off by default: no extra cost.
+
     chunk_bytes: memory budget of one chunk's logits; None = the backend's default (eager: 32 MiB of fp32
     logits, `DEFAULT_CHUNK_BYTES`; triton: 4 GiB of policy + reference tiles, `DEFAULT_TILE_BYTES`, which
     holds >= 4096 tokens at V = 128256 so the GEMMs stay compute-bound). A chunk holds whole pairs; a
@@ -83,8 +95,11 @@ class TRDPOLoss(nn.Module):
                  ignore_index: int = -100, *, loss_weights=None, discopop_tau: float = 0.05,
                  logit_scale: float = 1.0, softcap: float | None = None,
                  validate: bool = True, backend: str = "auto", chunk_bytes: int | None = None,
-                 max_pair_bytes: int = DEFAULT_MAX_PAIR_BYTES):
+                 max_pair_bytes: int = DEFAULT_MAX_PAIR_BYTES, token_stats: bool = False):
         super().__init__()
+        if not isinstance(token_stats, bool):
+            raise TypeError(f"token_stats must be a bool, got {type(token_stats).__name__}")
+        self.token_stats = token_stats
         self._loss_kw = loss_config(beta, loss_type, label_smoothing, loss_weights, discopop_tau)
         _check_transform(logit_scale, softcap)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -185,12 +200,13 @@ class TRDPOLoss(nn.Module):
         check_label_range(labels, policy_weight.shape[0], self.ignore_index)
         chunk_bytes = DEFAULT_CHUNK_BYTES if self.chunk_bytes is None else self.chunk_bytes
         cfg = (self._loss_kw, self.ignore_index, self.logit_scale, self.softcap, chunk_bytes, self.max_pair_bytes,
-               torch.is_grad_enabled())
-        loss, policy_logps, ref_logps, mean_logit_sums = ChunkedTRDPOFunction.apply(
+               torch.is_grad_enabled(), self.token_stats)
+        loss, policy_logps, ref_logps, mean_logit_sums, stat_sums = ChunkedTRDPOFunction.apply(
             policy_hidden, policy_weight, policy_bias, ref_hidden.detach(), ref_weight.detach(),
             None if ref_bias is None else ref_bias.detach(), labels, cfg)
         lengths = (labels.reshape(labels.shape[0], -1) != self.ignore_index).sum(1)
-        return loss, _pair_metrics(policy_logps, ref_logps, self.beta, mean_logit_sums, lengths)
+        return loss, _pair_metrics(policy_logps, ref_logps, self.beta, mean_logit_sums, lengths,
+                                   stat_sums if self.token_stats else None)
 
     def _forward_tokens(self, policy_hidden, policy_weight, labels, ref_hidden, ref_weight, policy_bias, ref_bias):
         """The triton backend: gather the valid rows, then `token_list.run_token_chunks` (its docstring)."""
@@ -201,13 +217,14 @@ class TRDPOLoss(nn.Module):
         mask = flat_labels != self.ignore_index
         valid = mask.nonzero().squeeze(1)  # row-major: each row's tokens contiguous, rows in slot order
         lengths = mask.view(B, -1).sum(1)
-        loss, policy_logps, ref_logps, mean_logit_sums = run_token_chunks(
+        loss, policy_logps, ref_logps, mean_logit_sums, stat_sums = run_token_chunks(
             policy_hidden.reshape(-1, policy_hidden.shape[-1]), policy_weight, policy_bias,
             ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias, valid, valid, flat_labels[valid],
             lengths.tolist(), loss_kw=self._loss_kw, logit_scale=self.logit_scale, softcap=self.softcap,
             chunk_bytes=DEFAULT_TILE_BYTES if self.chunk_bytes is None else self.chunk_bytes,
-            max_pair_bytes=self.max_pair_bytes, middle="triton")
-        return loss, _pair_metrics(policy_logps, ref_logps, self.beta, mean_logit_sums, lengths)
+            max_pair_bytes=self.max_pair_bytes, middle="triton", token_stats=self.token_stats)
+        return loss, _pair_metrics(policy_logps, ref_logps, self.beta, mean_logit_sums, lengths,
+                                   stat_sums if self.token_stats else None)
 
 
 def _loss_from_sequence_logps(policy_logps, ref_logps, lengths, loss_kw):
