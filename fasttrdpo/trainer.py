@@ -35,6 +35,7 @@ from .training.model_parts import causal_lm_parts, disable_dropout
 from .training.model_parts import frozen_copy as _frozen_copy
 from .training.output_dir import OutputDirError, OutputDirLock, check_new_run
 from .training.plot import plot_metrics
+from .training.reporting import Reporter
 from .training.schedule import METRIC_DRIVEN, Schedule
 
 __all__ = ["TRDPOConfig", "TRDPOTrainer", "TRL_METRICS", "CHECKPOINT_RE", "OutputDirError", "causal_lm_parts",
@@ -112,7 +113,10 @@ class TRDPOTrainer:
 
         self.loss_fn = TRDPOLoss(beta=config.beta, loss_type=config.loss_type,
                                  label_smoothing=config.label_smoothing, loss_weights=config.loss_weights,
-                                 discopop_tau=config.discopop_tau, ignore_index=self.collator.ignore_index)
+                                 discopop_tau=config.discopop_tau, ignore_index=self.collator.ignore_index,
+                                 token_stats=config.log_token_stats)
+        # TRL's per-step names, in the order of the logged vector (entropy etc. only when computed)
+        self.step_metrics = TRL_METRICS + (("entropy", "mean_token_accuracy") if config.log_token_stats else ())
         self.updater = (RefModelUpdater(policy=self.model, ref=self.ref_model, alpha=config.alpha, tau=config.tau)
                         if config.sync_ref_model else None)
 
@@ -142,6 +146,8 @@ class TRDPOTrainer:
         self._window: list[torch.Tensor] = []  # per-step metric vectors since the last training record
         self._window_seconds = 0.0  # time spent on them (before the current stretch)
         self._lock: OutputDirLock | None = None
+        # report_to's targets (tensorboard, wandb): a missing package raises here, before anything runs
+        self.reporter = Reporter(config.report_to, config.output_dir)
 
     # --- set-up helpers ------------------------------------------------------------------------------
 
@@ -232,6 +238,7 @@ class TRDPOTrainer:
             with logging_redirect_tqdm(loggers=[_log]):
                 return self._train()
         finally:
+            self.reporter.close()
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
@@ -282,6 +289,8 @@ class TRDPOTrainer:
             _ckpt.seed_all(c.seed + self.rank)
             if self.is_main:
                 open(self.metrics_path, "w").close()
+        if self.is_main:
+            self.reporter.open(self.run_id, run_name=c.run_name, config=c.to_dict())
         if self.global_step >= self.total_steps:
             return self._already_finished()
         from tqdm.auto import tqdm
@@ -303,7 +312,8 @@ class TRDPOTrainer:
                 with ctx:
                     loss, metrics = self._loss(batch, self.policy_ddp)
                     (loss / accum).backward()
-                vec = torch.stack([loss.detach().float()] + [metrics[k].detach().float().reshape(()) for k in TRL_METRICS])
+                vec = torch.stack([loss.detach().float()] + [metrics[k].detach().float().reshape(())
+                                                             for k in self.step_metrics])
                 step_sum = vec if step_sum is None else step_sum + vec
             if c.max_grad_norm > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
@@ -381,7 +391,7 @@ class TRDPOTrainer:
         values = mean.tolist()
         record = {"step": self.global_step, "epoch": round(self.global_step / self.steps_per_epoch, 4),
                   "loss": values[0]}
-        record.update({k: v for k, v in zip(TRL_METRICS, values[1:])})
+        record.update({k: v for k, v in zip(self.step_metrics, values[1:])})
         record.update({"grad_norm": values[-1], "learning_rate": lr, "ref_updates": self.ref_updates,
                        "steps_per_second": round(len(window) / max(seconds, 1e-9), 3)})
         return record
@@ -396,6 +406,7 @@ class TRDPOTrainer:
         tqdm.write(json.dumps(shown))
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.reporter.log(record)
 
 
     # --- evaluation (fasttrdpo.training.evaluate) -------------------------------------------------------

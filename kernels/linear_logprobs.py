@@ -11,6 +11,9 @@ For hidden states h [N, H], an lm_head weight W [V, H] (optional bias b [V]) and
     zt     = softcap * tanh(scale * z / softcap)            if softcap is set, else scale * z
     lse    = logsumexp_v zt
     logp   = zt[y] - lse                                    0.0 where y == ignore_index, NaN if y not in [0, V)
+    optional (stats=True): entropy = -sum_v p log p, p = softmax(zt), and correct = [y == argmax_v zt]
+             (first maximal column on ties), per row from the same tiles: each tile adds sum e·(zt - m)
+             and its first argmax to its (max, sum) partial, the merge combines them in block order
 
 Operand dtype (`dot_dtype`): when hidden or weight is bf16/fp16 both are cast to that half dtype, as
 autocast would (a bf16 hidden with an fp32 weight runs bf16 tensor-core dots, never fp32 FMAs); fp32
@@ -223,13 +226,15 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_hn, stride_wv,
 # ------------------------------------------------------------------------------------------ forward
 @triton.jit(do_not_specialize=["N", "V"])
 def linear_logprobs_partial_kernel(
-        h_ptr, w_ptr, b_ptr, labels_ptr, m_ptr, s_ptr, zl_ptr,
+        h_ptr, w_ptr, b_ptr, labels_ptr, m_ptr, s_ptr, zl_ptr, t_ptr, a_ptr,
         N, V, H, stride_hn, stride_wv, scale, softcap,
         HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
-        NUM_STAGES: tl.constexpr):
+        NUM_STAGES: tl.constexpr, STATS: tl.constexpr = False):
     """m_ptr, s_ptr: fp32 [cdiv(V, BLOCK_V), N] (row max and sum of exp of each vocabulary block);
-    zl_ptr: fp32 [N], the label logit, written only by the program whose tile holds the label."""
+    zl_ptr: fp32 [N], the label logit, written only by the program whose tile holds the label.
+    STATS (constexpr, off: not compiled in): also t_ptr fp32 [blocks, N] = sum exp(z - m)·(z - m) of the
+    block (for the entropy) and a_ptr int32 [blocks, N] = the block's first column holding its max."""
     pid_n, pid_v = _tile_ids(N, V, BLOCK_N, BLOCK_V, GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -238,10 +243,17 @@ def linear_logprobs_partial_kernel(
                          HAS_BIAS, SOFTCAP, DOT, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H, NUM_STAGES)
     z = tl.where((cols < V)[None, :], z, float("-inf"))  # every tile holds at least one column < V
     m = tl.max(z, axis=1)
-    s = tl.sum(tl.exp(z - m[:, None]), axis=1)
+    e = tl.exp(z - m[:, None])
+    s = tl.sum(e, axis=1)
     part = pid_v.to(tl.int64) * N + rows
     tl.store(m_ptr + part, m, mask=row_mask)
     tl.store(s_ptr + part, s, mask=row_mask)
+    if STATS:
+        # e == 0 (columns past V, or z = -inf) contributes 0, not 0 * -inf = NaN
+        t = tl.sum(tl.where(e > 0.0, e * (z - m[:, None]), 0.0), axis=1)
+        arg = tl.min(tl.where(z == m[:, None], cols[None, :], V), axis=1)
+        tl.store(t_ptr + part, t, mask=row_mask)
+        tl.store(a_ptr + part, arg, mask=row_mask)
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
     # 32-bit column to compare against (-1 never matches): int64 [BLOCK_N, BLOCK_V] compares cost registers
     target = tl.where((labels >= 0) & (labels < V), labels, -1).to(tl.int32)
@@ -251,30 +263,54 @@ def linear_logprobs_partial_kernel(
 
 
 @triton.jit(do_not_specialize=["N", "V", "num_blocks", "ignore_index"])
-def linear_logprobs_merge_kernel(m_ptr, s_ptr, zl_ptr, labels_ptr, logp_ptr, lse_ptr, N, V, num_blocks,
-                                 ignore_index, BLOCK_N: tl.constexpr):
-    """lse = M + log(sum_j s_j exp(m_j - M)) over the vocabulary blocks j = 0, 1, ... in that order."""
+def linear_logprobs_merge_kernel(m_ptr, s_ptr, zl_ptr, labels_ptr, logp_ptr, lse_ptr, t_ptr, a_ptr,
+                                 entropy_ptr, correct_ptr, N, V, num_blocks, ignore_index, BLOCK_N: tl.constexpr,
+                                 STATS: tl.constexpr = False):
+    """lse = M + log(sum_j s_j exp(m_j - M)) over the vocabulary blocks j = 0, 1, ... in that order.
+    STATS: entropy = log S - T / S with T = sum_j (t_j + s_j·d_j)·exp(d_j), d_j = m_j - M, S likewise (every
+    term <= 0); argmax = the earliest block's first maximal column (a later block wins only with a strictly
+    larger max): torch.argmax's first-index rule. correct = 1.0 where it equals the label."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     run_m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     run_s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_a = tl.zeros((BLOCK_N,), dtype=tl.int32)
     m_at = m_ptr + rows  # advanced by N per block: 64-bit pointer arithmetic, no int32 product
     s_at = s_ptr + rows
+    t_at = t_ptr + rows
+    a_at = a_ptr + rows
     for _j in range(0, num_blocks):
         m = tl.load(m_at, mask=row_mask, other=0.0)
         s = tl.load(s_at, mask=row_mask, other=1.0)  # rows past N: log(1), not log(0)
         m_at += N
         s_at += N
         new_m = tl.maximum(run_m, m)
+        if STATS:
+            t = tl.load(t_at, mask=row_mask, other=0.0)
+            a = tl.load(a_at, mask=row_mask, other=0)
+            t_at += N
+            a_at += N
+            shift = tl.where(new_m == float("-inf"), 0.0, new_m)
+            d_run = tl.where(run_m == float("-inf"), 0.0, run_m - shift)
+            d_blk = tl.where(m == float("-inf"), 0.0, m - shift)
+            run_t = (run_t + run_s * d_run) * tl.exp(run_m - shift) + (t + s * d_blk) * tl.exp(m - shift)
+            run_a = tl.where(m > run_m, a, run_a)
         run_s = run_s * tl.exp(run_m - new_m) + s * tl.exp(m - new_m)
         run_m = new_m
     lse = run_m + tl.log(run_s)
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
     in_range = (labels >= 0) & (labels < V)
     z_label = tl.load(zl_ptr + rows, mask=row_mask & in_range, other=0.0)
-    logp = tl.where(labels == ignore_index, 0.0, tl.where(in_range, z_label - lse, float("nan")))
+    ignored = labels == ignore_index
+    logp = tl.where(ignored, 0.0, tl.where(in_range, z_label - lse, float("nan")))
     tl.store(logp_ptr + rows, logp, mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
+    if STATS:
+        entropy = tl.log(run_s) - run_t / run_s
+        correct = tl.where(run_a.to(tl.int64) == labels, 1.0, 0.0)
+        tl.store(entropy_ptr + rows, tl.where(ignored, 0.0, tl.where(in_range, entropy, float("nan"))), mask=row_mask)
+        tl.store(correct_ptr + rows, tl.where(ignored, 0.0, tl.where(in_range, correct, float("nan"))), mask=row_mask)
 
 
 # ----------------------------------------------------------------------------------------- backward
@@ -383,9 +419,11 @@ def matmul_precision(precision: str):
 
 
 def linear_logprobs_forward(hidden, weight, bias, labels, *, ignore_index=-100, logit_scale=1.0,
-                            softcap=None, precision="ieee"):
+                            softcap=None, precision="ieee", stats=False):
     """hidden [N, H], weight [V, H], bias [V] or None, labels [N] int64 contiguous, N >= 1.
-    Returns (logp, lse), both fp32 [N]."""
+    Returns (logp, lse), both fp32 [N]; with stats=True (logp, lse, entropy, correct): per row the entropy
+    of softmax(zt) and 1.0 where the label is the first maximal column of zt (0.0 on ignored rows), from the
+    same tiles (8 more bytes of partials per row and vocabulary block; nothing else is read)."""
     hidden, weight, dt = _cast_operands(hidden, weight, bias)
     N, H = hidden.shape
     V = weight.shape[0]
@@ -396,18 +434,23 @@ def linear_logprobs_forward(hidden, weight, bias, labels, *, ignore_index=-100, 
     m_part = torch.empty((num_blocks, N), dtype=torch.float32, device=dev)
     s_part = torch.empty((num_blocks, N), dtype=torch.float32, device=dev)
     z_label = torch.empty((N,), dtype=torch.float32, device=dev)
+    t_part = torch.empty((num_blocks, N), dtype=torch.float32, device=dev) if stats else m_part
+    a_part = torch.empty((num_blocks, N), dtype=torch.int32, device=dev) if stats else m_part
     launch = _launcher(linear_logprobs_partial_kernel, _capability(dev), dot)
     launch(lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * num_blocks,),
-           hidden, weight, bias if bias is not None else z_label, labels, m_part, s_part, z_label,
+           hidden, weight, bias if bias is not None else z_label, labels, m_part, s_part, z_label, t_part, a_part,
            N, V, H, hidden.stride(0), weight.stride(0), float(logit_scale),
            float(softcap) if softcap is not None else 1.0,
-           HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, DOT=_kernel_dot(dt), PRECISION=precision)
+           HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, DOT=_kernel_dot(dt), PRECISION=precision,
+           STATS=bool(stats))
     logp = torch.empty((N,), dtype=torch.float32, device=dev)
     lse = torch.empty((N,), dtype=torch.float32, device=dev)
+    entropy = torch.empty((N,), dtype=torch.float32, device=dev) if stats else logp
+    correct = torch.empty((N,), dtype=torch.float32, device=dev) if stats else logp
     linear_logprobs_merge_kernel[(triton.cdiv(N, MERGE_BLOCK_N),)](
-        m_part, s_part, z_label, labels, logp, lse, N, V, num_blocks, ignore_index,
-        BLOCK_N=MERGE_BLOCK_N, num_warps=MERGE_NUM_WARPS)
-    return logp, lse
+        m_part, s_part, z_label, labels, logp, lse, t_part, a_part, entropy, correct, N, V, num_blocks,
+        ignore_index, BLOCK_N=MERGE_BLOCK_N, STATS=bool(stats), num_warps=MERGE_NUM_WARPS)
+    return (logp, lse, entropy, correct) if stats else (logp, lse)
 
 
 def vocab_chunk(N: int, V: int, dtype: torch.dtype, budget_bytes: int | None = None) -> int:
@@ -486,11 +529,16 @@ def aot_specs():
                 b_st = st if full else "fp32"  # a bias is stored like the weight
                 part_sig = {
                     "h_ptr": f"*{st}", "w_ptr": f"*{st}", "b_ptr": f"*{b_st}", "labels_ptr": "*i64",
-                    "m_ptr": "*fp32", "s_ptr": "*fp32", "zl_ptr": "*fp32", "N": "i32", "V": "i32",
+                    "m_ptr": "*fp32", "s_ptr": "*fp32", "zl_ptr": "*fp32", "t_ptr": "*fp32", "a_ptr": "*i32",
+                    "N": "i32", "V": "i32",
                     "H": "i32", "stride_hn": "i32", "stride_wv": "i32", "scale": "fp32", "softcap": "fp32",
                 }
-                specs.append(_spec(f"linear_logprobs_partial_{tag}", linear_logprobs_partial_kernel,
-                                   part_sig, common, cfg, cc, dot))
+                # STATS (entropy + argmax partials) on the variants a trainer logging them runs: every
+                # config, plain and with all options
+                for stats in (False, True) if precision == "ieee" and dot != DOT_FP16 else (False,):
+                    specs.append(_spec(f"linear_logprobs_partial_{tag}{'_stats' if stats else ''}",
+                                       linear_logprobs_partial_kernel, part_sig, {**common, "STATS": stats},
+                                       cfg, cc, dot))
                 dz_sig = {
                     "h_ptr": f"*{st}", "w_ptr": f"*{st}", "b_ptr": f"*{b_st}", "labels_ptr": "*i64",
                     "lse_ptr": "*fp32", "grad_ptr": "*fp32", "dz_ptr": f"*{st}", "N": "i32", "V": "i32",
@@ -500,11 +548,13 @@ def aot_specs():
                 specs.append(_spec(f"linear_logprobs_dz_{tag}", linear_logprobs_dz_kernel, dz_sig,
                                    {**common, "OUT": dot}, cfg, cc, dot))
     merge_sig = {"m_ptr": "*fp32", "s_ptr": "*fp32", "zl_ptr": "*fp32", "labels_ptr": "*i64",
-                 "logp_ptr": "*fp32", "lse_ptr": "*fp32", "N": "i32", "V": "i32", "num_blocks": "i32",
+                 "logp_ptr": "*fp32", "lse_ptr": "*fp32", "t_ptr": "*fp32", "a_ptr": "*i32",
+                 "entropy_ptr": "*fp32", "correct_ptr": "*fp32", "N": "i32", "V": "i32", "num_blocks": "i32",
                  "ignore_index": "i32"}
-    specs.append(_spec("linear_logprobs_merge", linear_logprobs_merge_kernel, merge_sig,
-                       {"BLOCK_N": MERGE_BLOCK_N},
-                       {"num_warps": MERGE_NUM_WARPS, "num_stages": 1}, None, None))
+    for stats in (False, True):
+        specs.append(_spec("linear_logprobs_merge" + ("_stats" if stats else ""), linear_logprobs_merge_kernel,
+                           merge_sig, {"BLOCK_N": MERGE_BLOCK_N, "STATS": stats},
+                           {"num_warps": MERGE_NUM_WARPS, "num_stages": 1}, None, None))
     return specs
 
 

@@ -64,18 +64,28 @@ class TRDPOConfig:
     eval_kl: bool = True  # exact full-vocabulary KL(policy || ref) and KL(policy || initial) at eval
     kl_chunk_tokens: int = 1024
     plot: bool = True
+    # besides metrics.jsonl: "tensorboard", "wandb" (a list for both), or "none" (fasttrdpo.training.reporting)
+    report_to: str | list[str] = "none"
+    # TRL's `entropy` and `mean_token_accuracy` of the policy, from the fused loss's pass (no logits); False: off
+    log_token_stats: bool = True
     disable_tqdm: bool = False
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
     device: str = "auto"
 
     def __post_init__(self):
         # lists as lists (a tuple from Python code, a list from JSON: the same config, the same record)
-        for name in ("loss_type", "label_smoothing", "loss_weights"):
+        for name in ("loss_type", "label_smoothing", "loss_weights", "report_to"):
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
         try:  # the loss settings as TRDPOLoss checks them, before anything else runs
             check_loss_config(self.beta, self.loss_type, self.label_smoothing, loss_weights=self.loss_weights,
                               discopop_tau=self.discopop_tau, accept=LOSS_TYPES)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"TRDPOConfig: {e}") from None
+        from .reporting import normalize_report_to
+
+        try:
+            normalize_report_to(self.report_to)
         except (ValueError, TypeError) as e:
             raise ValueError(f"TRDPOConfig: {e}") from None
         checks = [

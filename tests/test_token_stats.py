@@ -1,0 +1,141 @@
+"""Policy entropy and mean token accuracy (TRL's `entropy`, `mean_token_accuracy`) computed inside the fused
+loss without logits, on every backend TRDPOLoss dispatches to, against a float64 reference from full logits."""
+import math
+
+import pytest
+import torch
+
+from fasttrdpo.loss import TRDPOLoss
+from fasttrdpo.loss.token_list import trdpo_loss_from_tokens
+
+
+def _inputs(B=6, T=9, H=16, V=67, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    ph = torch.randn(B, T, H, generator=g)
+    pw = torch.randn(V, H, generator=g) / math.sqrt(H) * 3
+    rh = ph + 0.3 * torch.randn(B, T, H, generator=g)
+    rw = pw + 0.1 * torch.randn(V, H, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[:, :3] = -100            # prompt
+    labels[1, 6:] = -100            # padding in a chosen row
+    labels[B // 2 + 2, :] = -100    # a fully ignored rejected row
+    pb = 0.5 * torch.randn(V, generator=g) if bias else None
+    return ph, pw, pb, labels, rh, rw
+
+
+def _reference(ph, pw, pb, labels, scale=1.0, cap=None):
+    """float64 from the full logits: (entropy over all completion tokens, accuracy over chosen ones, min top-2 gap)."""
+    z = ph.double() @ pw.double().T
+    if pb is not None:
+        z = z + pb.double()
+    z = z * scale
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    logp = torch.log_softmax(z, -1)
+    ent = -(logp.exp() * logp).sum(-1)
+    correct = (z.argmax(-1) == labels).double()
+    mask = labels != -100
+    P = labels.shape[0] // 2
+    top2 = z.topk(2, -1).values
+    gap = (top2[..., 0] - top2[..., 1])[mask].min()
+    entropy = ent[mask].sum() / mask.sum()
+    acc = correct[:P][mask[:P]].sum() / mask[:P].sum()
+    return entropy, acc, gap, z[mask].abs().max()
+
+
+# chunk_bytes: None = one chunk; 4 KiB = several chunks of whole pairs and (eager) pairs done in two passes
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("chunk_bytes,cap", [(None, None), (4096, None), (4096, 5.0)])
+def test_trdpo_loss_token_stats_match_float64(backend, chunk_bytes, cap):
+    ph, pw, pb, labels, rh, rw = _inputs(seed=1)
+    exp_ent, exp_acc, gap, zmax = _reference(ph, pw, pb, labels, scale=0.9, cap=cap)
+    # fp32 logits are off by ~1e-6·|z|: a top-2 gap far above that leaves no argmax to a rounding decision
+    assert gap > 1e-4
+    loss_fn = TRDPOLoss(beta=0.1, backend=backend, chunk_bytes=chunk_bytes, token_stats=True, logit_scale=0.9,
+                        softcap=cap)
+    _, m = loss_fn(ph, pw, labels, rh, rw, policy_bias=pb, ref_bias=None)
+    # entropy = log S − T/S in fp32: each of V terms carries ~ε_fp32·(1 + |z − m|) relative error; with
+    # |z − m| ≤ 2·max|z| the bound is ~ 4·ε·(1 + 2·max|z|)·log V; 1e-5·(1 + max|z|) covers it with margin.
+    tol = 1e-5 * (1.0 + float(zmax))
+    assert abs(float(m["entropy"]) - float(exp_ent)) <= tol, (float(m["entropy"]), float(exp_ent))
+    assert float(m["mean_token_accuracy"]) == pytest.approx(float(exp_acc), abs=1e-7)
+    # a non-trivial check: not every chosen token is (in)correct
+    assert 0.0 < float(exp_acc) < 1.0
+
+
+def test_token_stats_off_by_default_and_loss_unchanged():
+    ph, pw, pb, labels, rh, rw = _inputs(seed=2)
+    loss_off, m_off = TRDPOLoss(backend="eager")(ph, pw, labels, rh, rw, policy_bias=pb)
+    loss_on, m_on = TRDPOLoss(backend="eager", token_stats=True)(ph, pw, labels, rh, rw, policy_bias=pb)
+    assert "entropy" not in m_off and "mean_token_accuracy" not in m_off
+    assert {"entropy", "mean_token_accuracy"} <= set(m_on)
+    assert float(loss_on) == float(loss_off)
+    with pytest.raises(TypeError, match="token_stats"):
+        TRDPOLoss(token_stats=1)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_token_stats_ties_take_the_first_maximal_index(backend):
+    """Vocabulary rows 2 and 60 are equal and carry a bias that makes them the maximum for every token: the
+    argmax is 2 (torch.argmax's and TRL's rule), so label 2 counts as correct and label 60 does not."""
+    ph, pw, pb, labels, rh, rw = _inputs(seed=3)
+    pw[60] = pw[2]
+    pb[2] = pb[60] = 50.0
+    P = labels.shape[0] // 2
+    labels[:P, 3:5] = 2
+    labels[:P, 5:] = 60
+    labels[1, 6:] = -100
+    z = ph @ pw.T + pb
+    assert bool((z[..., 2] == z[..., 60]).all())  # an exact tie in the fp32 logits too
+    mask = labels[:P] != -100
+    expected = float(((labels[:P] == 2) & mask).sum() / mask.sum())
+    _, m = TRDPOLoss(backend=backend, token_stats=True)(ph, pw, labels, rh, rw, policy_bias=pb)
+    assert float(m["mean_token_accuracy"]) == pytest.approx(expected, abs=1e-7)
+    assert 0.0 < expected < 1.0
+    exp_ent, _, _, zmax = _reference(ph, pw, pb, labels)
+    assert abs(float(m["entropy"]) - float(exp_ent)) <= 1e-5 * (1.0 + float(zmax))
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_trdpo_loss_from_tokens_token_stats(backend):
+    ph, pw, pb, labels, rh, rw = _inputs(seed=4, bias=False)
+    exp_ent, exp_acc, gap, zmax = _reference(ph, pw, None, labels)
+    assert gap > 1e-4
+    B, T = labels.shape
+    mask = labels.reshape(-1) != -100
+    rows = torch.arange(B).repeat_interleave(T)[mask]
+    P = B // 2
+    _, m = trdpo_loss_from_tokens(ph.reshape(-1, ph.shape[-1])[mask], pw, rh.reshape(-1, rh.shape[-1])[mask], rw,
+                                  labels.reshape(-1)[mask], rows, torch.arange(P), torch.arange(P, B),
+                                  backend=backend, token_stats=True, chunk_bytes=4096)
+    assert abs(float(m["entropy"]) - float(exp_ent)) <= 1e-5 * (1.0 + float(zmax))
+    assert float(m["mean_token_accuracy"]) == pytest.approx(float(exp_acc), abs=1e-7)
+
+
+def test_forward_kernel_stats_across_blocks_ignored_rows_and_masked_vocab():
+    """The kernel itself with BLOCK_V = 16 (V = 50: four blocks, the last partial): ties between blocks, a
+    row whose maximum is only in a later block, −inf logits (masked vocabulary), an ignored row."""
+    from fasttrdpo.kernels import token_logprobs as kernels
+
+    g = torch.Generator().manual_seed(5)
+    V = 50
+    z = torch.randn(5, V, generator=g) * 3
+    z[0, 3] = z[0, 40] = 20.0           # tie across blocks: argmax 3
+    z[1, 3] = z[1, 40] = 20.0
+    z[2, 45] = 30.0                     # maximum in the last, partial block
+    z[3, :20] = float("-inf")           # masked vocabulary: 0·log 0 = 0, not NaN
+    labels = torch.tensor([3, 40, 45, 25, -100])
+    n = labels.numel()
+    logp, lse, ent, corr = (torch.full((n,), 7.0) for _ in range(4))
+    kernels.launch_forward(z, None, labels, logp, lse, None, rows=n, inner_size=1, policy_strides=(V, 0),
+                           ref_strides=(V, 0), ignore_index=-100, block_v=16, policy_entropy=ent, policy_correct=corr)
+    z64 = z.double()
+    lp = torch.log_softmax(z64, -1)
+    exp_ent = -torch.where(lp > -math.inf, lp.exp() * lp, torch.zeros((), dtype=torch.float64)).sum(-1)
+    exp_corr = (z64.argmax(-1) == labels).double()
+    exp_ent[4] = exp_corr[4] = 0.0     # ignored row: exactly 0
+    torch.testing.assert_close(ent.double(), exp_ent, rtol=0, atol=1e-5 * 31)
+    assert corr.tolist() == exp_corr.tolist() == [1.0, 0.0, 1.0, float(exp_corr[3]), 0.0]
+    with pytest.raises(ValueError, match="together"):
+        kernels.launch_forward(z, None, labels, logp, lse, None, rows=n, inner_size=1, policy_strides=(V, 0),
+                               ref_strides=(V, 0), ignore_index=-100, policy_entropy=ent)
