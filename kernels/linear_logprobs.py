@@ -250,7 +250,7 @@ def linear_logprobs_partial_kernel(
     tl.store(s_ptr + part, s, mask=row_mask)
     if STATS:
         # e == 0 (columns past V, or z = -inf) contributes 0, not 0 * -inf = NaN
-        t = tl.sum(tl.where(e > 0.0, e * (z - m[:, None]), 0.0), axis=1)
+        t = tl.sum(e * tl.where(e > 0.0, z - m[:, None], 0.0), axis=1)
         arg = tl.min(tl.where(z == m[:, None], cols[None, :], V), axis=1)
         tl.store(t_ptr + part, t, mask=row_mask)
         tl.store(a_ptr + part, arg, mask=row_mask)

@@ -93,7 +93,7 @@ def _row_logprob(row_ptr, label, V, scan, BLOCK_V: tl.constexpr, STATS: tl.const
         if STATS:
             d = tl.where(run_max == float("-inf"), 0.0, run_max - shift)
             # e == 0 (masked or -inf logits) contributes 0, not 0 * -inf = NaN
-            run_ent = (run_ent + run_sum * d) * rescale + tl.sum(tl.where(e > 0.0, e * (x - shift), 0.0), axis=0)
+            run_ent = (run_ent + run_sum * d) * rescale + tl.sum(e * tl.where(e > 0.0, x - shift, 0.0), axis=0)
             block_arg = tl.min(tl.where(x == block_max, cols, V), axis=0)
             run_arg = tl.where(block_max > run_max, block_arg, run_arg)
         run_sum = run_sum * rescale + tl.sum(e, axis=0)

@@ -15,11 +15,14 @@ def _inputs(B=6, T=9, H=16, V=67, seed=0, bias=True):
     pw = torch.randn(V, H, generator=g) / math.sqrt(H) * 3
     rh = ph + 0.3 * torch.randn(B, T, H, generator=g)
     rw = pw + 0.1 * torch.randn(V, H, generator=g)
+    pb = 0.5 * torch.randn(V, generator=g) if bias else None
     labels = torch.randint(0, V, (B, T), generator=g)
+    # some labels at the argmax (scale > 0 and softcap keep the order) so that accuracy is neither 0 nor 1
+    z = ph @ pw.T + (pb if bias else 0.0)
+    labels[:, 3::2] = z.argmax(-1)[:, 3::2]
     labels[:, :3] = -100            # prompt
     labels[1, 6:] = -100            # padding in a chosen row
     labels[B // 2 + 2, :] = -100    # a fully ignored rejected row
-    pb = 0.5 * torch.randn(V, generator=g) if bias else None
     return ph, pw, pb, labels, rh, rw
 
 
@@ -139,3 +142,36 @@ def test_forward_kernel_stats_across_blocks_ignored_rows_and_masked_vocab():
     with pytest.raises(ValueError, match="together"):
         kernels.launch_forward(z, None, labels, logp, lse, None, rows=n, inner_size=1, policy_strides=(V, 0),
                                ref_strides=(V, 0), ignore_index=-100, policy_entropy=ent)
+
+
+@pytest.mark.parametrize("cap", [None, 4.0])
+def test_linear_logprobs_kernels_stats_match_float64(cap, monkeypatch):
+    """kernels/linear_logprobs.py (the lm_head-level kernels): the partial kernel's per-block entropy and argmax
+    partials merged in block order. The interpreter's BLOCK_V is shrunk to 32 so V = 101 spans four blocks (the
+    last partial); vocabulary rows 5 and 70 (different blocks) tie at the maximum for every row; one row ignored."""
+    from fasttrdpo.kernels import linear_logprobs as lk
+
+    monkeypatch.setitem(lk.INTERPRETER_CONFIG, "BLOCK_V", 32)
+    g = torch.Generator().manual_seed(6)
+    N, H, V = 7, 16, 101
+    h = torch.randn(N, H, generator=g)
+    w = torch.randn(V, H, generator=g) / 2
+    b = 0.3 * torch.randn(V, generator=g)
+    w[70] = w[5]
+    b[5] = b[70] = 40.0
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[0], labels[1], labels[2] = 5, 70, -100
+    logp, lse, ent, corr = lk.linear_logprobs_forward(h, w, b, labels, logit_scale=0.8, softcap=cap, stats=True)
+    z = (h.double() @ w.double().T + b.double()) * 0.8
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    lp = torch.log_softmax(z, -1)
+    exp_ent = -(lp.exp() * lp).sum(-1)
+    exp_corr = (z.argmax(-1) == labels).double()
+    exp_ent[2] = exp_corr[2] = 0.0
+    # fp32 dots of 16 terms (|z| <= ~45): error ~ 1e-5 per logit enters the entropy scaled by p ≤ 1
+    torch.testing.assert_close(ent.double(), exp_ent, rtol=0, atol=1e-4)
+    assert corr.tolist() == exp_corr.tolist()
+    assert corr[0] == 1.0 and corr[1] == 0.0  # the tie goes to the first maximal column, 5
+    logp2, lse2 = lk.linear_logprobs_forward(h, w, b, labels, logit_scale=0.8, softcap=cap)
+    assert torch.equal(logp, logp2) and torch.equal(lse, lse2)  # stats change nothing else
