@@ -175,3 +175,27 @@ def test_linear_logprobs_kernels_stats_match_float64(cap, monkeypatch):
     assert corr[0] == 1.0 and corr[1] == 0.0  # the tie goes to the first maximal column, 5
     logp2, lse2 = lk.linear_logprobs_forward(h, w, b, labels, logit_scale=0.8, softcap=cap)
     assert torch.equal(logp, logp2) and torch.equal(lse, lse2)  # stats change nothing else
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_linear_token_stats_op_matches_float64(backend):
+    """fasttrdpo.ops.linear_token_stats (the lm_head-level op) on both backends: [B, T] labels with ignored
+    positions (exactly 0.0 there), scale + softcap, and the tie rule."""
+    import fasttrdpo
+    from fasttrdpo.ops import linear_token_stats
+
+    ph, pw, pb, labels, _, _ = _inputs(seed=7)
+    pw[60] = pw[2]
+    pb[2] = pb[60] = 50.0
+    labels[0, 3], labels[0, 4] = 2, 60
+    ent, corr = linear_token_stats(ph, pw, labels, bias=pb, logit_scale=0.7, softcap=30.0, backend=backend)
+    assert fasttrdpo.last_backend("linear_token_stats") == backend
+    z = 30.0 * torch.tanh((ph.double() @ pw.double().T + pb.double()) * 0.7 / 30.0)
+    lp = torch.log_softmax(z, -1)
+    mask = labels != -100
+    exp_ent = torch.where(mask, -(lp.exp() * lp).sum(-1), torch.zeros((), dtype=torch.float64))
+    exp_corr = torch.where(mask, (z.argmax(-1) == labels).double(), torch.zeros((), dtype=torch.float64))
+    torch.testing.assert_close(ent.double(), exp_ent, rtol=0, atol=1e-5 * (1 + float(z.abs().max())))
+    assert corr.double().tolist() == exp_corr.tolist()
+    assert corr[0, 3] == 1.0 and corr[0, 4] == 0.0
+    assert bool((ent[~mask] == 0).all()) and bool((corr[~mask] == 0).all())

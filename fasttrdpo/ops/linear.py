@@ -1,4 +1,5 @@
-"""Per-token log-probs at the lm_head: `linear_token_logprobs` and `paired_linear_token_logprobs`.
+"""Per-token log-probs at the lm_head: `linear_token_logprobs` and `paired_linear_token_logprobs`
+(and `linear_token_stats`: per-token entropy and top-1 correctness, a metric, from the same kernels).
 
 log p(y_t) = log_softmax(transform(h_t @ W.T + b))[y_t] without storing the [N, V] logits. Both
 backends first gather the scored rows (label != ignore_index): prompt and padding rows never enter a
@@ -424,3 +425,70 @@ def paired_linear_token_logprobs(policy_hidden: Tensor, policy_weight: Tensor, r
         ignore_index, float(logit_scale), None if softcap is None else float(softcap), chosen,
         _backend.dot_precision())  # TF32 or not: decided once here, for forward and backward alike
     return logp[0].reshape(labels.shape), logp[1].detach().reshape(labels.shape)
+
+
+def _eager_stats(hidden, weight, bias, labels, scale, softcap):
+    """(entropy, correct) fp32 [n] for compacted rows, chunk by chunk over one reused fp32 logits buffer."""
+    N = hidden.shape[0]
+    V = weight.shape[0]
+    w32 = weight.float()
+    b32 = bias.float() if bias is not None else None
+    entropy = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    correct = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    step = min(N, _eager_chunk_rows(V))
+    buf = torch.empty((step, V), dtype=torch.float32, device=hidden.device)
+    for s in range(0, N, step):
+        e = min(N, s + step)
+        z = _eager_logits(buf[: e - s], hidden[s:e].float(), w32, b32, scale, softcap)
+        correct[s:e] = (z.argmax(1) == labels[s:e]).to(torch.float32)  # first maximal index on ties
+        torch._log_softmax(z, 1, False, out=z)
+        # −Σ p·log p; p = 0 where log p = −inf contributes 0 (not 0·−inf)
+        entropy[s:e] = -(z.exp() * torch.where(torch.isinf(z), torch.zeros((), device=z.device), z)).sum(1)
+    return entropy, correct
+
+
+@torch.no_grad()
+def linear_token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
+                       ignore_index: int = -100, logit_scale: float = 1.0, softcap: Optional[float] = None,
+                       validate: bool = True, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Per-token entropy and top-1 correctness of softmax(transform(hidden @ weight.T + bias)), without logits.
+
+    Same inputs and transform as `linear_token_logprobs`. Returns (entropy, correct), fp32 with the labels'
+    shape: entropy = −Σ_v p_v log p_v; correct = 1.0 where the label is argmax_v (ties: the first maximal
+    index, torch.argmax's rule), else 0.0; both exactly 0.0 where the label is ignored. No gradient (a metric).
+    triton: the forward kernels of kernels/linear_logprobs.py with their STATS outputs (the same tiles as the
+    log-probs); eager: fp32 logits a chunk of rows at a time.
+    """
+    _check_scalars(logit_scale, softcap, ignore_index)
+    V = _check_model("", hidden, weight, bias)
+    check_labels_tensor(labels, hidden.shape[:-1])
+    check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
+    if validate:
+        check_label_range(labels, V, ignore_index)
+    chosen = _resolve("linear_token_stats", backend, hidden.device)
+    flat = labels.reshape(-1).contiguous()
+    entropy = torch.zeros(flat.shape, dtype=torch.float32, device=hidden.device)
+    correct = torch.zeros(flat.shape, dtype=torch.float32, device=hidden.device)
+    idx = _scored_rows(flat, ignore_index)
+    if idx is not None and idx.numel() == 0:
+        return entropy.reshape(labels.shape), correct.reshape(labels.shape)
+    h = _flat_rows(hidden)
+    h = h if idx is None else h.index_select(0, idx)
+    y = flat if idx is None else flat.index_select(0, idx)
+    w, b = _prepare_weight(weight), _prepare_bias(bias)
+    scale, cap = float(logit_scale), None if softcap is None else float(softcap)
+    precision = _backend.dot_precision()
+    with _no_autocast(hidden.device), _matmul_precision(precision):
+        if chosen == "triton":
+            from fasttrdpo.kernels.linear_logprobs import linear_logprobs_forward
+
+            _, _, ent, corr = linear_logprobs_forward(h, w, b, y, ignore_index=ignore_index, logit_scale=scale,
+                                                      softcap=cap, precision=precision, stats=True)
+        else:
+            ent, corr = _eager_stats(h, w, b, y, scale, cap)
+    if idx is None:
+        entropy, correct = ent, corr
+    else:
+        entropy.index_copy_(0, idx, ent)
+        correct.index_copy_(0, idx, corr)
+    return entropy.reshape(labels.shape), correct.reshape(labels.shape)
