@@ -1,6 +1,5 @@
 """report_to (TensorBoard, wandb offline) beside metrics.jsonl, and the trainer's TRL metric names including the
 policy's entropy and mean token accuracy (checked against float64 from full logits)."""
-import builtins
 import copy
 import glob
 import json
@@ -137,3 +136,20 @@ def test_wandb_offline_run_holds_the_metrics_jsonl_values(tmp_path, monkeypatch)
     # the offline run directory wandb wrote, under WANDB_DIR, with the run id of the trainer's run
     files = glob.glob(str(tmp_path / "wandb" / "wandb" / "offline-run-*" / f"run-{trainer.run_id}.wandb"))
     assert len(files) == 1 and os.path.getsize(files[0]) > 0
+
+
+def test_cli_report_to_flag_and_config_file(tmp_path):
+    from fasttrdpo.cli import UsageError, build_parser, resolve_run
+
+    parser = build_parser()
+    cfg, _, _ = resolve_run(parser.parse_args(["train", "--report-to", "tensorboard,wandb", "--no-log-token-stats"]))
+    assert cfg.report_to == ["tensorboard", "wandb"] and cfg.log_token_stats is False
+    cfg, _, _ = resolve_run(parser.parse_args(["train", "--report-to", "none"]))
+    assert cfg.report_to == "none"
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"report_to": ["tensorboard"]}))
+    cfg, _, _ = resolve_run(parser.parse_args(["train", "--config", str(path)]))
+    assert cfg.report_to == ["tensorboard"]
+    path.write_text(json.dumps({"report_to": 3}))
+    with pytest.raises(UsageError, match="report_to"):
+        resolve_run(parser.parse_args(["train", "--config", str(path)]))
