@@ -286,9 +286,9 @@ def resolve_run(args) -> tuple[TRDPOConfig, dict, dict]:
             except ValueError as e:
                 raise UsageError(str(e)) from None
     for spec in CONFIG_FLAGS:
-        if getattr(args, spec.name, None) is not None:
+        if spec.name in vars(args):  # given (`--save-total-limit none` gives None)
             values[spec.name] = getattr(args, spec.name)
-    origin = {"output_dir": "flag" if args.output_dir is not None else
+    origin = {"output_dir": "flag" if "output_dir" in vars(args) else
               "config" if "output_dir" in file_values else "default"}
     return TRDPOConfig(**values), run, origin
 
@@ -463,6 +463,22 @@ def _eval_data(args, state: dict, seed: int):
     return data
 
 
+def eval_config(args, recorded: dict) -> TRDPOConfig:
+    """The TRDPOConfig `fasttrdpo eval` evaluates with: each eval="recorded" field from its flag, else the
+    checkpoint's recorded config, else its default; each eval="flag" field from its flag, else its default."""
+    values = {}
+    for spec in EVAL_FLAGS:
+        key, saved = spec.name, recorded.get(spec.name)
+        if key in vars(args):  # given (`--max-prompt-length none` gives None)
+            flag = values[key] = getattr(args, key)
+            if spec.eval == "recorded" and key in recorded and flag != saved:
+                _log.warning("%s %s overrides the checkpoint's %s = %s", spec.flag, flag, key, saved)
+        elif spec.eval == "recorded" and key in recorded:
+            values[key] = saved
+    return TRDPOConfig(**{"output_dir": os.path.join(os.getcwd(), "outputs", "fasttrdpo-eval"), "plot": False,
+                          "disable_tqdm": True, **values})
+
+
 def cmd_eval(args) -> int:
     import torch
 
@@ -471,19 +487,7 @@ def cmd_eval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     state = _checkpoint_state(args.model)
-    recorded = state.get("config") or {}
-    values = {}
-    for spec in EVAL_FLAGS:
-        key = spec.name
-        flag, saved = getattr(args, key), recorded.get(key)
-        if flag is not None:
-            values[key] = flag
-            if spec.eval == "recorded" and key in recorded and flag != saved:
-                _log.warning("%s %s overrides the checkpoint's %s = %s", spec.flag, flag, key, saved)
-        elif spec.eval == "recorded" and key in recorded:
-            values[key] = saved
-    config = TRDPOConfig(output_dir=os.path.join(os.getcwd(), "outputs", "fasttrdpo-eval"), plot=False,
-                         disable_tqdm=True, **values)
+    config = eval_config(args, state.get("config") or {})
     model, tokenizer = load_model_and_tokenizer(args.model, seed=config.seed, bf16=config.bf16,
                                                 attn_implementation=args.attn_implementation)
     ref_path = args.ref_model

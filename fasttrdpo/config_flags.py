@@ -269,14 +269,16 @@ class FieldFlag:
         return f"{text} ({default})" if text else f"({default})"
 
     def add_to(self, parser) -> None:
-        """Add the flag to an argparse parser or group (default None: 'not given')."""
+        """Add the flag to an argparse parser or group. Not given, the flag sets nothing (argparse.SUPPRESS):
+        `name in vars(args)` says it was given, also as `--x none` for None."""
         help_text = self.help_text().replace("%", "%%")
         if self.is_switch:
             names = list(self.flags)
-            parser.add_argument(*names, dest=self.name, action=argparse.BooleanOptionalAction, default=None,
+            parser.add_argument(*names, dest=self.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS,
                                 help=help_text)
             return
-        kwargs = dict(dest=self.name, type=self.type.parse_text, default=None, help=help_text,
+        kwargs = dict(dest=self.name, type=self.type.parse_text, default=argparse.SUPPRESS, help=help_text,
                       metavar=self.metavar or self.type.metavar())
         if self.const is not dataclasses.MISSING:
             kwargs.update(nargs="?", const=self.const)
