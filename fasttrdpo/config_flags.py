@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -290,8 +289,7 @@ class FieldFlag:
 
 def field_flags(cls) -> list[FieldFlag]:
     """One FieldFlag per field of the dataclass `cls`, in declaration order."""
-    module = sys.modules.get(cls.__module__)
-    hints = typing.get_type_hints(cls, globalns=vars(module) if module else None, include_extras=False)
+    hints = typing.get_type_hints(cls)  # resolves string annotations in each class's own module
     out = []
     for f in dataclasses.fields(cls):
         meta = f.metadata

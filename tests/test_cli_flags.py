@@ -5,6 +5,7 @@ import dataclasses
 import importlib
 import json
 import os
+import types
 import typing
 
 import pytest
@@ -36,8 +37,7 @@ def _derived(name, annotation, default):
     """(command-line text, value) of a field not in EXAMPLES, from its annotation: never the default, so a
     flag that is parsed but dropped on the way to TRDPOConfig shows."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    members = [a for a in args if a is not type(None)] if origin in (typing.Union, __import__("types").UnionType) \
-        else [annotation]
+    members = [a for a in args if a is not type(None)] if origin in (typing.Union, types.UnionType) else [annotation]
     lists = [m for m in members if typing.get_origin(m) is list]
     base = lists[0] if lists else members[0]
     if typing.get_origin(base) is list:
@@ -216,8 +216,8 @@ def test_a_field_added_to_trdpoconfig_gets_its_flags_with_no_cli_edit(monkeypatc
     try:
         extended_cli = importlib.reload(cli)
         parser = extended_cli.build_parser()
-        args = parser.parse_args(["train", "--data", "x.jsonl", "--lora-r", "8", "--lora-target-modules", "q_proj,v_proj",
-                                  "--report-to", "wandb", "--packing"])
+        args = parser.parse_args(["train", "--data", "x.jsonl", "--lora-r", "8", "--lora-target-modules",
+                                  "q_proj,v_proj", "--report-to", "wandb", "--packing"])
         cfg = extended_cli.resolve_config(args)
         assert isinstance(cfg, Extended)
         assert (cfg.lora_r, cfg.lora_target_modules, cfg.report_to, cfg.packing) == (8, ["q_proj", "v_proj"],
