@@ -2,7 +2,8 @@
 
 With no arguments, `train` runs the embedded default: a tiny GPTNeoX (built from a config, byte-level
 tokenizer, no download) on the synthetic reversal task, with demo hyper-parameters (DEMO_DEFAULTS) that
-finish in a few minutes on a laptop CPU. Every TRDPOConfig field has a flag (--learning-rate, --tau, ...),
+finish in a few minutes on a laptop CPU. Every TRDPOConfig field has a flag (--learning-rate, --tau, ...), built
+from the dataclass by fasttrdpo.config_flags (`eval` gets the fields whose metadata marks them for evaluation),
 and `--config FILE.json` may hold any of them plus the run's description (model, data, eval_size, ...).
 
 A user error (a bad flag or config value, a missing file, an output directory in use, a full disk)
