@@ -101,7 +101,7 @@ class ValueType:
             if any(not ok for ok, _ in values) or any(p == "" for p in parts):
                 raise argparse.ArgumentTypeError(f"expected {self._expected()} (comma-separated), got {text!r}")
             values = [v for _, v in values]
-            if len(values) == 1 and self.kinds:
+            if len(values) == 1 and (self.kinds or self.choices is not None):  # X | list[X]: one stays bare
                 ok, bare = self._scalar_from_text(parts[0])
                 if ok:
                     return bare

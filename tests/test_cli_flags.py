@@ -177,6 +177,7 @@ def test_value_types_from_annotations():
         e: int | str = option(0, "e")
         f: Optional[bool] = option(None, "f")
         g: list[Literal["tensorboard", "wandb"]] | str = option("none", "g")
+        h: Literal["a", "b"] | list[Literal["a", "b"]] = option("a", "h")
 
     specs = {s.name: s for s in field_flags(C)}
     assert specs["a"].type.parse_text("y") == "y"
@@ -194,6 +195,7 @@ def test_value_types_from_annotations():
         "tensorboard", "wandb"]
     with pytest.raises(ValueError, match="field g must be str or a list of one of 'tensorboard', 'wandb'"):
         specs["g"].from_json(["mlflow"], "j")
+    assert specs["h"].type.parse_text("b") == "b" and specs["h"].type.parse_text("b,a") == ["b", "a"]
     assert specs["b"].type.metavar() == "INT[,INT...]" and specs["d"].type.metavar() == "JSON"
     for bad in (set[int], list[list[int]], dict[int, str], list, object):
         with pytest.raises(TypeError, match="C.z"):
