@@ -20,12 +20,17 @@ class TRDPOConfig:
     output_dir: str = "outputs/fasttrdpo"  # outputs/ is git-ignored
     overwrite_output_dir: bool = False  # a new run may replace another run's outputs in output_dir
     run_name: str | None = None  # a label recorded with the run id in every checkpoint
+    # "dpo": TRDPOTrainer (pairs); "kto": TRKTOTrainer (TR-KTO on unpaired prompt/completion/label rows)
+    trainer: str = "dpo"
     # loss: any of fasttrdpo.loss.LOSS_TYPES (TRL 1.16's), or a list summed with loss_weights (RPO: sigmoid, sft)
     beta: float = 0.1
     loss_type: str | list[str] = "sigmoid"
     label_smoothing: float | list[float] = 0.0  # one value, or one per loss_type
     loss_weights: list[float] | None = None  # one per loss_type; None = 1.0 each
     discopop_tau: float = 0.05
+    # KTO (trainer="kto"): TRL's weights of the desirable / undesirable rows' losses
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
     # reference updates (TR-DPO): every tau optimizer steps, ref <- ref + alpha * (policy - ref)
     sync_ref_model: bool = True
     alpha: float = 0.6
@@ -78,7 +83,15 @@ class TRDPOConfig:
                               discopop_tau=self.discopop_tau, accept=LOSS_TYPES)
         except (ValueError, TypeError) as e:
             raise ValueError(f"TRDPOConfig: {e}") from None
+        kto = self.trainer == "kto"
         checks = [
+            (self.trainer in ("dpo", "kto"), "trainer must be 'dpo' or 'kto'"),
+            (self.desirable_weight >= 0 and self.undesirable_weight >= 0,
+             "desirable_weight and undesirable_weight must be >= 0"),
+            (kto or (self.desirable_weight == 1.0 and self.undesirable_weight == 1.0),
+             "desirable_weight / undesirable_weight apply to trainer='kto' only"),
+            (not kto or (self.loss_type == "sigmoid" and self.label_smoothing == 0.0 and self.loss_weights is None),
+             "trainer='kto' has its own loss: loss_type, label_smoothing and loss_weights apply to trainer='dpo'"),
             (self.beta > 0, "beta must be > 0"),
             (0.0 <= self.alpha <= 1.0, "alpha must be in [0, 1]"),
             (self.tau >= 1, "tau must be >= 1"),
