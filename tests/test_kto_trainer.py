@@ -268,3 +268,27 @@ def test_hard_update_makes_the_next_step_start_from_zero_rewards(tmp_path):
     idx = TRKTOTrainer._step_indices(trainer, 1)[0]
     expected = sum((1.3 if labels[i] else 0.7) * 0.5 for i in idx) / len(idx)
     assert second["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_cli_trains_tr_kto_on_unpaired_rows(tmp_path, capsys):
+    import json
+
+    from fasttrdpo import cli
+
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _text_rows(20, [1, 0, 0, 1, 1] * 4)))
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--trainer", "kto", "--model", "tiny", "--data", str(data), "--eval-size", "4",
+                   "--max-steps", "4", "--per-device-train-batch-size", "4", "--tau", "2", "--alpha", "0.5",
+                   "--desirable-weight", "1.5", "--logging-steps", "2", "--save-steps", "0", "--no-plot",
+                   "--output-dir", str(out), "--disable-tqdm"])
+    assert rc == 0
+    assert "held-out KTO loss" in capsys.readouterr().out
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [2, 4] and [r["ref_updates"] for r in train] == [1, 2]
+    assert all(set(KEYS) <= set(r) for r in train)
+    final = json.load(open(out / "final_metrics.json"))
+    assert final["eval_rows"] == 4 and final["eval_kl/ref"] > 0
+    state = torch.load(out / "checkpoint-4" / "trainer_state.pt", weights_only=False)
+    assert state["config"]["trainer"] == "kto" and state["config"]["desirable_weight"] == 1.5
