@@ -93,8 +93,6 @@ class TRKTOTrainer(TRDPOTrainer):
         loss, metrics = self.loss_fn(hidden, head.weight, batch["labels"], ref_hidden[:B], ref_head.weight,
                                      batch["desirable"], policy_kl, ref_kl, policy_bias=head.bias,
                                      ref_bias=ref_head.bias)
-        if self.world_size > 1 and self.model.training:
-            metrics["kl"] = (policy_kl - ref_kl).mean().clamp(min=0)  # the z the loss used
         return loss, metrics
 
     @torch.no_grad()

@@ -292,3 +292,65 @@ def test_cli_trains_tr_kto_on_unpaired_rows(tmp_path, capsys):
     assert final["eval_rows"] == 4 and final["eval_kl/ref"] > 0
     state = torch.load(out / "checkpoint-4" / "trainer_state.pt", weights_only=False)
     assert state["config"]["trainer"] == "kto" and state["config"]["desirable_weight"] == 1.5
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_kto_loss_matches_a_float64_reference(backend):
+    """KTOLoss from hidden states against float64 log-softmax sums and TRL's KTO formula: loss, metrics and the
+    gradients in hidden, weight and bias (z detached). Rows: 2 desirable, 1 undesirable, 1 with a fully ignored
+    completion; the KL rows have their own labels."""
+    from fasttrdpo.loss import KTOLoss
+
+    g = torch.Generator().manual_seed(0)
+    R, T, H, V = 4, 6, 8, 37
+    hidden = torch.randn(R, T, H, generator=g, requires_grad=True)
+    weight = (torch.randn(V, H, generator=g) * 0.5).requires_grad_(True)
+    bias = (torch.randn(V, generator=g) * 0.1).requires_grad_(True)
+    # a sharper reference: on random labels its log-probs are lower, so z > 0 and the KL term enters
+    ref_hidden, ref_weight = torch.randn(R, T, H, generator=g), torch.randn(V, H, generator=g) * 1.5
+    kl_hidden, kl_ref_hidden = torch.randn(R, T, H, generator=g), torch.randn(R, T, H, generator=g)
+    labels = torch.randint(0, V, (R, T), generator=g)
+    labels[:, :2] = -100
+    labels[3] = -100
+    kl_labels = torch.randint(0, V, (R, T), generator=g)
+    kl_labels[:, :3] = -100
+    desirable = torch.tensor([True, False, True, True])
+    beta, wd, wu = 0.3, 1.3, 0.7
+
+    fn = KTOLoss(beta=beta, desirable_weight=wd, undesirable_weight=wu, backend=backend)
+    pol_kl, ref_kl = fn.kl_logps(kl_hidden, weight, kl_labels, kl_ref_hidden, ref_weight, policy_bias=bias)
+    loss, metrics = fn(hidden, weight, labels, ref_hidden, ref_weight, desirable, pol_kl, ref_kl, policy_bias=bias)
+    loss.backward()
+
+    def seq64(h, w, b, lab):
+        logp = torch.log_softmax(h.double() @ w.double().T + (0 if b is None else b.double()), -1)
+        tok = logp.gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return torch.where(lab != -100, tok, 0.0).sum(1)
+
+    h64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (hidden, weight, bias))
+    z = (seq64(kl_hidden, w64, b64, kl_labels) - seq64(kl_ref_hidden, ref_weight, None, kl_labels)).mean()
+    z = z.clamp(min=0).detach()
+    r = seq64(h64, w64, b64, labels) - seq64(ref_hidden, ref_weight, None, labels)
+    ref_loss = torch.where(desirable, wd * (1 - torch.sigmoid(beta * (r - z))),
+                           wu * (1 - torch.sigmoid(beta * (z - r)))).mean()
+    ref_loss.backward()
+    assert float(z) > 0  # the KL term is active
+    # fp32 log-probs over ≤ 6 tokens × V=37 with |z| ≲ 10: per-token error ~1e-6, summed; the loss is a
+    # sigmoid of β·r (slope ≤ β/4), so 1e-5 absolute bounds it with margin
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=0, atol=1e-5)
+    torch.testing.assert_close(metrics["kl"].double(), z, rtol=0, atol=1e-4)
+    rewards = beta * r.detach()
+    torch.testing.assert_close(metrics["rewards/chosen"].double(), rewards[desirable].mean(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(metrics["rewards/rejected"].double(), rewards[~desirable].mean(), rtol=0, atol=1e-5)
+    mean_logit = (h64.detach() @ w64.detach().T + b64.detach()).mean(-1)
+    mask = labels != -100
+    chosen_tok = mask & desirable[:, None]
+    torch.testing.assert_close(metrics["logits/chosen"].double(), mean_logit[chosen_tok].mean(), rtol=0, atol=1e-5)
+    for got, want in ((hidden.grad, h64.grad), (weight.grad, w64.grad), (bias.grad, b64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
+    assert float(hidden.grad[3].abs().sum()) == 0.0  # a row with no completion token gets no gradient
+    # a batch without undesirable rows: TRL appends no rejected metrics (NaN here), the loss is still defined
+    _, only = fn(hidden, weight, labels, ref_hidden, ref_weight, torch.ones(R, dtype=torch.bool), pol_kl, ref_kl,
+                 policy_bias=bias)
+    assert torch.isnan(only["rewards/rejected"]) and torch.isnan(only["rewards/margins"])
+    assert not torch.isnan(only["rewards/chosen"])
