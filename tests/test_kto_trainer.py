@@ -354,3 +354,31 @@ def test_kto_loss_matches_a_float64_reference(backend):
                  policy_bias=bias)
     assert torch.isnan(only["rewards/rejected"]) and torch.isnan(only["rewards/margins"])
     assert not torch.isnan(only["rewards/chosen"])
+
+
+def test_two_process_ddp_runs_with_the_gathered_kl_rows(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo): TR-KTO runs to the end through the ranks' all_gather of the KL rows
+    (a rank that skipped it would hang the other), policy and reference are bitwise identical on both ranks, and
+    the reference was updated at every step. (That the gathered z equals TRL's is not checked here.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _text_rows(16, [1, 0, 0, 1] * 4)))
+    common = ["-m", "fasttrdpo", "train", "--trainer", "kto", "--model", "tiny", "--data", str(data),
+              "--eval-size", "0", "--max-steps", "2", "--tau", "1", "--alpha", "0.5", "--logging-steps", "1",
+              "--save-steps", "0", "--no-plot", "--disable-tqdm", "--threads", "1", "--learning-rate", "1e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
+           *common, "--per-device-train-batch-size", "2", "--output-dir", str(tmp_path / "two")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    final = json.load(open(tmp_path / "two" / "final_metrics.json"))
+    assert final["world_size"] == 2
+    fps = final["rank_fingerprints"]
+    assert len(fps) == 2 and fps[0] == fps[1]
+    records = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
+    assert [r["ref_updates"] for r in records if "loss" in r] == [1, 2]
+    assert all(set(KEYS) - {"rewards/margins"} <= set(r) for r in records if "loss" in r)
