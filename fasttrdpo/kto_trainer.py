@@ -12,6 +12,8 @@ logging are TRDPOTrainer's; this class supplies the data, the batch and the loss
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 
@@ -22,6 +24,23 @@ from .training.evaluate import kl_sum
 from .unpaired_data import TokenizedExample, UnpairedCollator, kl_partners, tokenize_unpaired_dataset
 
 __all__ = ["TRKTOTrainer"]
+
+_log = logging.getLogger("fasttrdpo")
+
+
+def _warn_weights(examples, desirable_weight: float, undesirable_weight: float) -> None:
+    """TRL's advice when desirable and undesirable rows are unbalanced (the KTO paper's Eq. 8 range):
+    n_d·w_d / (n_u·w_u) should lie in [1, 4/3]."""
+    n_d = max(sum(e.desirable for e in examples), 1)
+    n_u = max(len(examples) - n_d, 1)
+    if n_d == n_u:
+        return
+    d_lo, d_hi = round(n_u * undesirable_weight / n_d, 2), round(n_u * undesirable_weight / n_d * 1.33, 2)
+    u_lo, u_hi = round(n_d * desirable_weight / n_u / 1.33, 2), round(n_d * desirable_weight / n_u, 2)
+    if not (d_lo <= desirable_weight <= d_hi or u_lo <= undesirable_weight <= u_hi):
+        _log.warning("%d desirable and %d undesirable training rows, and the weights are outside the KTO paper's "
+                     "range: set EITHER desirable_weight in [%s, %s] OR undesirable_weight in [%s, %s] (as TRL "
+                     "advises)", n_d, n_u, d_lo, d_hi, u_lo, u_hi)
 
 
 class TRKTOTrainer(TRDPOTrainer):
@@ -51,6 +70,8 @@ class TRKTOTrainer(TRDPOTrainer):
         self.loss_fn = KTOLoss(beta=config.beta, desirable_weight=config.desirable_weight,
                                undesirable_weight=config.undesirable_weight, ignore_index=self.collator.ignore_index)
         self._eval_kl_sources = kl_partners(len(self.eval_pairs), config.per_device_train_batch_size)
+        if self.train_pairs and self.is_main:
+            _warn_weights(self.train_pairs, config.desirable_weight, config.undesirable_weight)
 
     def _tokenize(self, dataset) -> list[TokenizedExample]:
         if dataset is None:

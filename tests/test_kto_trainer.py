@@ -382,3 +382,18 @@ def test_two_process_ddp_runs_with_the_gathered_kl_rows(tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
     assert [r["ref_updates"] for r in records if "loss" in r] == [1, 2]
     assert all(set(KEYS) - {"rewards/margins"} <= set(r) for r in records if "loss" in r)
+
+
+def test_unbalanced_labels_get_trls_weight_advice(tmp_path, caplog):
+    import logging
+
+    rows = _text_rows(8, [1, 1, 1, 1, 1, 1, 0, 0])  # 6 desirable, 2 undesirable: TRL advises w_d in [0.33, 0.44]
+    with caplog.at_level(logging.WARNING, logger="fasttrdpo"):
+        TRKTOTrainer(tiny_model(seed=0, hidden_size=32), tiny_tokenizer(), rows,
+                     _config(tmp_path, desirable_weight=1.0, undesirable_weight=1.0))
+    assert "desirable_weight in [0.33, 0.44] OR undesirable_weight in [2.26, 3.0]" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fasttrdpo"):
+        TRKTOTrainer(tiny_model(seed=0, hidden_size=32), tiny_tokenizer(), rows,
+                     _config(tmp_path, desirable_weight=0.4, undesirable_weight=1.0))
+    assert "desirable_weight in" not in caplog.text
