@@ -393,6 +393,8 @@ class TRDPOTrainer:
     def _reduce_window(self, window: list[torch.Tensor], lr: float, seconds: float) -> dict:
         # each step: [sums; counts] over its micro-batches of (loss, metrics..., grad_norm): the record averages
         # every measurement of the window (grad_norm: one per step, already global after DDP's all-reduce)
+        # (a checkpoint written before this layout holds each step's means: one measurement each)
+        window = [w if w.dim() == 2 else torch.stack([w, torch.ones_like(w)]) for w in window]
         total = torch.stack(window).sum(0)
         if self.world_size > 1:
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
