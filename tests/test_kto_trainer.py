@@ -421,3 +421,24 @@ def test_resume_is_bit_identical(tmp_path):
     assert resumed.fingerprints() == whole.fingerprints()
     curve = lambda out: [json.loads(line)["loss"] for line in open(tmp_path / out / "metrics.jsonl")]  # noqa: E731
     assert curve("cut") == curve("whole") and len(curve("whole")) == 4
+
+
+def test_load_unpaired_dataset(tmp_path):
+    import json
+
+    from fasttrdpo.data import MalformedRowError
+    from fasttrdpo.unpaired_data import load_unpaired_dataset
+
+    rows = _text_rows(4, [1, 0, 1, 0])
+    good = tmp_path / "kto.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_unpaired_dataset(str(good))
+    assert ds.column_names == ["prompt", "completion", "label"] and ds["label"] == [True, False, True, False]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(dict(r, label="yes") if i == 2 else r) + "\n" for i, r in enumerate(rows)))
+    with pytest.raises(MalformedRowError, match="row 2"):
+        load_unpaired_dataset(str(bad))
+    assert len(load_unpaired_dataset(str(bad), skip_malformed=True)) == 3
+    paired = tmp_path / "pairs.jsonl"  # pairs load as pairs: the trainer unpairs them as TRL does
+    paired.write_text("".join(json.dumps(r) + "\n" for r in PAIRED_ROWS))
+    assert load_unpaired_dataset(str(paired)).column_names == ["prompt", "chosen", "rejected"]

@@ -61,7 +61,8 @@ class KTOLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, desirable_weight={self.desirable_weight}, "
-                f"undesirable_weight={self.undesirable_weight}, ignore_index={self.ignore_index}, backend={self.backend!r}")
+                f"undesirable_weight={self.undesirable_weight}, ignore_index={self.ignore_index}, "
+                f"backend={self.backend!r}")
 
     def _sequence_logps(self, policy_hidden, policy_weight, labels, ref_hidden, ref_weight, policy_bias, ref_bias):
         from ..ops.linear import paired_linear_token_logprobs
