@@ -119,7 +119,9 @@ class TRKTOTrainer(TRDPOTrainer):
     @torch.no_grad()
     def evaluate(self) -> dict:
         """eval_loss (mean over rows) and TRL's KTO metrics (mean over eval batches of those measured), plus, with
-        eval_kl, the exact per-token KL(policy || reference) and KL(policy || initial) over completion tokens."""
+        eval_kl, the exact per-token KL(policy || reference) and KL(policy || initial) over completion tokens.
+        Under DDP each rank's batches use their own z (ranks may hold different numbers of eval batches, so no
+        collective runs per batch); the sums are reduced at the end."""
         if not self.eval_pairs:
             raise ValueError("evaluate() needs an eval_dataset")
         c = self.config
