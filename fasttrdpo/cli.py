@@ -218,11 +218,15 @@ def load_model_and_tokenizer(name: str, *, seed: int = 0, attn_implementation: s
     return model, tokenizer
 
 
-def _load_data(source: str, split: str, fmt: str, skip: bool, *, synthetic_size: int, synthetic_seed: int):
+def _load_data(source: str, split: str, fmt: str, skip: bool, *, synthetic_size: int, synthetic_seed: int,
+               unpaired: bool = False):
     from .data import load_preference_dataset, synthetic_preference_dataset
+    from .unpaired_data import load_unpaired_dataset
 
     if source == "synthetic":
         return synthetic_preference_dataset(synthetic_size, seed=synthetic_seed)
+    if unpaired:  # --trainer kto: prompt/completion/label rows as they are, pairs (unpaired by the trainer)
+        return load_unpaired_dataset(source, split=split, format=fmt, skip_malformed=skip)
     return load_preference_dataset(source, split=split, format=fmt, skip_malformed=skip)
 
 
@@ -325,7 +329,13 @@ def _summary(final: dict, seconds: float, output_dir: str, config: TRDPOConfig |
     config = config or TRDPOConfig()
     outputs = "metrics.jsonl, checkpoint-*" + (", training_curves.png" if plotted else "")
     lines = [f"done in {seconds:.1f} s; outputs in {output_dir}/ ({outputs})"]
-    if "eval_loss" in final:
+    if "eval_loss" in final and "eval_rewards/accuracies" not in final:  # TR-KTO: unpaired rows, no accuracy
+        lines.append(f"held-out KTO loss {final['eval_loss']:.4f} on {final['eval_rows']} rows (reward margin "
+                     f"{final.get('eval_rewards/margins', float('nan')):.3f}, KL estimate "
+                     f"{final.get('eval_kl', float('nan')):.4f}, {final.get('ref_updates', 0)} reference updates)")
+        if "eval_kl/ref" in final:
+            lines.append(f"per-token KL on held-out completions: KL(policy || reference) = {final['eval_kl/ref']:.4f}")
+    elif "eval_loss" in final:
         lines.append(f"held-out reward accuracy: {final['eval_rewards/accuracies']:.3f} "
                      f"on {final['eval_pairs']} pairs (margin {final['eval_rewards/margins']:.3f}, "
                      f"loss {final['eval_loss']:.4f}, {final.get('ref_updates', 0)} reference updates)")
@@ -340,7 +350,8 @@ def _summary(final: dict, seconds: float, output_dir: str, config: TRDPOConfig |
             lines.append(kl)
     elif "loss" in final:
         lines.append(f"no held-out set (--eval-data FILE or --eval-size N): last training record at step "
-                     f"{final['step']}: loss {final['loss']:.4f}, reward accuracy {final['rewards/accuracies']:.3f}, "
+                     f"{final['step']}: loss {final['loss']:.4f}, reward accuracy "
+                     f"{final.get('rewards/accuracies', float('nan')):.3f}, "
                      f"{final.get('ref_updates', 0)} reference updates")
     return "\n".join(lines)
 
@@ -361,7 +372,7 @@ def _demo_overwrite(config: TRDPOConfig, run: dict, origin: dict) -> bool:
 def cmd_train(args) -> int:
     import torch
 
-    from .trainer import TRDPOTrainer
+    from .trainer import TRDPOTrainer, TRKTOTrainer
 
     config, run, origin = resolve_run(args)
     if run["threads"]:
@@ -379,7 +390,8 @@ def cmd_train(args) -> int:
                                                 attn_implementation=run["attn_implementation"],
                                                 with_tokenizer=False)
     train, evals, held_out = _training_data(run, config)
-    trainer = TRDPOTrainer(model, tokenizer, train, config, ref_model=ref_model, eval_dataset=evals)
+    trainer_cls = TRKTOTrainer if config.trainer == "kto" else TRDPOTrainer
+    trainer = trainer_cls(model, tokenizer, train, config, ref_model=ref_model, eval_dataset=evals)
     trainer.run_info = {k: run[k] for k in ("model", "ref_model", "data", "split", "format", "skip_malformed",
                                             "eval_data", "eval_split", "train_size")}
     trainer.run_info["eval_size"] = held_out
@@ -401,13 +413,14 @@ def cmd_train(args) -> int:
 def _training_data(run: dict, config: TRDPOConfig):
     """(train, evals or None, held-out size recorded for `fasttrdpo eval`)."""
     train = _load_data(run["data"], run["split"], run["format"], run["skip_malformed"],
-                       synthetic_size=DEMO_TRAIN_PAIRS, synthetic_seed=config.seed)
+                       synthetic_size=DEMO_TRAIN_PAIRS, synthetic_seed=config.seed, unpaired=config.trainer == "kto")
     eval_size = run["eval_size"]
     if eval_size is not None and eval_size < 0:
         raise UsageError(f"--eval-size must be >= 0, got {eval_size}")
     if run["eval_data"]:
         evals = _load_data(run["eval_data"], run["eval_split"] or run["split"], run["format"], run["skip_malformed"],
-                           synthetic_size=eval_size or DEMO_EVAL_PAIRS, synthetic_seed=config.seed + 1)
+                           synthetic_size=eval_size or DEMO_EVAL_PAIRS, synthetic_seed=config.seed + 1,
+                           unpaired=config.trainer == "kto")
         if eval_size:
             evals = evals.select(range(max(0, len(evals) - eval_size), len(evals)))
     elif eval_size == 0:

@@ -30,6 +30,8 @@ EXAMPLES = {
     "resume_from_checkpoint": ([], "runs/x/checkpoint-4", "runs/x/checkpoint-4"),
     "device": ([], "cpu", "cpu"),
     "alpha": ([], "0.25", 0.25),
+    "desirable_weight": (["--trainer", "kto"], "1.5", 1.5),  # the KTO weights apply to trainer kto only
+    "undesirable_weight": (["--trainer", "kto"], "1.33", 1.33),
 }
 
 

@@ -38,6 +38,8 @@ class TRDPOConfig:
                              "go (outputs/ is git-ignored)")
     overwrite_output_dir: bool = option(False, "a new run may replace another run's outputs in output_dir")
     run_name: str | None = option(None, "a label recorded with the run id in every checkpoint")
+    trainer: str = option("dpo", "dpo: TRDPOTrainer on pairs; kto: TRKTOTrainer (TR-KTO) on unpaired "
+                          "prompt/completion/label rows", choices=("dpo", "kto"))
     # the loss: any of fasttrdpo.loss.LOSS_TYPES (TRL 1.16's), or a list summed with loss_weights (RPO: sigmoid, sft)
     beta: float = option(0.1, "the loss's beta (temperature of the implicit reward)", eval="recorded")
     loss_type: str | list[str] = option("sigmoid", "a loss type of fasttrdpo.loss.LOSS_TYPES, or a comma-separated "
@@ -46,6 +48,9 @@ class TRDPOConfig:
     label_smoothing: float | list[float] = option(0.0, "one value, or one per loss_type", eval="recorded")
     loss_weights: list[float] | None = option(None, "one weight per loss_type (none: 1.0 each)", eval="recorded")
     discopop_tau: float = option(0.05, "discopop's tau", eval="recorded")
+    # KTO (trainer="kto"): TRL's weights of the desirable / undesirable rows' losses
+    desirable_weight: float = option(1.0, "TR-KTO: weight of the desirable rows' losses (trainer kto only)")
+    undesirable_weight: float = option(1.0, "TR-KTO: weight of the undesirable rows' losses (trainer kto only)")
     # reference updates (TR-DPO): every tau optimizer steps, ref <- ref + alpha * (policy - ref)
     sync_ref_model: bool = option(True, "update the reference every tau steps (TR-DPO); off: plain DPO")
     alpha: float = option(0.6, "reference update weight: ref <- ref + alpha * (policy - ref), in [0, 1]")
@@ -105,7 +110,15 @@ class TRDPOConfig:
                               discopop_tau=self.discopop_tau, accept=LOSS_TYPES)
         except (ValueError, TypeError) as e:
             raise ValueError(f"TRDPOConfig: {e}") from None
+        kto = self.trainer == "kto"
         checks = [
+            (self.trainer in ("dpo", "kto"), "trainer must be 'dpo' or 'kto'"),
+            (self.desirable_weight >= 0 and self.undesirable_weight >= 0,
+             "desirable_weight and undesirable_weight must be >= 0"),
+            (kto or (self.desirable_weight == 1.0 and self.undesirable_weight == 1.0),
+             "desirable_weight / undesirable_weight apply to trainer='kto' only"),
+            (not kto or (self.loss_type == "sigmoid" and self.label_smoothing == 0.0 and self.loss_weights is None),
+             "trainer='kto' has its own loss: loss_type, label_smoothing and loss_weights apply to trainer='dpo'"),
             (self.beta > 0, "beta must be > 0"),
             (0.0 <= self.alpha <= 1.0, "alpha must be in [0, 1]"),
             (self.tau >= 1, "tau must be >= 1"),
