@@ -120,8 +120,10 @@ def test_eval_takes_recorded_fields_from_the_checkpoint_and_the_others_from_thei
     args = parser.parse_args(["eval", "--model", "ckpt"])
     recorded = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "beta": 0.3, "max_length": 40,
                 "truncation_mode": "keep_start", "seed": 7, "bf16": True,
+                # a bf16-reference run is evaluated with its bf16 reference (the rewards depend on it)
+                "ref_dtype": "bfloat16",
                 # recorded but eval="flag": eval uses the default, not the training run's value
-                "per_device_eval_batch_size": 3, "kl_chunk_tokens": 17, "ref_dtype": "bfloat16",
+                "per_device_eval_batch_size": 3, "kl_chunk_tokens": 17,
                 # not an eval field at all
                 "tau": 5, "learning_rate": 0.5}
     cfg = cli.eval_config(args, recorded)
@@ -129,9 +131,9 @@ def test_eval_takes_recorded_fields_from_the_checkpoint_and_the_others_from_thei
     assert recorded_fields == set(cli.EVAL_FROM_CHECKPOINT)
     assert {"loss_type", "beta", "label_smoothing", "loss_weights", "discopop_tau", "max_length", "max_prompt_length",
             "truncation_mode", "bf16", "seed"} <= recorded_fields  # what eval always took from the checkpoint
-    for name in ("loss_type", "loss_weights", "beta", "max_length", "truncation_mode", "seed", "bf16"):
+    for name in ("loss_type", "loss_weights", "beta", "max_length", "truncation_mode", "seed", "bf16", "ref_dtype"):
         assert getattr(cfg, name) == recorded[name], name
-    for name in ("per_device_eval_batch_size", "kl_chunk_tokens", "ref_dtype", "tau", "learning_rate"):
+    for name in ("per_device_eval_batch_size", "kl_chunk_tokens", "tau", "learning_rate"):
         assert getattr(cfg, name) == getattr(TRDPOConfig(), name), name
     assert (cfg.plot, cfg.disable_tqdm) == (False, True)
     # a flag wins over the record, also `none`

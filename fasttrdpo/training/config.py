@@ -56,7 +56,7 @@ class TRDPOConfig:
     alpha: float = option(0.6, "reference update weight: ref <- ref + alpha * (policy - ref), in [0, 1]")
     tau: int = option(512, "optimizer steps between reference updates")
     ref_dtype: str | None = option(None, "dtype of the reference and initial model (bfloat16 halves their memory; "
-                                   "none: the policy's)", eval="flag", choices=tuple(DTYPES))
+                                   "none: the policy's)", eval="recorded", choices=tuple(DTYPES))
     # optimisation
     learning_rate: float = option(1e-6, "AdamW learning rate", aliases=("--lr",))
     weight_decay: float = option(0.0, "AdamW weight decay")
