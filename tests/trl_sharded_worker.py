@@ -1,0 +1,179 @@
+"""Subprocess worker for tests/test_trl_sharded.py: FusedDPOTrainer in one process, or in 2 CPU processes
+(gloo) under accelerate FSDP2 or DeepSpeed ZeRO-3.
+
+    python trl_sharded_worker.py single OUT_DIR            1 process, per-device batch 4 (2 pairs... 4 pairs)
+    python trl_sharded_worker.py fsdp2  OUT_DIR            one of 2 processes (RANK/WORLD_SIZE/MASTER_* in env)
+    python trl_sharded_worker.py zero3  OUT_DIR            idem, DeepSpeed ZeRO-3 (DS_ACCELERATOR=cpu)
+
+All runs: the same tiny GPTNeoX policy and reference, the same 12 pairs, global batch 4 pairs, 3 optimizer steps,
+fp32, TR-DPO with alpha 0.6 and tau 1 (the reference blended after every step, through
+FusedSyncRefModelCallback). Writes OUT_DIR/result.rank{R}.pt: per-step losses, the final policy and reference
+(gathered, for the test only) and what the collectives counted during the reference updates.
+
+The accelerate set-up below is a CPU-only trick for the tests (accelerate does not set FSDP2 / DeepSpeed up
+on CPU by itself); the library code does not depend on it.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+STEPS, GLOBAL_PAIRS, ALPHA = 3, 4, 0.6
+
+
+def dataset(n=STEPS * GLOBAL_PAIRS):
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    words = ["cat", "dog", "tree", "blue", "sun", "rain", "sky", "red", "stone", "river"]
+    pick = lambda k: " ".join(words[int(i)] for i in torch.randint(0, len(words), (k,), generator=g))  # noqa: E731
+    return Dataset.from_list([{"prompt": f"Q: {pick(2)}?", "chosen": f" {pick(2)}.", "rejected": f" {pick(3)}!"}
+                              for _ in range(n)])
+
+
+def cpu_distributed_state(mode):
+    """The CPU-only set-up (see the module docstring): accelerate's state before DPOConfig reads it."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    if mode == "fsdp2":
+        state = PartialState(cpu=True)  # MULTI_CPU + gloo; AcceleratorState turns the GPU kind into FSDP
+        state.distributed_type = DistributedType.MULTI_GPU
+    else:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo")
+
+
+class CollectiveCounter:
+    """Counts torch.distributed collectives (and DeepSpeed's comm wrappers) while `active`."""
+
+    NAMES = ("all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_object", "broadcast",
+             "broadcast_object_list", "all_reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all_single",
+             "scatter", "gather", "send", "recv", "isend", "irecv", "all_gather_coalesced")
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.active, self.counts = False, collections.Counter()
+        modules = [dist, dist.distributed_c10d]
+        try:
+            import deepspeed.comm as ds_comm
+
+            modules.append(ds_comm)
+        except ImportError:
+            pass
+        for module in modules:
+            for name in self.NAMES:
+                fn = getattr(module, name, None)
+                if callable(fn):
+                    setattr(module, name, self._wrap(module.__name__, name, fn))
+
+    def _wrap(self, where, name, fn):
+        def counted(*args, **kwargs):
+            if self.active:
+                self.counts[f"{where}.{name}"] += 1
+            return fn(*args, **kwargs)
+        return counted
+
+
+def run(mode, out_dir):
+    distributed = mode != "single"
+    torch.set_num_threads(1)
+    if distributed:
+        cpu_distributed_state(mode)
+    from trl import DPOConfig
+
+    from fasttrdpo.integrations.trl import FusedDPOTrainer
+    from fasttrdpo.tiny import tiny_model, tiny_tokenizer
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    extra = {}
+    if mode == "fsdp2":
+        extra = dict(fsdp="full_shard auto_wrap", fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
+                                                               "transformer_layer_cls_to_wrap": ["GPTNeoXLayer"]},
+                     accelerator_config={"use_configured_state": True})
+    elif mode == "zero3":
+        extra = dict(deepspeed={"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
+                                "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+                                "gradient_clipping": "auto", "zero_allow_untested_optimizer": True},
+                     accelerator_config={"use_configured_state": True})
+    args = DPOConfig(output_dir=os.path.join(out_dir, "run"), per_device_train_batch_size=GLOBAL_PAIRS // world,
+                     max_steps=STEPS, learning_rate=3e-3, logging_steps=1, report_to=[], use_cpu=mode != "zero3",
+                     seed=0, beta=0.1, max_length=48, save_strategy="no", disable_tqdm=True,
+                     lr_scheduler_type="constant", dataloader_num_workers=0, bf16=False, fp16=False,
+                     sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=ALPHA, **extra)
+    model, ref = tiny_model(seed=0, hidden_size=32), tiny_model(seed=0, hidden_size=32)
+    trainer = FusedDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset(),
+                              processing_class=tiny_tokenizer(), fasttrdpo_backend="eager")
+
+    counter = CollectiveCounter() if distributed else None
+    callback = trainer.ref_sync_callback
+    fired = []
+    original_update = None
+
+    def counted_update():
+        counter.active = True
+        try:
+            original_update()
+        finally:
+            counter.active = False
+        fired.append(type(callback.updater).__name__)
+
+    def on_train_begin_then_count(*a, **kw):
+        nonlocal original_update
+        begin(*a, **kw)
+        original_update = callback.updater.update
+        callback.updater.update = counted_update if distributed else _plain(callback.updater.update, fired)
+
+    begin = callback.on_train_begin
+    callback.on_train_begin = on_train_begin_then_count
+    trainer.train()
+
+    logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    result = {"loss": [h["loss"] for h in logs], "margins": [h["rewards/margins"] for h in logs],
+              "fired": fired, "collectives": dict(counter.counts) if counter else {},
+              "policy": gathered(trainer.model, mode), "ref": gathered(trainer.ref_model, mode)}
+    if mode == "zero3":
+        result["local"] = zero3_local(callback.updater)
+    rank = int(os.environ.get("RANK", "0"))
+    torch.save(result, os.path.join(out_dir, f"result.rank{rank}.pt"))
+
+
+def _plain(update, fired):
+    def run_update():
+        update()
+        fired.append("RefModelUpdater")
+    return run_update
+
+
+def gathered(model, mode):
+    """Full parameters by name (the test's own gather; the library never does this)."""
+    from fasttrdpo.ref_update import unwrap_model
+
+    module = unwrap_model(getattr(model, "module", model))
+    if mode == "zero3":
+        import deepspeed
+
+        params = dict(module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+            return {n: p.detach().clone() for n, p in params.items()}
+    out = {}
+    for n, p in module.named_parameters():
+        out[n] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+    return out
+
+
+def zero3_local(updater):
+    """This rank's reference partitions (what the update wrote), to compare with the gathered parameters."""
+    refs, _, names = updater._partitions()
+    return {n: r.detach().clone() for n, r in zip(names, refs)}
+
+
+if __name__ == "__main__":
+    run(sys.argv[1], sys.argv[2])
