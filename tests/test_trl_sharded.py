@@ -28,7 +28,7 @@ pytest.importorskip("trl")
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trl_sharded_worker.py")
 # DeepSpeed JIT-builds its CPU comm extension on first use; a cache the tests own keeps later runs warm.
-EXT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fasttrdpo", "torch_extensions")
+EXT_CACHE = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fasttrdpo", "torch_extensions")
 
 
 def _free_port() -> str:

@@ -46,6 +46,11 @@ def cpu_distributed_state(mode):
         state = PartialState(cpu=True)  # MULTI_CPU + gloo; AcceleratorState turns the GPU kind into FSDP
         state.distributed_type = DistributedType.MULTI_GPU
     else:
+        # DeepSpeed's CPU comm backend would JIT-build its shared-memory all-reduce (deepspeed_shm_comm, 50-85 s
+        # the first time); marking it incompatible makes DeepSpeed use torch.distributed (gloo) instead, no build.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         PartialState(backend="gloo")
 
@@ -57,17 +62,15 @@ class CollectiveCounter:
              "broadcast_object_list", "all_reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all_single",
              "scatter", "gather", "send", "recv", "isend", "irecv", "all_gather_coalesced")
 
-    def __init__(self):
+    def __init__(self, with_deepspeed: bool):
         import torch.distributed as dist
 
-        self.active, self.counts = False, collections.Counter()
+        self.active, self.counts = None, collections.Counter()  # active: the bucket counted into, or None
         modules = [dist, dist.distributed_c10d]
-        try:
+        if with_deepspeed:
             import deepspeed.comm as ds_comm
 
             modules.append(ds_comm)
-        except ImportError:
-            pass
         for module in modules:
             for name in self.NAMES:
                 fn = getattr(module, name, None)
@@ -77,7 +80,7 @@ class CollectiveCounter:
     def _wrap(self, where, name, fn):
         def counted(*args, **kwargs):
             if self.active:
-                self.counts[f"{where}.{name}"] += 1
+                self.counts[f"{self.active}:{where}.{name}"] += 1
             return fn(*args, **kwargs)
         return counted
 
@@ -85,6 +88,8 @@ class CollectiveCounter:
 def run(mode, out_dir):
     distributed = mode != "single"
     torch.set_num_threads(1)
+    # installed before any process group or DeepSpeed backend exists, so none holds an unwrapped reference
+    counter = CollectiveCounter(with_deepspeed=mode == "zero3") if distributed else None
     if distributed:
         cpu_distributed_state(mode)
     from trl import DPOConfig
@@ -99,7 +104,8 @@ def run(mode, out_dir):
                                                                "transformer_layer_cls_to_wrap": ["GPTNeoXLayer"]},
                      accelerator_config={"use_configured_state": True})
     elif mode == "zero3":
-        extra = dict(deepspeed={"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
+        extra = dict(deepspeed={"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1000},
+                                "train_micro_batch_size_per_gpu": "auto",
                                 "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
                                 "gradient_clipping": "auto", "zero_allow_untested_optimizer": True},
                      accelerator_config={"use_configured_state": True})
@@ -112,18 +118,19 @@ def run(mode, out_dir):
     trainer = FusedDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset(),
                               processing_class=tiny_tokenizer(), fasttrdpo_backend="eager")
 
-    counter = CollectiveCounter() if distributed else None
     callback = trainer.ref_sync_callback
-    fired = []
+    fired, gathered_at_update = [], []
     original_update = None
 
     def counted_update():
-        counter.active = True
+        counter.active = "update"
         try:
             original_update()
         finally:
-            counter.active = False
+            counter.active = "train"
         fired.append(type(callback.updater).__name__)
+        if hasattr(callback.updater, "_gathered"):  # ZeRO-3: full copies blended beside the partitions
+            gathered_at_update.append(len(callback.updater._gathered()[2]))
 
     def on_train_begin_then_count(*a, **kw):
         nonlocal original_update
@@ -133,7 +140,11 @@ def run(mode, out_dir):
 
     begin = callback.on_train_begin
     callback.on_train_begin = on_train_begin_then_count
+    if counter:
+        counter.active = "train"  # the training steps: proves the counter sees the frameworks' gathers
     trainer.train()
+    if counter:
+        counter.active = None
 
     logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     result = {"loss": [h["loss"] for h in logs], "margins": [h["rewards/margins"] for h in logs],
@@ -141,6 +152,7 @@ def run(mode, out_dir):
               "policy": gathered(trainer.model, mode), "ref": gathered(trainer.ref_model, mode)}
     if mode == "zero3":
         result["local"] = zero3_local(callback.updater)
+        result["gathered_at_update"] = gathered_at_update
     rank = int(os.environ.get("RANK", "0"))
     torch.save(result, os.path.join(out_dir, f"result.rank{rank}.pt"))
 

@@ -151,8 +151,17 @@ class Zero3RefModelUpdater(RefModelUpdater):
         return (dict(unwrap_model(self.policy).named_parameters()), dict(unwrap_model(self.ref).named_parameters()))
 
     def _pair_names(self):
-        pairs = super()._pair_names()  # names pair up (ZeRO-3 shapes are empty placeholders: checked below)
+        """[(ref name, policy name)]: every name pairs (ZeRO-3 `.shape` is an empty placeholder outside a gather, so
+        shapes are compared through `ds_shape`) and every pair is partitioned alike."""
         policy_params, ref_params = self._params()
+        only_policy, only_ref = sorted(set(policy_params) - set(ref_params)), sorted(set(ref_params) - set(policy_params))
+        if only_policy or only_ref:
+            raise ValueError("policy and ref parameters do not pair up by name: "
+                             f"{len(only_policy)} only in policy (e.g. {only_policy[:3]}), "
+                             f"{len(only_ref)} only in ref (e.g. {only_ref[:3]})")
+        pairs = [(n, n) for n in policy_params]
+        if not pairs:
+            raise ValueError("no parameters to update: policy and ref have no parameters")
         for ref_name, pol_name in pairs:
             r, p = ref_params[ref_name], policy_params[pol_name]
             if not (is_zero3_param(r) and is_zero3_param(p)):
@@ -180,19 +189,26 @@ class Zero3RefModelUpdater(RefModelUpdater):
                 [r for r, _ in pairs])
 
     def _gathered(self):
-        """(ref full copies, policy full copies, names) of the reference parameters that are gathered right now
-        (persistent ones); the policy's must be gathered too (ZeRO-3 re-gathers them after every step)."""
+        """(ref full copies, policy full copies, names) of the reference parameters ZeRO-3 keeps gathered between
+        forwards (persistent ones), whose forward reads the full copy, not the partition. Their policy twins are
+        persistent too (same threshold on the same shapes) and re-gathered by ZeRO-3 after every optimizer step,
+        so the full copies blend locally; any other gathered reference parameter is refused (ValueError)."""
         policy_params, ref_params = self._params()
         refs, pols, names = [], [], []
         for ref_name, pol_name in self._pairs:
             r, p = ref_params[ref_name], policy_params[pol_name]
-            if _is_available(r) and r.data.numel():
-                if not (_is_available(p) and p.data.numel() == r.data.numel()):
-                    raise ValueError(f"parameter {ref_name!r}: the reference holds it gathered but the policy does not; "
-                                     "its full copy could not be updated without a gather")
-                refs.append(r.data.view(r.ds_shape))
-                pols.append(p.data.view(p.ds_shape))
-                names.append(ref_name)
+            if not (_is_available(r) and r.data.numel()):
+                continue
+            if not (getattr(r, "ds_persist", False) and getattr(p, "ds_persist", False) and _is_available(p)
+                    and p.data.numel() == r.data.numel()):
+                raise ValueError(
+                    f"parameter {ref_name!r}: the reference holds it gathered (persistent: "
+                    f"{getattr(r, 'ds_persist', False)}) but the policy's full copy is not kept current "
+                    f"(persistent: {getattr(p, 'ds_persist', False)}); give both models the same "
+                    "stage3_param_persistence_threshold")
+            refs.append(r.data.view(r.ds_shape))
+            pols.append(p.data.view(p.ds_shape))
+            names.append(ref_name)
         return refs, pols, names
 
     def _tensors(self):
@@ -265,9 +281,21 @@ class Zero3RefModelUpdater(RefModelUpdater):
                 dst.copy_(src)
 
 
+def _unwrap_engine(model):
+    """The module inside a DeepSpeedEngine (TRL's reference under DeepSpeed is one), else the model itself."""
+    import sys
+
+    deepspeed = sys.modules.get("deepspeed")
+    if deepspeed is not None and isinstance(model, deepspeed.DeepSpeedEngine):
+        return model.module
+    return model
+
+
 def make_updater(*, policy, ref, **kwargs) -> RefModelUpdater:
     """The updater for these models: Zero3RefModelUpdater when the reference is ZeRO-3 partitioned, else
-    RefModelUpdater (which blends FSDP2 DTensor shards locally and refuses FSDP1)."""
+    RefModelUpdater (which blends FSDP2 DTensor shards locally and refuses FSDP1). DeepSpeed engines are
+    unwrapped to their modules."""
+    policy, ref = _unwrap_engine(policy), _unwrap_engine(ref)
     ref_params = list(unwrap_model(ref).parameters()) if ref is not None else []
     if any(is_zero3_param(p) for p in ref_params):
         return Zero3RefModelUpdater(policy=policy, ref=ref, **kwargs)
