@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-STEPS, GLOBAL_PAIRS, ALPHA = 3, 4, 0.6
+STEPS, GLOBAL_PAIRS, ALPHA, LR = 3, 4, 0.6, 0.5
 
 
 def dataset(n=STEPS * GLOBAL_PAIRS):
@@ -58,9 +58,8 @@ def cpu_distributed_state(mode):
 class CollectiveCounter:
     """Counts torch.distributed collectives (and DeepSpeed's comm wrappers) while `active`."""
 
-    NAMES = ("all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_object", "broadcast",
-             "broadcast_object_list", "all_reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all_single",
-             "scatter", "gather", "send", "recv", "isend", "irecv", "all_gather_coalesced")
+    # every collective entry point (torch 2.13 adds all_gather_single / reduce_scatter_single, which FSDP2 uses)
+    PATTERN = ("all_gather", "broadcast", "reduce", "scatter", "gather", "all_to_all", "send", "recv")
 
     def __init__(self, with_deepspeed: bool):
         import torch.distributed as dist
@@ -71,10 +70,12 @@ class CollectiveCounter:
             import deepspeed.comm as ds_comm
 
             modules.append(ds_comm)
+        import inspect
+
         for module in modules:
-            for name in self.NAMES:
+            for name in dir(module):
                 fn = getattr(module, name, None)
-                if callable(fn):
+                if any(k in name for k in self.PATTERN) and inspect.isfunction(fn) and not name.startswith("__"):
                     setattr(module, name, self._wrap(module.__name__, name, fn))
 
     def _wrap(self, where, name, fn):
@@ -110,7 +111,7 @@ def run(mode, out_dir):
                                 "gradient_clipping": "auto", "zero_allow_untested_optimizer": True},
                      accelerator_config={"use_configured_state": True})
     args = DPOConfig(output_dir=os.path.join(out_dir, "run"), per_device_train_batch_size=GLOBAL_PAIRS // world,
-                     max_steps=STEPS, learning_rate=3e-3, logging_steps=1, report_to=[], use_cpu=mode != "zero3",
+                     max_steps=STEPS, learning_rate=LR, optim="sgd", logging_steps=1, report_to=[], use_cpu=mode != "zero3",
                      seed=0, beta=0.1, max_length=48, save_strategy="no", disable_tqdm=True,
                      lr_scheduler_type="constant", dataloader_num_workers=0, bf16=False, fp16=False,
                      sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=ALPHA, **extra)
@@ -150,6 +151,8 @@ def run(mode, out_dir):
     result = {"loss": [h["loss"] for h in logs], "margins": [h["rewards/margins"] for h in logs],
               "fired": fired, "collectives": dict(counter.counts) if counter else {},
               "policy": gathered(trainer.model, mode), "ref": gathered(trainer.ref_model, mode)}
+    if distributed:
+        result["checkpoint"] = checkpoint_checks(callback, trainer)
     if mode == "zero3":
         result["local"] = zero3_local(callback.updater)
         result["gathered_at_update"] = gathered_at_update
@@ -178,6 +181,51 @@ def gathered(model, mode):
     out = {}
     for n, p in module.named_parameters():
         out[n] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+    return out
+
+
+def checkpoint_checks(callback, trainer):
+    """The reference saved beside a checkpoint (per-rank shards/partitions) and its reload: restored bit-exactly;
+    another rank's file or another world size refused (ValueError) with the reference left as it was."""
+    import shutil
+    import types
+
+    import torch.distributed as dist
+
+    args, rank, world = trainer.args, dist.get_rank(), dist.get_world_size()
+    callback.on_save(args, trainer.state, None)
+    folder = os.path.join(args.output_dir, f"checkpoint-{trainer.state.global_step}")
+    path = callback._state_path(folder, args)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    refs = lambda: [t.detach().clone() for t in callback.updater._tensors()[0]]  # noqa: E731
+    before = refs()
+    out = {"file": os.path.basename(path), "saved_numel": sum(t.numel() for t in saved["ref"].values()),
+           "saved_layout": saved.get("partitions")}
+    with torch.no_grad():
+        for t in callback.updater._tensors()[0]:
+            t.zero_()
+    resume = types.SimpleNamespace(global_step=trainer.state.global_step)
+    callback.resume_from = folder
+    callback.on_train_begin(args, resume, None, model=trainer.model)
+    out["restored"] = all(torch.equal(a, b) for a, b in zip(refs(), before))
+    # another rank's file under this rank's name; then a checkpoint of 3 processes
+    swapped, bigger = os.path.join(args.output_dir, "swapped"), os.path.join(args.output_dir, "bigger")
+    os.makedirs(swapped, exist_ok=True)
+    os.makedirs(bigger, exist_ok=True)
+    other = callback._state_path(folder, types.SimpleNamespace(process_index=(rank + 1) % world))
+    shutil.copy(other, os.path.join(swapped, os.path.basename(path)))
+    shutil.copy(path, os.path.join(bigger, os.path.basename(path)))
+    if rank == 0:
+        shutil.copy(path, os.path.join(bigger, os.path.basename(path).replace(".rank0.", f".rank{world}.")))
+    dist.barrier()
+    for name, where in (("other_rank", swapped), ("other_world", bigger)):
+        callback.resume_from = where
+        try:
+            callback.on_train_begin(args, resume, None, model=trainer.model)
+            out[name] = "loaded"
+        except ValueError as e:
+            out[name] = str(e)
+    out["unchanged_after_refusals"] = all(torch.equal(a, b) for a, b in zip(refs(), before))
     return out
 
 
