@@ -164,3 +164,123 @@ def test_zero3_matches_one_process_and_updates_local_partitions(tmp_path, single
         # stage3_param_persistence_threshold=1000: some reference parameters stay gathered between forwards
         # (their full copies blended too), the others exist only as partitions between forwards
         assert 0 < res["gathered_at_update"][-1] < len(init), res["gathered_at_update"]
+
+
+# ----------------------------------------------------------------------------------------- one-process checks
+def _zero3_like(shape, partition, *, world=2, rank=0, full=None):
+    """A parameter as ZeRO-3 leaves it between forwards: empty data, this rank's flat partition in ds_tensor;
+    `full` given: gathered and kept (a persistent parameter), its full copy in data."""
+    p = torch.nn.Parameter(torch.empty(0) if full is None else full.clone())
+    p.ds_id, p.ds_shape, p.ds_tensor = id(p), torch.Size(shape), partition.clone()
+    p.ds_persist, p.ds_status = full is not None, "AVAILABLE" if full is not None else "NOT_AVAILABLE"
+    p.fake_group = (world, rank)
+    return p
+
+
+def _zero3_model(w_part, b_full, b_part, **kw):
+    m = torch.nn.Module()
+    m.w = _zero3_like((4, 3), w_part, **kw)
+    m.b = _zero3_like((3,), b_part, full=b_full, **kw) if b_full is not None else _zero3_like((3,), b_part, **kw)
+    return m
+
+
+@pytest.fixture
+def fake_zero3(monkeypatch):
+    from fasttrdpo.integrations.trl import sharding
+
+    monkeypatch.setattr(sharding, "_zero3_group", lambda p: p.fake_group)
+    monkeypatch.setattr(sharding, "_is_available", lambda p: p.ds_status == "AVAILABLE")
+    return sharding
+
+
+def test_zero3_updater_blends_own_partitions_and_refuses_mismatched_layouts(fake_zero3):
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    pw, pb, pbf, rw, rb, rbf = rnd(6), rnd(2), rnd(3), rnd(6), rnd(2), rnd(3)
+    policy, ref = _zero3_model(pw, pbf, pb), _zero3_model(rw, rbf, rb)
+    updater = fake_zero3.make_updater(policy=policy, ref=ref, alpha=0.6, tau=1)
+    assert isinstance(updater, fake_zero3.Zero3RefModelUpdater) and fake_zero3.sharded_reference(updater)
+    assert updater.step(global_step=1)
+    # ref + 0.6·(policy − ref) in fp32: three roundings (subtract, multiply, add), each <= 2^-24 of a term bounded
+    # by |ref| + |policy|, so |fp32 − float64| <= 3·2^-24·(|ref| + |policy|) (DESIGN.md §4: no bit-exactness)
+    for got, r, p in ((ref.w.ds_tensor, rw, pw), (ref.b.ds_tensor, rb, pb), (ref.b.data, rbf, pbf)):
+        want = r.double() + 0.6 * (p.double() - r.double())
+        assert bool(((got.double() - want).abs() <= 3 * 2.0**-24 * (r.abs() + p.abs()).double()).all())
+        assert not torch.equal(got, r)
+    assert ref.w.data.numel() == 0  # nothing gathered: the update wrote the partition in place
+
+    def refused(policy, ref, match):
+        before = [t.clone() for t in (ref.w.ds_tensor, ref.b.ds_tensor, ref.b.data)]
+        with pytest.raises(ValueError, match=match):
+            fake_zero3.make_updater(policy=policy, ref=ref, alpha=0.6, tau=1).update()
+        assert all(torch.equal(a, b) for a, b in zip(before, (ref.w.ds_tensor, ref.b.ds_tensor, ref.b.data)))
+
+    # another partition size (e.g. another world size) for 'w'
+    refused(_zero3_model(rnd(4), pbf, pb), _zero3_model(rw, rbf, rb), "'w'.*partitioned differently")
+    # the same sizes but partitioned over groups of another size / another rank
+    refused(_zero3_model(pw, pbf, pb, world=2, rank=1), _zero3_model(rw, rbf, rb), "'w'.*partitioned differently")
+    # the reference keeps 'b' gathered (its forward reads the full copy) but the policy's copy is not kept current
+    refused(_zero3_model(pw, None, pb), _zero3_model(rw, rbf, rb), "'b'.*not kept current")
+    # a plain (not partitioned) reference beside a ZeRO-3 policy
+    plain = torch.nn.Module()
+    plain.w, plain.b = torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.zeros(0))
+    with pytest.raises(ValueError, match="not ZeRO-3 partitioned"):
+        fake_zero3.Zero3RefModelUpdater(policy=_zero3_model(pw, pbf, pb), ref=plain, alpha=0.6, tau=1)
+
+
+def _fake_trainer(*, deepspeed=None, fsdp=None, mixed="no", peft=False, ref=True):
+    from types import SimpleNamespace as NS
+
+    state = NS(deepspeed_plugin=NS(deepspeed_config=deepspeed or {}), fsdp_plugin=fsdp)
+    model = torch.nn.Linear(2, 2)
+    return NS(accelerator=NS(mixed_precision=mixed, state=state), is_deepspeed_enabled=deepspeed is not None,
+              is_fsdp_enabled=fsdp is not None, model=model, ref_model=torch.nn.Linear(2, 2) if ref else None)
+
+
+def test_sharded_setups_without_a_test_are_refused_at_construction(tmp_path, monkeypatch):
+    from types import SimpleNamespace as NS
+
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    from fasttrdpo.integrations.trl import sharding
+
+    z3 = {"zero_optimization": {"stage": 3}}
+    fsdp2 = NS(fsdp_version=2, cpu_offload=OffloadPolicy())
+    assert sharding.sharding_mode(_fake_trainer()) == sharding.NONE
+    assert sharding.sharding_mode(_fake_trainer(deepspeed=z3)) == sharding.ZERO3
+    assert sharding.sharding_mode(_fake_trainer(fsdp=fsdp2)) == sharding.FSDP2
+    for kw, match in [
+        (dict(deepspeed={"zero_optimization": {"stage": 2}}), "ZeRO stage 2"),
+        (dict(deepspeed={"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}), "offload_param"),
+        (dict(deepspeed={"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}),
+         "offload_optimizer"),
+        (dict(deepspeed=z3, mixed="bf16"), "mixed precision 'bf16'"),
+        (dict(fsdp=NS(fsdp_version=1, cpu_offload=False)), "FSDP1"),
+        (dict(fsdp=NS(fsdp_version=2, cpu_offload=CPUOffloadPolicy())), "CPU offload"),
+        (dict(fsdp=fsdp2, mixed="fp16"), "mixed precision 'fp16'"),
+        (dict(fsdp=fsdp2, ref=False), "PEFT"),
+    ]:
+        with pytest.raises(NotImplementedError, match=match):
+            sharding.sharding_mode(_fake_trainer(**kw))
+
+    # through use_trdpo_loss: refused before anything is patched
+    from trl import DPOConfig, DPOTrainer
+
+    from fasttrdpo.integrations.trl import use_trdpo_loss
+    from fasttrdpo.tiny import tiny_model, tiny_tokenizer
+
+    sys.path.insert(0, os.path.dirname(WORKER))
+    from trl_sharded_worker import dataset
+
+    trainer = DPOTrainer(model=tiny_model(seed=0, hidden_size=32), ref_model=tiny_model(seed=0, hidden_size=32),
+                         args=DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], bf16=False,
+                                        max_length=48, per_device_train_batch_size=2),
+                         train_dataset=dataset(4), processing_class=tiny_tokenizer())
+    compute_loss = trainer._compute_loss
+    trainer.is_deepspeed_enabled = True
+    # what a DeepSpeed ZeRO-2 accelerator reports (the real one cannot be built on this CPU set-up after the fact)
+    monkeypatch.setattr(trainer, "accelerator", NS(mixed_precision="no", state=NS(
+        deepspeed_plugin=NS(deepspeed_config={"zero_optimization": {"stage": 2}}))))
+    with pytest.raises(NotImplementedError, match="ZeRO stage 2"):
+        use_trdpo_loss(trainer)
+    assert trainer._compute_loss == compute_loss and not hasattr(trainer, "_trdpo_loss")
