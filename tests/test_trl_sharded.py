@@ -29,8 +29,9 @@ import torch
 pytest.importorskip("trl")
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trl_sharded_worker.py")
-# DeepSpeed JIT-builds its CPU comm extension on first use; a cache the tests own keeps later runs warm.
-EXT_CACHE = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fasttrdpo", "torch_extensions")
+# The worker keeps DeepSpeed from JIT-building its CPU comm extension (deepspeed_shm_comm, 50-85 s cold); should
+# any extension still be built, it goes to a cache the tests own, not the user's default one.
+EXT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fasttrdpo", "torch_extensions")
 
 
 def _free_port() -> str:

@@ -111,7 +111,8 @@ def run(mode, out_dir):
                                 "gradient_clipping": "auto", "zero_allow_untested_optimizer": True},
                      accelerator_config={"use_configured_state": True})
     args = DPOConfig(output_dir=os.path.join(out_dir, "run"), per_device_train_batch_size=GLOBAL_PAIRS // world,
-                     max_steps=STEPS, learning_rate=LR, optim="sgd", logging_steps=1, report_to=[], use_cpu=mode != "zero3",
+                     max_steps=STEPS, learning_rate=LR, optim="sgd", logging_steps=1, report_to=[],
+                     use_cpu=mode != "zero3",
                      seed=0, beta=0.1, max_length=48, save_strategy="no", disable_tqdm=True,
                      lr_scheduler_type="constant", dataloader_num_workers=0, bf16=False, fp16=False,
                      sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=ALPHA, **extra)

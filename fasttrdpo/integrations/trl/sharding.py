@@ -102,7 +102,8 @@ def run_in_head(model: torch.nn.Module, hidden: torch.Tensor, fn):
     keep `hidden` the only positional tensor). Without sharding this is just fn(head, hidden)."""
     head = model.get_output_embeddings()
     if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head): nothing to compute log-probs with")
+        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head): nothing to compute "
+                         "log-probs with")
     with _head_forward(head, lambda h: fn(head, h)):
         return head(hidden)
 
@@ -154,7 +155,8 @@ class Zero3RefModelUpdater(RefModelUpdater):
         """[(ref name, policy name)]: every name pairs (ZeRO-3 `.shape` is an empty placeholder outside a gather, so
         shapes are compared through `ds_shape`) and every pair is partitioned alike."""
         policy_params, ref_params = self._params()
-        only_policy, only_ref = sorted(set(policy_params) - set(ref_params)), sorted(set(ref_params) - set(policy_params))
+        only_policy = sorted(set(policy_params) - set(ref_params))
+        only_ref = sorted(set(ref_params) - set(policy_params))
         if only_policy or only_ref:
             raise ValueError("policy and ref parameters do not pair up by name: "
                              f"{len(only_policy)} only in policy (e.g. {only_policy[:3]}), "
@@ -166,8 +168,8 @@ class Zero3RefModelUpdater(RefModelUpdater):
             r, p = ref_params[ref_name], policy_params[pol_name]
             if not (is_zero3_param(r) and is_zero3_param(p)):
                 which = "ref" if not is_zero3_param(r) else "policy"
-                raise ValueError(f"parameter {ref_name!r}: the {which} copy is not ZeRO-3 partitioned; both models must "
-                                 "be (TRL's DPOTrainer prepares the reference with ZeRO-3 when the policy uses it)")
+                raise ValueError(f"parameter {ref_name!r}: the {which} copy is not ZeRO-3 partitioned; both models "
+                                 "must be (TRL's DPOTrainer prepares the reference with ZeRO-3 when the policy uses it)")
             if tuple(r.ds_shape) != tuple(p.ds_shape):
                 raise ValueError(f"parameter {ref_name!r}: ref shape {tuple(r.ds_shape)} != policy shape "
                                  f"{tuple(p.ds_shape)}")
@@ -260,7 +262,8 @@ class Zero3RefModelUpdater(RefModelUpdater):
         copies = []
         if state.get("ref") is not None:
             saved_gathered = state.get("ref_gathered") or {}
-            groups = (("ref", self._partitions(), state["ref"], True), ("ref_gathered", self._gathered(), saved_gathered, False))
+            groups = (("ref", self._partitions(), state["ref"], True),
+                      ("ref_gathered", self._gathered(), saved_gathered, False))
             for key, (refs, _, names), saved, exact in groups:
                 if (set(saved) != set(names)) if exact else not set(names) <= set(saved):
                     missing, extra = sorted(set(names) - set(saved)), sorted(set(saved) - set(names))
