@@ -1,12 +1,12 @@
 """Subprocess worker for tests/test_trl_sharded.py: FusedDPOTrainer in one process, or in 2 CPU processes
 (gloo) under accelerate FSDP2 or DeepSpeed ZeRO-3.
 
-    python trl_sharded_worker.py single OUT_DIR            1 process, per-device batch 4 (2 pairs... 4 pairs)
+    python trl_sharded_worker.py single OUT_DIR            1 process, per-device batch 4 pairs
     python trl_sharded_worker.py fsdp2  OUT_DIR            one of 2 processes (RANK/WORLD_SIZE/MASTER_* in env)
     python trl_sharded_worker.py zero3  OUT_DIR            idem, DeepSpeed ZeRO-3 (DS_ACCELERATOR=cpu)
 
-All runs: the same tiny GPTNeoX policy and reference, the same 12 pairs, global batch 4 pairs, 3 optimizer steps,
-fp32, TR-DPO with alpha 0.6 and tau 1 (the reference blended after every step, through
+All runs: the same tiny GPTNeoX policy and reference, the same 12 pairs, global batch 4 pairs, 3 SGD steps
+(lr 0.5), fp32, TR-DPO with alpha 0.6 and tau 1 (the reference blended after every step, through
 FusedSyncRefModelCallback). Writes OUT_DIR/result.rank{R}.pt: per-step losses, the final policy and reference
 (gathered, for the test only) and what the collectives counted during the reference updates.
 

@@ -169,7 +169,8 @@ class Zero3RefModelUpdater(RefModelUpdater):
             if not (is_zero3_param(r) and is_zero3_param(p)):
                 which = "ref" if not is_zero3_param(r) else "policy"
                 raise ValueError(f"parameter {ref_name!r}: the {which} copy is not ZeRO-3 partitioned; both models "
-                                 "must be (TRL's DPOTrainer prepares the reference with ZeRO-3 when the policy uses it)")
+                                 "must be (TRL's DPOTrainer prepares the reference with ZeRO-3 when the policy "
+                                 "uses it)")
             if tuple(r.ds_shape) != tuple(p.ds_shape):
                 raise ValueError(f"parameter {ref_name!r}: ref shape {tuple(r.ds_shape)} != policy shape "
                                  f"{tuple(p.ds_shape)}")
