@@ -77,7 +77,17 @@ def run_workers(mode: str, out_dir, world: int = 2, timeout: int = 600):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    return run_workers("single", tmp_path_factory.mktemp("single"))[0]
+    """The one-process run, in this process (trl is imported already in a suite run: saves a start-up)."""
+    out_dir = tmp_path_factory.mktemp("single")
+    sys.path.insert(0, os.path.dirname(WORKER))
+    import trl_sharded_worker
+
+    threads = torch.get_num_threads()
+    try:
+        trl_sharded_worker.run("single", str(out_dir))
+    finally:
+        torch.set_num_threads(threads)
+    return torch.load(os.path.join(out_dir, "result.rank0.pt"), weights_only=True)
 
 
 def _init_weights():
@@ -162,6 +172,13 @@ def test_zero3_matches_one_process_and_updates_local_partitions(tmp_path, single
             n = part.numel()
             padded = torch.cat([flat, flat.new_zeros(2 * n - flat.numel())])
             assert torch.equal(part, padded[rank * n:(rank + 1) * n]), name
+        # a real HF checkpoint at step 2 (DeepSpeed's + each rank's reference partitions), resumed by a new
+        # trainer: step 3 and the final weights come out bit for bit as in the uninterrupted run (the reference
+        # restarting from its initial weights would change both)
+        assert res["resumed_loss"][-1] == res["loss"][-1]
+        for which in ("policy", "ref"):
+            for name, w in res[which].items():
+                assert torch.equal(res[f"resumed_{which}"][name], w), (which, name)
         # stage3_param_persistence_threshold=1000: some reference parameters stay gathered between forwards
         # (their full copies blended too), the others exist only as partitions between forwards
         assert 0 < res["gathered_at_update"][-1] < len(init), res["gathered_at_update"]

@@ -113,12 +113,17 @@ def run(mode, out_dir):
     args = DPOConfig(output_dir=os.path.join(out_dir, "run"), per_device_train_batch_size=GLOBAL_PAIRS // world,
                      max_steps=STEPS, learning_rate=LR, optim="sgd", logging_steps=1, report_to=[],
                      use_cpu=mode != "zero3",
-                     seed=0, beta=0.1, max_length=48, save_strategy="no", disable_tqdm=True,
+                     seed=0, beta=0.1, max_length=48, disable_tqdm=True,
+                     # ZeRO-3: a real checkpoint at step 2 (DeepSpeed's + the reference partitions) to resume from
+                     save_strategy="steps" if mode == "zero3" else "no", save_steps=2,
                      lr_scheduler_type="constant", dataloader_num_workers=0, bf16=False, fp16=False,
                      sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=ALPHA, **extra)
-    model, ref = tiny_model(seed=0, hidden_size=32), tiny_model(seed=0, hidden_size=32)
-    trainer = FusedDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset(),
-                              processing_class=tiny_tokenizer(), fasttrdpo_backend="eager")
+    def new_trainer():
+        return FusedDPOTrainer(model=tiny_model(seed=0, hidden_size=32), ref_model=tiny_model(seed=0, hidden_size=32),
+                               args=args, train_dataset=dataset(), processing_class=tiny_tokenizer(),
+                               fasttrdpo_backend="eager")
+
+    trainer = new_trainer()
 
     callback = trainer.ref_sync_callback
     fired, gathered_at_update = [], []
@@ -157,6 +162,16 @@ def run(mode, out_dir):
     if mode == "zero3":
         result["local"] = zero3_local(callback.updater)
         result["gathered_at_update"] = gathered_at_update
+        # resume from checkpoint-2 in a new trainer (same processes): step 3 again, from the saved partitions.
+        # accelerate allows one DeepSpeed Accelerator per process: forget it (keeping the process group)
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
+        resumed = new_trainer()
+        resumed.train(resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-2"))
+        result["resumed_loss"] = [h["loss"] for h in resumed.state.log_history if "loss" in h and "train_runtime" not in h]
+        result["resumed_ref"] = gathered(resumed.ref_model, mode)
+        result["resumed_policy"] = gathered(resumed.model, mode)
     rank = int(os.environ.get("RANK", "0"))
     torch.save(result, os.path.join(out_dir, f"result.rank{rank}.pt"))
 
