@@ -242,8 +242,9 @@ def test_zero3_updater_blends_own_partitions_and_refuses_mismatched_layouts(fake
     # a plain (not partitioned) reference beside a ZeRO-3 policy
     plain = torch.nn.Module()
     plain.w, plain.b = torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.zeros(0))
-    with pytest.raises(ValueError, match="not ZeRO-3 partitioned"):
-        fake_zero3.Zero3RefModelUpdater(policy=_zero3_model(pw, pbf, pb), ref=plain, alpha=0.6, tau=1)
+    for policy, ref in ((_zero3_model(pw, pbf, pb), plain), (plain, _zero3_model(rw, rbf, rb))):
+        with pytest.raises(ValueError, match="not ZeRO-3 partitioned"):
+            fake_zero3.make_updater(policy=policy, ref=ref, alpha=0.6, tau=1)
 
 
 def _fake_trainer(*, deepspeed=None, fsdp=None, mixed="no", peft=False, ref=True):

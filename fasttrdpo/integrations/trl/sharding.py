@@ -300,8 +300,8 @@ def make_updater(*, policy, ref, **kwargs) -> RefModelUpdater:
     RefModelUpdater (which blends FSDP2 DTensor shards locally and refuses FSDP1). DeepSpeed engines are
     unwrapped to their modules."""
     policy, ref = _unwrap_engine(policy), _unwrap_engine(ref)
-    ref_params = list(unwrap_model(ref).parameters()) if ref is not None else []
-    if any(is_zero3_param(p) for p in ref_params):
+    params = list(unwrap_model(policy).parameters()) + (list(unwrap_model(ref).parameters()) if ref is not None else [])
+    if any(is_zero3_param(p) for p in params):  # either side: a half-partitioned pair is refused there, by name
         return Zero3RefModelUpdater(policy=policy, ref=ref, **kwargs)
     return RefModelUpdater(policy=policy, ref=ref, **kwargs)
 
