@@ -1,7 +1,7 @@
 """FusedDPOTrainer (TRL integration) under accelerate FSDP2 and DeepSpeed ZeRO-3, 2 CPU processes (gloo).
 
 Each sharded run trains the same tiny GPTNeoX as a one-process run: the same 12 pairs, global batch 4
-(2 per rank), 3 SGD steps at lr 0.5 with gradient clipping at 1.0, TR-DPO reference blended after every step
+(ZeRO-3: 2 pairs per rank; FSDP2: 1 pair per rank and micro-step, 2 accumulated micro-steps), 3 SGD steps at lr 0.5 with gradient clipping at 1.0, TR-DPO reference blended after every step
 (alpha 0.6, tau 1) by FusedSyncRefModelCallback. SGD, not Adam: Adam's first steps move every weight by about
 ±lr whatever the gradient's size, so a gradient that is ~0 up to rounding would flip a weight by lr; with SGD
 the weights are w0 − lr·Σ clipped gradients, so comparing them compares the gradients of the loss computed

@@ -110,7 +110,12 @@ def run(mode, out_dir):
                                 "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
                                 "gradient_clipping": "auto", "zero_allow_untested_optimizer": True},
                      accelerator_config={"use_configured_state": True})
-    args = DPOConfig(output_dir=os.path.join(out_dir, "run"), per_device_train_batch_size=GLOBAL_PAIRS // world,
+    # FSDP2: 1 pair per rank and micro-step, 2 micro-steps per optimizer step (gradient accumulation under
+    # sharding); ZeRO-3: 2 pairs per rank, no accumulation. Either way 4 pairs per step, as in the single run.
+    accumulation = 2 if mode == "fsdp2" else 1
+    args = DPOConfig(output_dir=os.path.join(out_dir, "run"),
+                     per_device_train_batch_size=GLOBAL_PAIRS // world // accumulation,
+                     gradient_accumulation_steps=accumulation,
                      max_steps=STEPS, learning_rate=LR, optim="sgd", logging_steps=1, report_to=[],
                      use_cpu=mode != "zero3",
                      seed=0, beta=0.1, max_length=48, disable_tqdm=True,
