@@ -3,8 +3,9 @@
 TRL's callback loops over parameters with `mul_` + `add_` (two kernels per tensor, 10 B/element in
 bf16), gathers everything to rank 0 under ZeRO-3, forgets the reference on resume and refuses PEFT.
 This one runs one fused `blend_` over all parameters through `fasttrdpo.RefModelUpdater` (DDP: every
-rank blends its copy; FSDP2: local shards only), saves the reference beside every checkpoint and
-restores it on resume, and updates a PEFT reference adapter.
+rank blends its copy; FSDP2: local shards only; DeepSpeed ZeRO-3: each rank's own partitions, in place, see
+sharding.Zero3RefModelUpdater), saves the reference beside every checkpoint (one file per rank when sharded,
+refused on resume at another world size) and restores it on resume, and updates a PEFT reference adapter.
 
 `FusedDPOTrainer(..., args=DPOConfig(sync_ref_model=True, ...))` uses it without further ado. Swap it into
 TRL's own DPOTrainer, GRPOTrainer, RLOOTrainer or KTOTrainer (each adds TRL's callback for

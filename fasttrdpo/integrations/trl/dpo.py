@@ -19,6 +19,11 @@ With `sync_ref_model=True` the fused trainer replaces TRL's SyncRefModelCallback
 reference backbones run under accelerate's autocast exactly as TRL runs them; TRDPOLoss then does fp32
 math on their fp32 hidden states (TRL's head rounds its logits tiles to bf16 instead).
 
+Sharded training (accelerate FSDP2, DeepSpeed ZeRO-3; `sharding.py`): the policy's loss is computed inside its
+forward, as a call of its head module, so the framework holds the full head weight there and reduces its gradient
+like any other; the reference's head is read inside the reference's forward. Settings no test proves under
+sharding (ZeRO stages 0-2, offload, FSDP1, mixed precision, PEFT) raise at construction.
+
 Supported: every `loss_type` of TRL 1.16 and weighted lists (`loss_weights`, e.g. RPO = ["sigmoid", "sft"]),
 `discopop_tau`, `label_smoothing` where TRL applies it (exo_pair, robust, aot, aot_unpaired), the standard
 reverse-KL DPO, no `ld_alpha`, no WPO weighting, no precomputed reference log-probs, no MoE auxiliary loss;
