@@ -48,12 +48,8 @@ def _env():
 
 
 def run_workers(mode: str, out_dir, world: int = 2, timeout: int = 600):
+    """Start `world` worker processes of `mode` (fsdp2 | zero3) and return each rank's result."""
     os.makedirs(out_dir, exist_ok=True)
-    if mode == "single":
-        out = subprocess.run([sys.executable, WORKER, mode, str(out_dir)], capture_output=True, text=True,
-                             env=_env(), timeout=timeout)
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-        return [torch.load(os.path.join(out_dir, "result.rank0.pt"), weights_only=True)]
     port = _free_port()
     procs = []
     for rank in range(world):
