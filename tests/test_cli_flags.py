@@ -32,6 +32,7 @@ EXAMPLES = {
     "alpha": ([], "0.25", 0.25),
     "desirable_weight": (["--trainer", "kto"], "1.5", 1.5),  # the KTO weights apply to trainer kto only
     "undesirable_weight": (["--trainer", "kto"], "1.33", 1.33),
+    "report_to": ([], "tensorboard,wandb", ["tensorboard", "wandb"]),  # names from fasttrdpo.training.reporting
 }
 
 
