@@ -323,6 +323,12 @@ def test_cli_trains_tr_kto_on_unpaired_rows(tmp_path, capsys):
     assert ev3["eval_loss"] > ev["eval_loss"] + 1e-3  # the desirable rows' losses weigh twice as much
     for key in ["eval_loss", "eval_kl/ref"] + [f"eval_{k}" for k in KEYS]:
         assert ev3[key] == pytest.approx(direct[key], rel=1e-6, abs=1e-7), key
+    # --trainer kto evaluates any policy/reference pair as TR-KTO: the same tiny model twice gives log-ratios and z of
+    # exactly 0, so each row's loss is w·(1 − σ(0)) = 0.5 with the default weights
+    assert cli.main(["eval", "--model", "tiny", "--ref-model", "tiny", "--trainer", "kto", "--data", str(data),
+                     "--eval-size", "4", "--output", str(tmp_path / "t.json")]) == 0
+    plain = json.load(open(tmp_path / "t.json"))
+    assert (plain["trainer"], plain["eval_rows"], plain["eval_loss"], plain["eval_kl"]) == ("kto", 4, 0.5, 0.0)
     # the KL-row block size only means something for KTO: refused for a DPO evaluation
     assert cli.main(["eval", "--model", "tiny", "--ref-model", "tiny", "--per-device-train-batch-size", "2"]) == 2
     assert "--trainer kto" in capsys.readouterr().err
