@@ -56,7 +56,7 @@ class TRDPOTrainer:
     Subclasses that train another objective on the same loop (`fasttrdpo.kto_trainer.TRKTOTrainer`) set `kind`
     (the `config.trainer` they accept), `metric_names` (what `_loss` returns beside the loss; a NaN value means
     "not measured in this micro-batch" and is left out of the average, as TRL leaves it out of its lists) and
-    override `_tokenize`, `_batch`, `_loss` and `evaluate`.
+    override `_tokenize`, `_batch`, `_loss`, `_row_tokens` (what TRL's num_tokens counts of a row) and `evaluate`.
     """
 
     kind = "dpo"

@@ -460,7 +460,10 @@ def test_resume_is_bit_identical(tmp_path):
     resumed = run("cut", 4, resume="latest")
     assert resumed.resumed_from and resumed.ref_updates == whole.ref_updates == 2
     assert resumed.fingerprints() == whole.fingerprints()
-    curve = lambda out, key="loss": [json.loads(line)[key] for line in open(tmp_path / out / "metrics.jsonl")]  # noqa: E731
+
+    def curve(out, key="loss"):
+        return [json.loads(line)[key] for line in open(tmp_path / out / "metrics.jsonl")]
+
     assert curve("cut") == curve("whole") and len(curve("whole")) == 4
     # num_tokens continues from the checkpoint's count (saved with it), not from 0
     assert curve("cut", "num_tokens") == curve("whole", "num_tokens") and saved == curve("whole", "num_tokens")[1]
