@@ -56,7 +56,7 @@ class TRDPOTrainer:
     Subclasses that train another objective on the same loop (`fasttrdpo.kto_trainer.TRKTOTrainer`) set `kind`
     (the `config.trainer` they accept), `metric_names` (what `_loss` returns beside the loss; a NaN value means
     "not measured in this micro-batch" and is left out of the average, as TRL leaves it out of its lists) and
-    override `_tokenize`, `_batch`, `_loss` and `evaluate`.
+    override `_tokenize`, `_batch`, `_loss`, `_row_tokens` (what TRL's num_tokens counts of a row) and `evaluate`.
     """
 
     kind = "dpo"
@@ -145,6 +145,7 @@ class TRDPOTrainer:
             self.schedule = Schedule(config, max(self.total_steps, 1))
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: self.schedule(step))
         self.last_lr: float | None = None  # the learning rate of the last optimizer step (saved: resume continues it)
+        self.num_tokens = 0  # TRL's num_tokens: non-padding tokens of every rank's training rows so far (saved)
         self.history: list[dict] = []
         self.rank_fingerprints: list[dict] | None = None
         self.is_main = self.rank == 0
@@ -193,17 +194,32 @@ class TRDPOTrainer:
 
     # --- data order: a function of the step only (what makes resume exact) --------------------------
 
-    def _step_indices(self, step: int) -> list[list[int]]:
-        """The pair indices this rank uses at optimizer step `step`: one list per micro-batch."""
+    def _step_rows(self, step: int) -> list[int]:
+        """The pair indices of optimizer step `step`'s global batch (every rank, every micro-batch)."""
         c = self.config
         seed = c.seed if c.data_seed is None else c.data_seed
         epoch, batch = divmod(step, self.steps_per_epoch)
-        g = torch.Generator().manual_seed(seed + epoch)
-        order = torch.randperm(len(self.train_pairs), generator=g)
-        G, B, W = self.global_batch_size, c.per_device_train_batch_size, self.world_size
-        chunk = order[batch * G:(batch + 1) * G].tolist()
+        cache = self.__dict__.setdefault("_epoch_order", {})  # one permutation per epoch, drawn once
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = torch.randperm(len(self.train_pairs), generator=torch.Generator().manual_seed(seed + epoch))
+        G = self.global_batch_size
+        return cache[epoch][batch * G:(batch + 1) * G].tolist()
+
+    def _step_indices(self, step: int) -> list[list[int]]:
+        """The pair indices this rank uses at optimizer step `step`: one list per micro-batch."""
+        chunk, B, W = self._step_rows(step), self.config.per_device_train_batch_size, self.world_size
         return [chunk[(a * W + self.rank) * B:(a * W + self.rank + 1) * B]
-                for a in range(c.gradient_accumulation_steps)]
+                for a in range(self.config.gradient_accumulation_steps)]
+
+    def _row_tokens(self, pair: TokenizedPair) -> int:
+        """The non-padding tokens the collator feeds for one training pair (its rows' attention_mask sum)."""
+        return 2 * len(pair.prompt) + len(pair.chosen) + len(pair.rejected)
+
+    def _step_tokens(self, step: int) -> int:
+        """TRL's num_tokens increment of one optimizer step: the attention_mask sum of its global batch (all ranks,
+        as TRL gathers it), known on every rank from the data order: no collective, no device sync."""
+        return sum(self._row_tokens(self.train_pairs[i]) for i in self._step_rows(step))
 
     # --- forward --------------------------------------------------------------------------------------
 
@@ -330,6 +346,7 @@ class TRDPOTrainer:
             if self.schedule is not None:
                 self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self.num_tokens += self._step_tokens(self.global_step)
             self.global_step += 1
             self.last_lr = lr
             if self.updater is not None:
@@ -402,7 +419,8 @@ class TRDPOTrainer:
         record = {"step": self.global_step, "epoch": round(self.global_step / self.steps_per_epoch, 4),
                   "loss": values[0]}
         record.update({k: v for k, v in zip(self.metric_names, values[1:-1]) if not math.isnan(v)})
-        record.update({"grad_norm": values[-1], "learning_rate": lr, "ref_updates": self.ref_updates,
+        record.update({"grad_norm": values[-1], "learning_rate": lr, "num_tokens": self.num_tokens,
+                       "ref_updates": self.ref_updates,
                        "steps_per_second": round(len(window) / max(seconds, 1e-9), 3)})
         return record
 

@@ -49,6 +49,8 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     for a, b in zip(losses1, losses2):
         assert abs(a - b) <= 1e-5, (losses1, losses2)
     assert [r["ref_updates"] for r in two if "loss" in r] == [s // 3 for s in range(1, STEPS + 1)]
+    # num_tokens counts every rank's rows, as TRL gathers it: the same totals as the one-process run
+    assert [r["num_tokens"] for r in two if "loss" in r] == [r["num_tokens"] for r in one if "loss" in r]
     ref1 = load_file(os.path.join(tmp_path / "one", f"checkpoint-{STEPS}", "reference", "model.safetensors"))
     ref2 = load_file(os.path.join(tmp_path / "two", f"checkpoint-{STEPS}", "reference", "model.safetensors"))
     # the same tolerance argument on the weights: 8 steps of at most lr = 1e-3 each from identical starts

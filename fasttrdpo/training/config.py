@@ -39,7 +39,8 @@ class TRDPOConfig:
     overwrite_output_dir: bool = option(False, "a new run may replace another run's outputs in output_dir")
     run_name: str | None = option(None, "a label recorded with the run id in every checkpoint")
     trainer: str = option("dpo", "dpo: TRDPOTrainer on pairs; kto: TRKTOTrainer (TR-KTO) on unpaired "
-                          "prompt/completion/label rows", choices=("dpo", "kto"))
+                          "prompt/completion/label rows (eval: the DPO or the KTO loss)", eval="recorded",
+                          choices=("dpo", "kto"))
     # the loss: any of fasttrdpo.loss.LOSS_TYPES (TRL 1.16's), or a list summed with loss_weights (RPO: sigmoid, sft)
     beta: float = option(0.1, "the loss's beta (temperature of the implicit reward)", eval="recorded")
     loss_type: str | list[str] = option("sigmoid", "a loss type of fasttrdpo.loss.LOSS_TYPES, or a comma-separated "
@@ -49,8 +50,10 @@ class TRDPOConfig:
     loss_weights: list[float] | None = option(None, "one weight per loss_type (none: 1.0 each)", eval="recorded")
     discopop_tau: float = option(0.05, "discopop's tau", eval="recorded")
     # KTO (trainer="kto"): TRL's weights of the desirable / undesirable rows' losses
-    desirable_weight: float = option(1.0, "TR-KTO: weight of the desirable rows' losses (trainer kto only)")
-    undesirable_weight: float = option(1.0, "TR-KTO: weight of the undesirable rows' losses (trainer kto only)")
+    desirable_weight: float = option(1.0, "TR-KTO: weight of the desirable rows' losses (trainer kto only)",
+                                     eval="recorded")
+    undesirable_weight: float = option(1.0, "TR-KTO: weight of the undesirable rows' losses (trainer kto only)",
+                                       eval="recorded")
     # reference updates (TR-DPO): every tau optimizer steps, ref <- ref + alpha * (policy - ref)
     sync_ref_model: bool = option(True, "update the reference every tau steps (TR-DPO); off: plain DPO")
     alpha: float = option(0.6, "reference update weight: ref <- ref + alpha * (policy - ref), in [0, 1]")
@@ -68,7 +71,9 @@ class TRDPOConfig:
                                               "e.g. '{\"min_lr_rate\": 0.1}'")
     warmup_steps: int = option(0, "linear warmup steps (wins over warmup_ratio)")
     warmup_ratio: float = option(0.0, "warmup as a fraction of the optimizer steps")
-    per_device_train_batch_size: int = option(4, "pairs per rank per micro-batch")
+    per_device_train_batch_size: int = option(4, "pairs (TR-KTO: rows) per rank per micro-batch; TR-KTO's evaluation "
+                                              "pairs the KL rows in blocks of this many rows, as TRL does (eval: "
+                                              "trainer kto only)", eval="recorded")
     per_device_eval_batch_size: int = option(8, "pairs per rank per evaluation batch", eval="flag")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
     max_steps: int = option(-1, "optimizer steps (> 0 overrides num_train_epochs)")
