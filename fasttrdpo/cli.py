@@ -49,7 +49,8 @@ EVAL_FROM_CHECKPOINT = ("loss_type", "beta", "label_smoothing", "loss_weights", 
                          "max_prompt_length", "truncation_mode", "bf16", "seed")
 # TRDPOConfig fields that take a list: (element kind, whether one bare value is allowed). On the command line a
 # list is comma-separated (--loss-type sigmoid,sft --loss-weights 1.0,0.5); in --config JSON, a JSON list.
-LIST_FIELDS = {"loss_type": (str, True), "label_smoothing": (float, True), "loss_weights": (float, False)}
+LIST_FIELDS = {"loss_type": (str, True), "label_smoothing": (float, True), "loss_weights": (float, False),
+               "lora_target_modules": (str, False)}
 
 
 class UsageError(Exception):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..loss.preference import LOSS_TYPES, check_loss_config
+from .lora import check_config as check_lora_config
 from .schedule import scheduler_names
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -31,6 +32,16 @@ class TRDPOConfig:
     alpha: float = 0.6
     tau: int = 512
     ref_dtype: str | None = None  # "bfloat16" keeps the reference (and the initial model) in bf16
+    # LoRA (peft; fasttrdpo.training.lora): lora_r > 0 trains an adapter, the base weights stay frozen
+    lora_r: int = 0
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None  # None: peft's default for the architecture; ["all-linear"]
+    lora_reference: str | None = None  # "base" (default: adapters off), "adapter" (a "ref" adapter), "merged"
+    lora_soft: str = "error"  # "factors": allow the approximate soft update of a reference adapter's factors
+    # the final model (output_dir/final/, save_pretrained format)
+    save_reference: bool = False  # also write final/reference/
+    save_merged: bool | None = None  # LoRA: True = full weights (adapter merged), False/None = the adapter
     # optimisation
     learning_rate: float = 1e-6
     weight_decay: float = 0.0
@@ -70,7 +81,7 @@ class TRDPOConfig:
 
     def __post_init__(self):
         # lists as lists (a tuple from Python code, a list from JSON: the same config, the same record)
-        for name in ("loss_type", "label_smoothing", "loss_weights"):
+        for name in ("loss_type", "label_smoothing", "loss_weights", "lora_target_modules"):
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
         try:  # the loss settings as TRDPOLoss checks them, before anything else runs
@@ -105,6 +116,10 @@ class TRDPOConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"TRDPOConfig: {msg}")
+        try:
+            check_lora_config(self)
+        except ValueError as e:
+            raise ValueError(f"TRDPOConfig: {e}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
