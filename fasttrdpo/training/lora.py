@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import shutil
 
 import torch
 
@@ -244,6 +245,10 @@ class LoraSetup:
     def model(self):
         return self.peft_model
 
+    def active_adapter_context(self, adapter: str | None):
+        """Run the policy network with `adapter` active (None: the base) for the duration of a `with`."""
+        return active_adapter(self.peft_model, adapter)
+
     # --- the frozen models ------------------------------------------------------------------------------
 
     def reference(self, frozen_copy, ref_model, ref_dtype, device):
@@ -333,7 +338,7 @@ class LoraSetup:
             tmp = ref_dir + ".tmp"
             self.peft_model.save_pretrained(tmp, selected_adapters=[REF_ADAPTER], safe_serialization=True)
             os.rename(os.path.join(tmp, REF_ADAPTER), ref_dir)
-            os.rmdir(tmp)
+            shutil.rmtree(tmp)  # what peft writes beside the adapter folders (a model card)
 
     def _merged_copy(self, adapter: str | None):
         """A plain transformers model: the base with `adapter` merged in (None: the base alone). Costs one
