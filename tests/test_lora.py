@@ -236,6 +236,8 @@ def test_combinations_that_cannot_apply_raise(tmp_path):
         make(get_peft_model(tiny_model(0, **SMALL), LoraConfig(r=2, task_type="CAUSAL_LM")), sync_ref_model=False)
     with pytest.raises(ValueError, match="no adapter to save"):
         make(sync_ref_model=False, save_reference=True, save_merged=False)
+    with pytest.raises(ValueError, match="no separate copy"):
+        make(sync_ref_model=False, ref_dtype="bfloat16")
     with pytest.raises(ValueError, match="LoRA training only"):
         make(lora_r=0, lora_alpha=32.0, save_merged=True)
     with pytest.raises(ValueError, match="lora_target_modules is set but lora_r = 0"):

@@ -111,6 +111,10 @@ def check_for_model(config, peft_given: bool) -> None:
     if config.save_reference and ref == "base" and config.save_merged is False:
         raise ValueError("save_reference with lora_reference='base': the reference is the base model, which has no "
                          "adapter to save; save_merged=True writes it in full, or leave save_reference off")
+    if config.ref_dtype is not None and ref != "merged":
+        raise ValueError(f"ref_dtype={config.ref_dtype!r} with lora_reference={ref!r}: the reference shares the policy's "
+                         "base weights, there is no separate copy to store in another dtype (lora_reference='merged' "
+                         "keeps one)")
     if peft_given and config.lora_r > 0:
         raise ValueError("the model is already a PeftModel: lora_r / lora_alpha / lora_target_modules would be "
                          "ignored; pass the base model, or keep lora_r = 0 to train its adapter 'default'")
