@@ -117,16 +117,23 @@ def test_adapter_reference_hard_update_matches_trl_and_is_exact(tmp_path):
     set_peft_model_state_dict(trl_model, initial)
     trl = _trl_losses(tmp_path, trl_model, sync_ref_model=False, callbacks=[_CopyAdapterEveryTau(2)])
     assert "ref" in trl.model.peft_config
+    copies = []
+    original = ours.updater.update
+
+    def checked_update():  # right after each update: the reference adapter equals the policy's, bit for bit
+        original()
+        copies.append([(n, torch.equal(ours.model.get_parameter(n.replace(".default.", ".ref.")), p))
+                       for n, p in ours.model.named_parameters() if ".default." in n and "lora_" in n])
+
+    ours.updater.update = checked_update
     trl.train()
     ours.train()
     _assert_same_trajectory(ours, _logs(trl))
-    assert ours.ref_updates == 1
-    # exact: after the update at step 2 the reference adapter holds step 2's factors bit for bit; step 3 moved
-    # the policy only. Re-running the update now makes the two adapters identical, bit for bit.
-    ours.updater.update()
-    for n, p in ours.model.named_parameters():
-        if ".default." in n and "lora_" in n:
-            assert torch.equal(ours.model.get_parameter(n.replace(".default.", ".ref.")), p), n
+    assert ours.ref_updates == 1 and len(copies) == 1 and len(copies[0]) == 2
+    assert all(equal for _, equal in copies[0]), copies
+    # step 3 moved the policy only: the reference adapter still holds step 2's factors
+    assert not torch.equal(*[p for n, p in ours.model.named_parameters() if "lora_B" in n and (".default." in n
+                                                                                                 or ".ref." in n)])
     # the "init" view (KL to the initial policy) is the starting adapter, a frozen copy
     assert ours.lora.init_adapter == "init"
 

@@ -214,14 +214,14 @@ def _save_checkpoint(trainer, final: str, tmp: str) -> str:
                os.path.join(tmp, f"log_window_{trainer.rank}.pt"))
     if trainer.is_main:
         with _quiet_progress_bars():
-            if trainer.lora is not None:  # adapters only (fasttrdpo.training.lora)
+            if getattr(trainer, "lora", None) is not None:  # adapters only (fasttrdpo.training.lora)
                 trainer.lora.save_checkpoint_weights(trainer, tmp)
             else:
                 save_weights(trainer.model, tmp)
                 save_weights(trainer.ref_model, os.path.join(tmp, "reference"))
         # every model folder is self-contained: `from_pretrained(folder)` finds its tokenizer
         trainer.tokenizer.save_pretrained(tmp)
-        if trainer.lora is None:
+        if getattr(trainer, "lora", None) is None:
             trainer.tokenizer.save_pretrained(os.path.join(tmp, "reference"))
         state = {
             "run_id": trainer.run_id,
@@ -278,7 +278,7 @@ def load_checkpoint(trainer, path: str) -> None:
     if trainer.updater is not None and saved_updater is not None:
         # strict=False: this run's tau/alpha win (validated before anything is written)
         trainer.updater.load_state_dict(saved_updater, strict=False)
-    if trainer.lora is not None:
+    if getattr(trainer, "lora", None) is not None:
         trainer.lora.load_checkpoint_weights(trainer, path)
     else:
         load_weights(trainer.model, path)

@@ -49,7 +49,7 @@ def save_final(trainer) -> str:
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a save cut by a kill
         os.makedirs(tmp)
         with _quiet_progress_bars():
-            if trainer.lora is not None:
+            if getattr(trainer, "lora", None) is not None:
                 trainer.lora.save_final(tmp, trainer.ref_model, c.save_reference)
             else:
                 save_weights(trainer.model, tmp)
@@ -60,7 +60,7 @@ def save_final(trainer) -> str:
             trainer.tokenizer.save_pretrained(os.path.join(tmp, "reference"))
         info = {"run_id": trainer.run_id, "run_name": c.run_name, "global_step": trainer.global_step,
                 "ref_updates": trainer.ref_updates, "reference": bool(c.save_reference),
-                "format": ("full" if trainer.lora is None or c.save_merged else "lora_adapter")}
+                "format": ("full" if getattr(trainer, "lora", None) is None or c.save_merged else "lora_adapter")}
         with open(os.path.join(tmp, INFO_FILE), "w") as f:
             json.dump(info, f, indent=1)
         fsync_tree(tmp)
