@@ -83,7 +83,7 @@ def check_config(config) -> None:
 
 def check_no_lora(config) -> None:
     """A model trained without LoRA: the LoRA-only settings would be ignored, so they raise."""
-    for name, default in (("lora_reference", None), ("lora_soft", "error"), ("save_merged", None)):
+    for name, default in (("lora_reference", None), ("lora_soft", "error"), ("save_merged", False)):
         if getattr(config, name) != default:
             raise ValueError(f"{name}={getattr(config, name)!r} applies to LoRA training only: set lora_r > 0 or "
                              "pass a PeftModel")
@@ -108,7 +108,7 @@ def check_for_model(config, peft_given: bool) -> None:
                          "one by one, which is not the soft update of the weight delta B·A (cross terms appear). "
                          "Use alpha=1.0 (exact hard update), lora_reference='merged' (exact, a full-weight "
                          "reference), or lora_soft='factors' to accept the approximation")
-    if config.save_reference and ref == "base" and config.save_merged is False:
+    if config.save_reference and ref == "base" and not config.save_merged:
         raise ValueError("save_reference with lora_reference='base': the reference is the base model, which has no "
                          "adapter to save; save_merged=True writes it in full, or leave save_reference off")
     if config.ref_dtype is not None and ref != "merged":
@@ -321,7 +321,7 @@ class LoraSetup:
     # --- the final model -----------------------------------------------------------------------------------
 
     def save_final(self, folder: str, ref_model, save_reference: bool) -> None:
-        """folder: the policy as an adapter (save_merged False/None) or merged into full weights; reference/
+        """folder: the policy as an adapter (save_merged False) or merged into full weights; reference/
         alike (a merged reference is a full model either way)."""
         c = self.config
         merged = bool(c.save_merged)
