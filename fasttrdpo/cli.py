@@ -329,7 +329,7 @@ def _reference_note(final: dict, config: TRDPOConfig) -> str:
 def _summary(final: dict, seconds: float, output_dir: str, config: TRDPOConfig | None = None,
              plotted: bool = True) -> str:
     config = config or TRDPOConfig()
-    outputs = "metrics.jsonl, checkpoint-*" + (", training_curves.png" if plotted else "")
+    outputs = "metrics.jsonl, checkpoint-*, final/" + (", training_curves.png" if plotted else "")
     lines = [f"done in {seconds:.1f} s; outputs in {output_dir}/ ({outputs})"]
     if "eval_loss" in final and "eval_rewards/accuracies" not in final:  # TR-KTO: unpaired rows, no accuracy
         lines.append(f"held-out KTO loss {final['eval_loss']:.4f} on {final['eval_rows']} rows (reward margin "

@@ -25,6 +25,8 @@ import torch.distributed as dist
 from .data import PreferenceCollator, TokenizedPair, tokenize_dataset
 from .training import checkpoint as _ckpt
 from .training import distributed as _dist
+from .training import final as _final
+from .training import lora as _lora
 from .training.checkpoint import CHECKPOINT_RE, find_latest_checkpoint, load_weights, save_weights
 from .training.config import DTYPES as _DTYPES
 from .training.config import TRDPOConfig
@@ -93,6 +95,13 @@ class TRDPOTrainer:
         self.global_step = 0
         self.total_steps = self._total_steps() if self.train_pairs else 0  # raises on too little data
 
+        # LoRA (fasttrdpo.training.lora): the policy becomes a PeftModel; its reference is the base, a "ref"
+        # adapter or a merged full-weight copy
+        self.lora = _lora.LoraSetup(model, config) if _lora.lora_requested(model, config) else None
+        if self.lora is None:
+            _lora.check_no_lora(config)
+        else:
+            model = self.lora.model
         self.model = model.to(self.device)
         if config.disable_dropout:  # before the copies below: reference and initial model inherit it
             disable_dropout(self.model)
@@ -107,14 +116,17 @@ class TRDPOTrainer:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
         self.policy = _HiddenStates(self.model)
-        self.ref_model = (_frozen_copy(self.model, self.ref_dtype) if ref_model is None
-                          else _frozen_copy(ref_model.to(self.device), self.ref_dtype))
+        if self.lora is not None:
+            self.ref_model = self.lora.reference(_frozen_copy, ref_model, self.ref_dtype, self.device)
+        else:
+            self.ref_model = (_frozen_copy(self.model, self.ref_dtype) if ref_model is None
+                              else _frozen_copy(ref_model.to(self.device), self.ref_dtype))
         self.ref_backbone, self.ref_head = causal_lm_parts(self.ref_model)
         # the initial policy, kept only to report KL(policy || initial) at evaluation
         if init_model is False or not (config.eval_kl and self.eval_pairs):
             self.init_model = None
         elif init_model is None:
-            self.init_model = _frozen_copy(self.model, self.ref_dtype)
+            self.init_model = self.lora.initial() if self.lora is not None else _frozen_copy(self.model, self.ref_dtype)
         else:
             self.init_model = _frozen_copy(init_model.to(self.device), self.ref_dtype)
         if self.world_size > 1:
@@ -126,8 +138,11 @@ class TRDPOTrainer:
         self.loss_fn = TRDPOLoss(beta=config.beta, loss_type=config.loss_type,
                                  label_smoothing=config.label_smoothing, loss_weights=config.loss_weights,
                                  discopop_tau=config.discopop_tau, ignore_index=self.collator.ignore_index)
-        self.updater = (RefModelUpdater(policy=self.model, ref=self.ref_model, alpha=config.alpha, tau=config.tau)
-                        if config.sync_ref_model else None)
+        if self.lora is not None:
+            self.updater = self.lora.updater(self.ref_model)
+        else:
+            self.updater = (RefModelUpdater(policy=self.model, ref=self.ref_model, alpha=config.alpha, tau=config.tau)
+                            if config.sync_ref_model else None)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
@@ -379,6 +394,7 @@ class TRDPOTrainer:
         if last_saved != self.global_step:
             self._window_seconds = 0.0
             self.save_checkpoint()
+        self.save_final()
         if self.is_main and c.plot:
             self.plot()
         return final
@@ -398,6 +414,8 @@ class TRDPOTrainer:
                      self.global_step, self.total_steps)
         if self.world_size > 1:
             self.check_ranks_agree()
+        if not _final.is_current(self):  # a run killed between its last checkpoint and final/
+            self.save_final()
         done = [r for r in self.history if "eval_loss" in r and r["step"] == self.global_step]
         if done:
             return dict(done[-1])
@@ -449,6 +467,10 @@ class TRDPOTrainer:
     def save_checkpoint(self) -> str:
         """Write output_dir/checkpoint-<step> atomically (see fasttrdpo.training.checkpoint)."""
         return _ckpt.save_checkpoint(self)
+
+    def save_final(self) -> str:
+        """Write output_dir/final/ (save_pretrained format; see fasttrdpo.training.final)."""
+        return _final.save_final(self)
 
     def load_checkpoint(self, path: str) -> None:
         """Restore policy, reference, optimizer, scheduler, updater, RNG and data position."""

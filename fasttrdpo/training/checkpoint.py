@@ -214,11 +214,15 @@ def _save_checkpoint(trainer, final: str, tmp: str) -> str:
                os.path.join(tmp, f"log_window_{trainer.rank}.pt"))
     if trainer.is_main:
         with _quiet_progress_bars():
-            save_weights(trainer.model, tmp)
-            save_weights(trainer.ref_model, os.path.join(tmp, "reference"))
+            if getattr(trainer, "lora", None) is not None:  # adapters only (fasttrdpo.training.lora)
+                trainer.lora.save_checkpoint_weights(trainer, tmp)
+            else:
+                save_weights(trainer.model, tmp)
+                save_weights(trainer.ref_model, os.path.join(tmp, "reference"))
         # every model folder is self-contained: `from_pretrained(folder)` finds its tokenizer
         trainer.tokenizer.save_pretrained(tmp)
-        trainer.tokenizer.save_pretrained(os.path.join(tmp, "reference"))
+        if getattr(trainer, "lora", None) is None:
+            trainer.tokenizer.save_pretrained(os.path.join(tmp, "reference"))
         state = {
             "run_id": trainer.run_id,
             "run_name": c.run_name,
@@ -276,8 +280,11 @@ def load_checkpoint(trainer, path: str) -> None:
     if trainer.updater is not None and saved_updater is not None:
         # strict=False: this run's tau/alpha win (validated before anything is written)
         trainer.updater.load_state_dict(saved_updater, strict=False)
-    load_weights(trainer.model, path)
-    load_weights(trainer.ref_model, os.path.join(path, "reference"))
+    if getattr(trainer, "lora", None) is not None:
+        trainer.lora.load_checkpoint_weights(trainer, path)
+    else:
+        load_weights(trainer.model, path)
+        load_weights(trainer.ref_model, os.path.join(path, "reference"))
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.global_step = state["global_step"]

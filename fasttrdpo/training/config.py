@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..loss.preference import LOSS_TYPES, check_loss_config
+from .lora import check_config as check_lora_config
 from .schedule import scheduler_names
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -60,6 +61,21 @@ class TRDPOConfig:
     tau: int = option(512, "optimizer steps between reference updates")
     ref_dtype: str | None = option(None, "dtype of the reference and initial model (bfloat16 halves their memory; "
                                    "none: the policy's)", eval="recorded", choices=tuple(DTYPES))
+    # LoRA (peft; fasttrdpo.training.lora): lora_r > 0 trains an adapter, the base weights stay frozen
+    lora_r: int = option(0, "LoRA rank (0: no LoRA, train the weights)")
+    lora_alpha: float = option(32.0, "LoRA scaling numerator (scale = lora_alpha / lora_r)")
+    lora_dropout: float = option(0.0, "dropout on the LoRA branch (needs --no-disable-dropout)")
+    lora_target_modules: list[str] | None = option(None, "modules that get an adapter, comma-separated (none: "
+                                                   "peft's default for the architecture; all-linear)",
+                                                   metavar="NAME[,NAME...]")
+    lora_reference: str | None = option(None, "the reference with LoRA: base (adapters off, the default), adapter "
+                                        "(a 'ref' adapter), merged (a full-weight copy; exact soft updates)",
+                                        choices=("base", "adapter", "merged"))
+    lora_soft: str = option("error", "factors: allow the approximate soft update (alpha < 1) of a reference "
+                            "adapter's factors", choices=("error", "factors"))
+    # the final model (output_dir/final/, save_pretrained format)
+    save_reference: bool = option(False, "also write the reference to final/reference/")
+    save_merged: bool = option(False, "LoRA: write final/ as full weights (adapter merged) instead of the adapter")
     # optimisation
     learning_rate: float = option(1e-6, "AdamW learning rate", aliases=("--lr",))
     weight_decay: float = option(0.0, "AdamW weight decay")
@@ -107,7 +123,7 @@ class TRDPOConfig:
 
     def __post_init__(self):
         # lists as lists (a tuple from Python code, a list from JSON: the same config, the same record)
-        for name in ("loss_type", "label_smoothing", "loss_weights"):
+        for name in ("loss_type", "label_smoothing", "loss_weights", "lora_target_modules"):
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
         try:  # the loss settings as TRDPOLoss checks them, before anything else runs
@@ -150,6 +166,10 @@ class TRDPOConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"TRDPOConfig: {msg}")
+        try:
+            check_lora_config(self)
+        except ValueError as e:
+            raise ValueError(f"TRDPOConfig: {e}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
