@@ -390,14 +390,18 @@ class Packer:
     """What the trainer holds when config.packing / share_prompt: builds packed micro-batches for `model`
     (after `probe` accepted it) and counts the tokens it saves."""
 
-    def __init__(self, model, *, max_length: int, share_prompt: bool, pad_token_id: int):
+    def __init__(self, model, config, *, pad_token_id: int):
+        share_prompt = config.share_prompt
         self.layout = attention_layout(model)
         if share_prompt and self.layout == "varlen":
             raise ValueError(f"share_prompt: attn_implementation={model.config._attn_implementation!r} cannot "
                              "take the shared-prompt mask (rejected must not see chosen): load the model with "
                              "attn_implementation='sdpa' (--attn-implementation sdpa) or 'flex_attention'")
-        self.max_length = max_length
+        self.max_length = config.max_length
         self.share_prompt = share_prompt
+        # the loss settings TRDPOLoss gets from the config (fasttrdpo.trainer)
+        self.loss_kwargs = dict(beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
+                                loss_weights=config.loss_weights, discopop_tau=config.discopop_tau)
         self.pad_token_id = int(pad_token_id)
         self.mask_dtype = model.get_output_embeddings().weight.dtype
         self.tokens = {"padded": 0, "packed": 0, "computed": 0}
