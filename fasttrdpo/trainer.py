@@ -117,10 +117,10 @@ class TRDPOTrainer:
         # padding-free batches: the probe refuses a model whose packed log-probs differ from its padded ones
         self.packer = None
         if config.packing or config.share_prompt:
+            self.packer = _packing.Packer(self.model, config, pad_token_id=tokenizer.pad_token_id)
             for m in (self.model, self.ref_model):
                 _packing.probe(m, share_prompt=config.share_prompt, pad_token_id=tokenizer.pad_token_id,
                                device=self.device)
-            self.packer = _packing.Packer(self.model, config, pad_token_id=tokenizer.pad_token_id)
         self.updater = (RefModelUpdater(policy=self.model, ref=self.ref_model, alpha=config.alpha, tau=config.tau)
                         if config.sync_ref_model else None)
 
