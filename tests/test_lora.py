@@ -253,6 +253,9 @@ def test_combinations_that_cannot_apply_raise(tmp_path):
         _config(tmp_path, lora_dropout=0.1)
     with pytest.raises(ValueError, match="lora_reference must be"):
         _config(tmp_path, lora_reference="frozen")
+    for packing in ({"packing": True}, {"share_prompt": True}):  # untested together: refused, never run
+        with pytest.raises(ValueError, match="packing / share_prompt with LoRA"):
+            make(sync_ref_model=False, **packing)
 
 
 def test_cli_lora_flags(tmp_path):

@@ -107,6 +107,11 @@ class TRDPOConfig:
     truncation_mode: str = option("keep_prompt_end", "which prompt tokens are kept (keep_start is TRL's); see "
                                   "fasttrdpo.data.tokenize_pair", eval="recorded",
                                   choices=("keep_prompt_end", "keep_start"))
+    # padding-free training batches (fasttrdpo.training.packing); evaluation stays padded
+    packing: bool = option(False, "pack the rows into bins of max_length tokens without padding (per-row "
+                           "positions, attention kept inside rows)")
+    share_prompt: bool = option(False, "run each pair as prompt + chosen + rejected once (rejected does not see "
+                                "chosen; implies packing)")
     # records
     logging_steps: int = option(10, "optimizer steps between training records")
     eval_steps: int = option(0, "optimizer steps between evaluations (0: at the end only)")
@@ -133,6 +138,8 @@ class TRDPOConfig:
             raise ValueError(f"TRDPOConfig: {e}") from None
         kto = self.trainer == "kto"
         checks = [
+            (not (self.packing or self.share_prompt) or self.trainer == "dpo",
+             "packing / share_prompt apply to preference pairs (trainer='dpo'); TR-KTO rows stay padded"),
             (self.trainer in ("dpo", "kto"), "trainer must be 'dpo' or 'kto'"),
             (self.desirable_weight >= 0 and self.undesirable_weight >= 0,
              "desirable_weight and undesirable_weight must be >= 0"),
