@@ -22,7 +22,7 @@ setup(
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",  # the Triton interpreter imports it; neither torch nor triton declares it
-        "transformers>=4.46",
+        "transformers>=4.53",  # packing: every supported family takes position ids + a custom 4-D mask (4.46: GPT-2 does not)
         "datasets>=3.0",
         "tqdm",
         "ninja",  # torch.utils.cpp_extension builds the C++ CPU kernels (csrc/) with it, on demand

@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "flag above (model, data, eval_size, ...); flags override it")
     _add_config_flags(train, CONFIG_FLAGS)
 
-    ev = sub.add_parser("eval", help="held-out reward accuracy, margins and KL of a policy vs a reference")
+    ev = sub.add_parser("eval", help="held-out reward accuracy, margins and KL of a policy vs a reference (a TR-KTO "
+                        "checkpoint: the KTO loss and metrics on unpaired rows)")
     ev.add_argument("--model", required=True, metavar="CHECKPOINT_DIR|PATH|HUB_ID|tiny",
                     help="policy: a checkpoint directory, path, hub id or 'tiny'")
     ev.add_argument("--ref-model", default=None, metavar="PATH|HUB_ID",
@@ -109,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="row format of --data (default auto: detected from the first row)")
     ev.add_argument("--skip-malformed", action="store_true", help="skip (and count) malformed rows")
     ev.add_argument("--eval-size", type=int, default=None, metavar="N",
-                    help="the last N pairs of --data: the pairs `train --eval-size N` held out of the same file")
+                    help="the last N pairs (TR-KTO: rows) of --data: those `train --eval-size N` held out of the "
+                         "same file")
     ev.add_argument("--attn-implementation", default="auto", metavar="auto|sdpa|eager|flash_attention_2",
                     help="as for train (default auto)")
     ev.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads")
@@ -327,7 +329,7 @@ def _reference_note(final: dict, config: TRDPOConfig) -> str:
 def _summary(final: dict, seconds: float, output_dir: str, config: TRDPOConfig | None = None,
              plotted: bool = True) -> str:
     config = config or TRDPOConfig()
-    outputs = "metrics.jsonl, checkpoint-*" + (", training_curves.png" if plotted else "")
+    outputs = "metrics.jsonl, checkpoint-*, final/" + (", training_curves.png" if plotted else "")
     lines = [f"done in {seconds:.1f} s; outputs in {output_dir}/ ({outputs})"]
     if "eval_loss" in final and "eval_rewards/accuracies" not in final:  # TR-KTO: unpaired rows, no accuracy
         lines.append(f"held-out KTO loss {final['eval_loss']:.4f} on {final['eval_rows']} rows (reward margin "
@@ -451,9 +453,12 @@ def _checkpoint_state(path: str) -> dict:
     return read_state_json(path) if os.path.isdir(path) else {}
 
 
-def _eval_data(args, state: dict, seed: int):
-    """The evaluation pairs: --data (its last --eval-size pairs), else the held-out set the checkpoint's run
-    used (recorded in its trainer_state.json), else the synthetic held-out set."""
+def _eval_data(args, state: dict, config: TRDPOConfig):
+    """The evaluation pairs (TR-KTO: rows): --data (its last --eval-size pairs), else the held-out set the
+    checkpoint's run used (recorded in its trainer_state.json), else the synthetic held-out set. With
+    config.trainer "kto" a file is read as TR-KTO training reads it (unpaired rows as they are, pairs unpaired by
+    the trainer)."""
+    seed, unpaired = config.seed, config.trainer == "kto"
     info = state.get("run_info") or {}
     if args.data is None and info:
         run = {**RUN_ARGS, **info}
@@ -464,13 +469,13 @@ def _eval_data(args, state: dict, seed: int):
         run["train_size"] = None
         _log.info("evaluating on the held-out set of the checkpoint's run (%s)",
                   run["eval_data"] or f"{run['data']}, {run['eval_size']} pairs")
-        cfg = TRDPOConfig(seed=seed)
+        cfg = TRDPOConfig(seed=seed, trainer=config.trainer)
         _, evals, _ = _training_data(run, cfg)
         return evals
     source = args.data or "synthetic"
     data = _load_data(source, args.split, args.format, args.skip_malformed,
                       synthetic_size=args.eval_size or DEMO_EVAL_PAIRS,
-                      synthetic_seed=seed + SYNTHETIC_EVAL_SEED_OFFSET)
+                      synthetic_seed=seed + SYNTHETIC_EVAL_SEED_OFFSET, unpaired=unpaired)
     if args.eval_size:
         n = min(args.eval_size, len(data))
         data = data.select(range(len(data) - n, len(data)))
@@ -496,12 +501,16 @@ def eval_config(args, recorded: dict) -> TRDPOConfig:
 def cmd_eval(args) -> int:
     import torch
 
-    from .trainer import TRDPOTrainer
+    from .trainer import TRDPOTrainer, TRKTOTrainer
 
     if args.threads:
         torch.set_num_threads(args.threads)
     state = _checkpoint_state(args.model)
     config = eval_config(args, state.get("config") or {})
+    kto = config.trainer == "kto"
+    if not kto and "per_device_train_batch_size" in vars(args):
+        raise UsageError("--per-device-train-batch-size applies to the evaluation of TR-KTO (--trainer kto) only: "
+                         "it sets the blocks the KL rows are paired in")
     model, tokenizer = load_model_and_tokenizer(args.model, seed=config.seed, bf16=config.bf16,
                                                 attn_implementation=args.attn_implementation)
     ref_path = args.ref_model
@@ -515,9 +524,10 @@ def cmd_eval(args) -> int:
     if args.init_model:
         init_model, _ = load_model_and_tokenizer(args.init_model, seed=config.seed, bf16=config.bf16,
                                                  attn_implementation=args.attn_implementation, with_tokenizer=False)
-    data = _eval_data(args, state, config.seed)
-    trainer = TRDPOTrainer(model, tokenizer, None, config, ref_model=ref_model, eval_dataset=data,
-                           init_model=init_model if init_model is not None else False)
+    data = _eval_data(args, state, config)
+    trainer_cls = TRKTOTrainer if kto else TRDPOTrainer
+    trainer = trainer_cls(model, tokenizer, None, config, ref_model=ref_model, eval_dataset=data,
+                          init_model=init_model if init_model is not None else False)
     try:
         result = trainer.evaluate()
     finally:
@@ -525,8 +535,9 @@ def cmd_eval(args) -> int:
     # the checkpoint's own step and reference updates, and the settings the figures were computed with
     result["step"] = state.get("global_step", 0)
     result["ref_updates"] = state.get("ref_updates", 0)
-    result.update({k: getattr(config, k) for k in ("loss_type", "beta", "label_smoothing", "loss_weights",
-                                                   "discopop_tau", "max_length")})
+    settings = (("trainer", "beta", "desirable_weight", "undesirable_weight", "per_device_train_batch_size") if kto
+                else ("trainer", "loss_type", "beta", "label_smoothing", "loss_weights", "discopop_tau"))
+    result.update({k: getattr(config, k) for k in settings + ("max_length",)})
     if trainer.is_main:
         print(json.dumps(result, indent=1))
         if args.output:

@@ -80,6 +80,10 @@ class TRKTOTrainer(TRDPOTrainer):
         return tokenize_unpaired_dataset(dataset, self.tokenizer, max_length=c.max_length,
                                          max_prompt_length=c.max_prompt_length, truncation_mode=c.truncation_mode)
 
+    def _row_tokens(self, example: TokenizedExample) -> int:
+        # TRL counts the rows' attention_mask only (not the KL rows')
+        return len(example.prompt) + len(example.completion)
+
     def _batch(self, examples, kl_sources=None) -> dict[str, torch.Tensor]:
         # kl_sources None: the batch rotated by one (TRL's pairing within a batch)
         return {k: v.to(self.device) for k, v in self.collator(examples, kl_sources).items()}

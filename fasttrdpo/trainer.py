@@ -25,6 +25,8 @@ import torch.distributed as dist
 from .data import PreferenceCollator, TokenizedPair, tokenize_dataset
 from .training import checkpoint as _ckpt
 from .training import distributed as _dist
+from .training import final as _final
+from .training import lora as _lora
 from .training.checkpoint import CHECKPOINT_RE, find_latest_checkpoint, load_weights, save_weights
 from .training.config import DTYPES as _DTYPES
 from .training.config import TRDPOConfig
@@ -33,6 +35,7 @@ from .training.evaluate import evaluate as _evaluate
 from .training.model_parts import HiddenStates as _HiddenStates
 from .training.model_parts import causal_lm_parts, disable_dropout
 from .training.model_parts import frozen_copy as _frozen_copy
+from .training import packing as _packing
 from .training.output_dir import OutputDirError, OutputDirLock, check_new_run
 from .training.plot import plot_metrics
 from .training.reporting import Reporter
@@ -57,7 +60,7 @@ class TRDPOTrainer:
     Subclasses that train another objective on the same loop (`fasttrdpo.kto_trainer.TRKTOTrainer`) set `kind`
     (the `config.trainer` they accept), `metric_names` (what `_loss` returns beside the loss; a NaN value means
     "not measured in this micro-batch" and is left out of the average, as TRL leaves it out of its lists) and
-    override `_tokenize`, `_batch`, `_loss` and `evaluate`.
+    override `_tokenize`, `_batch`, `_loss`, `_row_tokens` (what TRL's num_tokens counts of a row) and `evaluate`.
     """
 
     kind = "dpo"
@@ -94,6 +97,13 @@ class TRDPOTrainer:
         self.global_step = 0
         self.total_steps = self._total_steps() if self.train_pairs else 0  # raises on too little data
 
+        # LoRA (fasttrdpo.training.lora): the policy becomes a PeftModel; its reference is the base, a "ref"
+        # adapter or a merged full-weight copy
+        self.lora = _lora.LoraSetup(model, config) if _lora.lora_requested(model, config) else None
+        if self.lora is None:
+            _lora.check_no_lora(config)
+        else:
+            model = self.lora.model
         self.model = model.to(self.device)
         if config.disable_dropout:  # before the copies below: reference and initial model inherit it
             disable_dropout(self.model)
@@ -108,14 +118,17 @@ class TRDPOTrainer:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
         self.policy = _HiddenStates(self.model)
-        self.ref_model = (_frozen_copy(self.model, self.ref_dtype) if ref_model is None
-                          else _frozen_copy(ref_model.to(self.device), self.ref_dtype))
+        if self.lora is not None:
+            self.ref_model = self.lora.reference(_frozen_copy, ref_model, self.ref_dtype, self.device)
+        else:
+            self.ref_model = (_frozen_copy(self.model, self.ref_dtype) if ref_model is None
+                              else _frozen_copy(ref_model.to(self.device), self.ref_dtype))
         self.ref_backbone, self.ref_head = causal_lm_parts(self.ref_model)
         # the initial policy, kept only to report KL(policy || initial) at evaluation
         if init_model is False or not (config.eval_kl and self.eval_pairs):
             self.init_model = None
         elif init_model is None:
-            self.init_model = _frozen_copy(self.model, self.ref_dtype)
+            self.init_model = self.lora.initial() if self.lora is not None else _frozen_copy(self.model, self.ref_dtype)
         else:
             self.init_model = _frozen_copy(init_model.to(self.device), self.ref_dtype)
         if self.world_size > 1:
@@ -128,8 +141,21 @@ class TRDPOTrainer:
                                  label_smoothing=config.label_smoothing, loss_weights=config.loss_weights,
                                  discopop_tau=config.discopop_tau, ignore_index=self.collator.ignore_index,
                                  token_stats=config.log_token_stats)
-        self.updater = (RefModelUpdater(policy=self.model, ref=self.ref_model, alpha=config.alpha, tau=config.tau)
-                        if config.sync_ref_model else None)
+        # padding-free batches: the probe refuses a model whose packed log-probs differ from its padded ones
+        self.packer = None
+        if config.packing or config.share_prompt:
+            if self.lora is not None:  # no test proves the adapter switching inside packed batches yet
+                raise ValueError("packing / share_prompt with LoRA is not supported yet: train LoRA with padded "
+                                 "batches (packing=False, share_prompt=False)")
+            self.packer = _packing.Packer(self.model, config, pad_token_id=tokenizer.pad_token_id)
+            for m in (self.model, self.ref_model):
+                _packing.probe(m, share_prompt=config.share_prompt, pad_token_id=tokenizer.pad_token_id,
+                               device=self.device)
+        if self.lora is not None:
+            self.updater = self.lora.updater(self.ref_model)
+        else:
+            self.updater = (RefModelUpdater(policy=self.model, ref=self.ref_model, alpha=config.alpha, tau=config.tau)
+                            if config.sync_ref_model else None)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
@@ -147,6 +173,7 @@ class TRDPOTrainer:
             self.schedule = Schedule(config, max(self.total_steps, 1))
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: self.schedule(step))
         self.last_lr: float | None = None  # the learning rate of the last optimizer step (saved: resume continues it)
+        self.num_tokens = 0  # TRL's num_tokens: non-padding tokens of every rank's training rows so far (saved)
         self.history: list[dict] = []
         self.rank_fingerprints: list[dict] | None = None
         self.is_main = self.rank == 0
@@ -204,38 +231,58 @@ class TRDPOTrainer:
 
     # --- data order: a function of the step only (what makes resume exact) --------------------------
 
-    def _step_indices(self, step: int) -> list[list[int]]:
-        """The pair indices this rank uses at optimizer step `step`: one list per micro-batch."""
+    def _step_rows(self, step: int) -> list[int]:
+        """The pair indices of optimizer step `step`'s global batch (every rank, every micro-batch)."""
         c = self.config
         seed = c.seed if c.data_seed is None else c.data_seed
         epoch, batch = divmod(step, self.steps_per_epoch)
-        g = torch.Generator().manual_seed(seed + epoch)
-        order = torch.randperm(len(self.train_pairs), generator=g)
-        G, B, W = self.global_batch_size, c.per_device_train_batch_size, self.world_size
-        chunk = order[batch * G:(batch + 1) * G].tolist()
+        cache = self.__dict__.setdefault("_epoch_order", {})  # one permutation per epoch, drawn once
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = torch.randperm(len(self.train_pairs), generator=torch.Generator().manual_seed(seed + epoch))
+        G = self.global_batch_size
+        return cache[epoch][batch * G:(batch + 1) * G].tolist()
+
+    def _step_indices(self, step: int) -> list[list[int]]:
+        """The pair indices this rank uses at optimizer step `step`: one list per micro-batch."""
+        chunk, B, W = self._step_rows(step), self.config.per_device_train_batch_size, self.world_size
         return [chunk[(a * W + self.rank) * B:(a * W + self.rank + 1) * B]
-                for a in range(c.gradient_accumulation_steps)]
+                for a in range(self.config.gradient_accumulation_steps)]
+
+    def _row_tokens(self, pair: TokenizedPair) -> int:
+        """The non-padding tokens the collator feeds for one training pair (its rows' attention_mask sum)."""
+        return 2 * len(pair.prompt) + len(pair.chosen) + len(pair.rejected)
+
+    def _step_tokens(self, step: int) -> int:
+        """TRL's num_tokens increment of one optimizer step: the attention_mask sum of its global batch (all ranks,
+        as TRL gathers it), known on every rank from the data order: no collective, no device sync."""
+        return sum(self._row_tokens(self.train_pairs[i]) for i in self._step_rows(step))
 
     # --- forward --------------------------------------------------------------------------------------
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
 
-    def _batch(self, pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
+    def _batch(self, pairs: list[TokenizedPair], *, packed: bool = False) -> dict[str, torch.Tensor]:
+        if packed:  # training with packing / share_prompt (fasttrdpo.training.packing); evaluation stays padded
+            return self.packer(pairs, self.device)
         return {k: v.to(self.device) for k, v in self.collator(pairs).items()}
 
     def _ref_hidden(self, module, batch):
         """Hidden states of a frozen model (the reference, or the initial model) without autograd."""
         backbone = self.ref_backbone if module is self.ref_model else causal_lm_parts(module)[0]
         with torch.no_grad():
-            out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch.get("position_ids"), use_cache=False)
         return out.last_hidden_state
 
     def _loss(self, batch, policy_module):
         # the backbones run under autocast (bf16 activations); the loss does its own fp32 math on them
         with self._autocast():
-            hidden = policy_module(batch["input_ids"], batch["attention_mask"])
+            hidden = policy_module(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
             ref_hidden = self._ref_hidden(self.ref_model, batch)
+        if _packing.is_packed(batch):  # valid tokens only, through trdpo_loss_from_tokens
+            return _packing.packed_loss(batch, hidden, self.policy.head, ref_hidden, self.ref_head, self.packer.loss_kwargs)
         return self.loss_fn(hidden, self.policy.head.weight, batch["labels"], ref_hidden, self.ref_head.weight,
                             policy_bias=self.policy.head.bias, ref_bias=self.ref_head.bias)
 
@@ -324,7 +371,8 @@ class TRDPOTrainer:
             micro_batches = self._step_indices(self.global_step)
             step_sum = None
             for a, idx in enumerate(micro_batches):
-                batch = self._batch([self.train_pairs[i] for i in idx])
+                pairs = [self.train_pairs[i] for i in idx]
+                batch = self._batch(pairs) if self.packer is None else self._batch(pairs, packed=True)
                 sync = a == accum - 1 or self.world_size == 1
                 ctx = contextlib.nullcontext() if sync else self.policy_ddp.no_sync()
                 with ctx:
@@ -344,6 +392,7 @@ class TRDPOTrainer:
             if self.schedule is not None:
                 self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self.num_tokens += self._step_tokens(self.global_step)
             self.global_step += 1
             self.last_lr = lr
             if self.updater is not None:
@@ -376,6 +425,7 @@ class TRDPOTrainer:
         if last_saved != self.global_step:
             self._window_seconds = 0.0
             self.save_checkpoint()
+        self.save_final()
         if self.is_main and c.plot:
             self.plot()
         return final
@@ -395,6 +445,8 @@ class TRDPOTrainer:
                      self.global_step, self.total_steps)
         if self.world_size > 1:
             self.check_ranks_agree()
+        if not _final.is_current(self):  # a run killed between its last checkpoint and final/
+            self.save_final()
         done = [r for r in self.history if "eval_loss" in r and r["step"] == self.global_step]
         if done:
             return dict(done[-1])
@@ -416,7 +468,8 @@ class TRDPOTrainer:
         record = {"step": self.global_step, "epoch": round(self.global_step / self.steps_per_epoch, 4),
                   "loss": values[0]}
         record.update({k: v for k, v in zip(self.step_metric_names, values[1:-1]) if not math.isnan(v)})
-        record.update({"grad_norm": values[-1], "learning_rate": lr, "ref_updates": self.ref_updates,
+        record.update({"grad_norm": values[-1], "learning_rate": lr, "num_tokens": self.num_tokens,
+                       "ref_updates": self.ref_updates,
                        "steps_per_second": round(len(window) / max(seconds, 1e-9), 3)})
         return record
 
@@ -446,6 +499,10 @@ class TRDPOTrainer:
     def save_checkpoint(self) -> str:
         """Write output_dir/checkpoint-<step> atomically (see fasttrdpo.training.checkpoint)."""
         return _ckpt.save_checkpoint(self)
+
+    def save_final(self) -> str:
+        """Write output_dir/final/ (save_pretrained format; see fasttrdpo.training.final)."""
+        return _final.save_final(self)
 
     def load_checkpoint(self, path: str) -> None:
         """Restore policy, reference, optimizer, scheduler, updater, RNG and data position."""

@@ -32,6 +32,10 @@ EXAMPLES = {
     "alpha": ([], "0.25", 0.25),
     "desirable_weight": (["--trainer", "kto"], "1.5", 1.5),  # the KTO weights apply to trainer kto only
     "undesirable_weight": (["--trainer", "kto"], "1.33", 1.33),
+    # the LoRA shape fields apply with lora_r > 0 only (TRDPOConfig refuses them otherwise)
+    "lora_alpha": (["--lora-r", "4"], "16", 16.0),
+    "lora_dropout": (["--lora-r", "4", "--no-disable-dropout"], "0.05", 0.05),
+    "lora_target_modules": (["--lora-r", "4"], "query_key_value,dense", ["query_key_value", "dense"]),
     "report_to": ([], "tensorboard,wandb", ["tensorboard", "wandb"]),  # names from fasttrdpo.training.reporting
 }
 
@@ -214,8 +218,8 @@ def test_a_field_added_to_trdpoconfig_gets_its_flags_with_no_cli_edit(monkeypatc
 
     @dataclasses.dataclass
     class Extended(TRDPOConfig):
-        lora_r: int = option(0, "LoRA rank (0: full fine-tuning)")
-        lora_target_modules: list[str] | str | None = option(None, "modules that get adapters")
+        adapter_r: int = option(0, "an adapter rank (0: none)")
+        adapter_target_modules: list[str] | str | None = option(None, "modules that get adapters")
         report_to: list[typing.Literal["tensorboard", "wandb"]] | None = option(None, "where metrics also go")
         packing: bool = option(False, "pack pairs into rows", eval="flag")
 
@@ -223,21 +227,21 @@ def test_a_field_added_to_trdpoconfig_gets_its_flags_with_no_cli_edit(monkeypatc
     try:
         extended_cli = importlib.reload(cli)
         parser = extended_cli.build_parser()
-        args = parser.parse_args(["train", "--data", "x.jsonl", "--lora-r", "8", "--lora-target-modules",
+        args = parser.parse_args(["train", "--data", "x.jsonl", "--adapter-r", "8", "--adapter-target-modules",
                                   "q_proj,v_proj", "--report-to", "wandb", "--packing"])
         cfg = extended_cli.resolve_config(args)
         assert isinstance(cfg, Extended)
-        assert (cfg.lora_r, cfg.lora_target_modules, cfg.report_to, cfg.packing) == (8, ["q_proj", "v_proj"],
+        assert (cfg.adapter_r, cfg.adapter_target_modules, cfg.report_to, cfg.packing) == (8, ["q_proj", "v_proj"],
                                                                                      ["wandb"], True)
         path = tmp_path / "c.json"
-        path.write_text(json.dumps({"lora_target_modules": "all-linear", "report_to": ["tensorboard"]}))
+        path.write_text(json.dumps({"adapter_target_modules": "all-linear", "report_to": ["tensorboard"]}))
         cfg = extended_cli.resolve_config(parser.parse_args(["train", "--data", "x.jsonl", "--config", str(path)]))
-        assert (cfg.lora_target_modules, cfg.report_to) == ("all-linear", ["tensorboard"])
+        assert (cfg.adapter_target_modules, cfg.report_to) == ("all-linear", ["tensorboard"])
         assert extended_cli.eval_config(parser.parse_args(["eval", "--model", "m", "--packing"]), {}).packing is True
         with pytest.raises(SystemExit):
-            parser.parse_args(["eval", "--model", "m", "--lora-r", "8"])
+            parser.parse_args(["eval", "--model", "m", "--adapter-r", "8"])
         table = extended_cli.readme_flags()
-        assert "| `--lora-target-modules STR[,STR...]` |  | modules that get adapters (default: none) |" in table
+        assert "| `--adapter-target-modules STR[,STR...]` |  | modules that get adapters (default: none) |" in table
         assert "| `--packing` / `--no-packing` | yes | pack pairs into rows (default: False) |" in table
     finally:
         monkeypatch.undo()

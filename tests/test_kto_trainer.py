@@ -171,6 +171,7 @@ def _our_order(cfg, n):
     """The row order TRKTOTrainer trains on (its own step -> indices map)."""
     probe = SimpleNamespace(config=cfg, steps_per_epoch=n // (B * ACCUM), train_pairs=range(n),
                             global_batch_size=B * ACCUM, world_size=1, rank=0)
+    probe._step_rows = lambda step: TRKTOTrainer._step_rows(probe, step)
     return [i for s in range(STEPS) for mb in TRKTOTrainer._step_indices(probe, s) for i in mb]
 
 
@@ -221,6 +222,9 @@ def test_same_numbers_as_trl_kto_trainer(tmp_path):
         assert bool((err <= atol).all()), (key, err.tolist(), atol.tolist())
     for h in our_logs:  # TRL's KTO metric names, no DPO-only ones
         assert set(KEYS) <= set(h) and "rewards/accuracies" not in h
+    # num_tokens: TRL's running total of the rows' attention_mask (not the KL rows') over every micro-batch so far:
+    # integers, equal exactly (rows of different lengths: padding, KL rows or prompts miscounted would show)
+    assert [h["num_tokens"] for h in our_logs] == [h["num_tokens"] for h in trl_logs]
 
 
 def test_sync_on_blends_the_reference_per_update(tmp_path):
@@ -292,6 +296,42 @@ def test_cli_trains_tr_kto_on_unpaired_rows(tmp_path, capsys):
     assert final["eval_rows"] == 4 and final["eval_kl/ref"] > 0
     state = torch.load(out / "checkpoint-4" / "trainer_state.pt", weights_only=False)
     assert state["config"]["trainer"] == "kto" and state["config"]["desirable_weight"] == 1.5
+
+    # `fasttrdpo eval` of the checkpoint: TR-KTO as recorded (unpaired rows, the run's held-out last 4 rows, the KTO
+    # loss with desirable_weight 1.5, KL rows paired in blocks of the recorded batch 4) = the run's own final
+    # TRKTOTrainer.evaluate() on the same weights. (Before: the DPO loss on pairs, which these rows are not.)
+    ckpt = str(out / "checkpoint-4")
+    assert cli.main(["eval", "--model", ckpt, "--output", str(tmp_path / "e.json")]) == 0
+    ev = json.load(open(tmp_path / "e.json"))
+    assert (ev["trainer"], ev["desirable_weight"], ev["per_device_train_batch_size"]) == ("kto", 1.5, 4)
+    assert (ev["step"], ev["ref_updates"], ev["eval_rows"]) == (4, 2, 4)
+    assert "eval_rewards/accuracies" not in ev and "eval_pairs" not in ev
+    # same weights, rows and code path; the CLI loads the model through from_pretrained: fp32 round-off at most
+    for key in ["eval_loss", "eval_kl/ref"] + [f"eval_{k}" for k in KEYS]:
+        assert ev[key] == pytest.approx(final[key], rel=1e-6, abs=1e-7), key
+    # a flag overrides the recorded weight: the same numbers as TRKTOTrainer.evaluate() in process with it
+    assert cli.main(["eval", "--model", ckpt, "--desirable-weight", "3.0", "--output", str(tmp_path / "e3.json")]) == 0
+    ev3 = json.load(open(tmp_path / "e3.json"))
+    from transformers import AutoModelForCausalLM
+
+    rows = _text_rows(20, [1, 0, 0, 1, 1] * 4)[16:]
+    cfg = TRDPOConfig(trainer="kto", desirable_weight=3.0, per_device_train_batch_size=4,
+                      output_dir=str(tmp_path / "unused"))
+    direct = TRKTOTrainer(AutoModelForCausalLM.from_pretrained(ckpt), tiny_tokenizer(), None, cfg,
+                          ref_model=AutoModelForCausalLM.from_pretrained(ckpt + "/reference"), eval_dataset=rows,
+                          init_model=False).evaluate()
+    assert ev3["eval_loss"] > ev["eval_loss"] + 1e-3  # the desirable rows' losses weigh twice as much
+    for key in ["eval_loss", "eval_kl/ref"] + [f"eval_{k}" for k in KEYS]:
+        assert ev3[key] == pytest.approx(direct[key], rel=1e-6, abs=1e-7), key
+    # --trainer kto evaluates any policy/reference pair as TR-KTO: the same tiny model twice gives log-ratios and z of
+    # exactly 0, so each row's loss is w·(1 − σ(0)) = 0.5 with the default weights
+    assert cli.main(["eval", "--model", "tiny", "--ref-model", "tiny", "--trainer", "kto", "--data", str(data),
+                     "--eval-size", "4", "--output", str(tmp_path / "t.json")]) == 0
+    plain = json.load(open(tmp_path / "t.json"))
+    assert (plain["trainer"], plain["eval_rows"], plain["eval_loss"], plain["eval_kl"]) == ("kto", 4, 0.5, 0.0)
+    # the KL-row block size only means something for KTO: refused for a DPO evaluation
+    assert cli.main(["eval", "--model", "tiny", "--ref-model", "tiny", "--per-device-train-batch-size", "2"]) == 2
+    assert "--trainer kto" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
@@ -416,11 +456,29 @@ def test_resume_is_bit_identical(tmp_path):
 
     whole = run("whole", 4)
     run("cut", 2)
+    saved = json.load(open(tmp_path / "cut" / "checkpoint-2" / "trainer_state.json"))["num_tokens"]
     resumed = run("cut", 4, resume="latest")
     assert resumed.resumed_from and resumed.ref_updates == whole.ref_updates == 2
     assert resumed.fingerprints() == whole.fingerprints()
-    curve = lambda out: [json.loads(line)["loss"] for line in open(tmp_path / out / "metrics.jsonl")]  # noqa: E731
+
+    def curve(out, key="loss"):
+        return [json.loads(line)[key] for line in open(tmp_path / out / "metrics.jsonl")]
+
     assert curve("cut") == curve("whole") and len(curve("whole")) == 4
+    # num_tokens continues from the checkpoint's count (saved with it), not from 0
+    assert curve("cut", "num_tokens") == curve("whole", "num_tokens") and saved == curve("whole", "num_tokens")[1]
+    assert resumed.num_tokens == whole.num_tokens == curve("whole", "num_tokens")[-1]
+    # a checkpoint written before num_tokens was saved: the count is recomputed from the data order on resume
+    state_file = tmp_path / "cut" / "checkpoint-2" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    del state["num_tokens"]
+    torch.save(state, state_file)
+    cfg = _config(tmp_path, output_dir=str(tmp_path / "cut"), max_steps=4, gradient_accumulation_steps=1, tau=2,
+                  alpha=0.5)
+    model, ref = _models()
+    legacy = TRKTOTrainer(model, tiny_tokenizer(), rows, cfg, ref_model=ref)
+    legacy.load_checkpoint(str(tmp_path / "cut" / "checkpoint-2"))
+    assert legacy.num_tokens == saved
 
 
 def test_load_unpaired_dataset(tmp_path):

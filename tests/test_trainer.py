@@ -380,3 +380,36 @@ def test_the_lock_refuses_a_second_writer_until_the_first_is_killed(tmp_path):
     assert os.path.exists(out / ".fasttrdpo.lock")
     trainer.train()
     assert trainer.global_step == 1 and os.path.isdir(out / "checkpoint-1")
+
+
+def test_num_tokens_is_trls_dpo_trainers(tmp_path):
+    """num_tokens is TRL 1.16 DPOTrainer's: the running total of attention_mask over every micro-batch (chosen and
+    rejected rows, prompt + completion, no padding), equal per step on the same rows in the same order. TRL's
+    sampler is made sequential (it has no option to keep the order) and fed the rows in our step order; the
+    synthetic rows differ in length, so padding or a prompt counted once would show."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from trl import DPOConfig, DPOTrainer
+
+    class InOrder(DPOTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    steps, batch, accum = 3, 2, 2
+    data = synthetic_preference_dataset(steps * batch * accum, seed=3)
+    cfg = _config(tmp_path, max_steps=steps, per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
+                  max_length=64)
+    ours = TRDPOTrainer(tiny_model(0, **SMALL), tiny_tokenizer(), data, cfg)
+    order = [i for s in range(steps) for mb in ours._step_indices(s) for i in mb]
+    ours.train()
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=batch, max_steps=steps,
+                     gradient_accumulation_steps=accum, learning_rate=1e-3, logging_steps=1, report_to=[],
+                     use_cpu=True, seed=0, max_length=64, save_strategy="no", disable_tqdm=True,
+                     dataloader_num_workers=0, bf16=False, fp16=False)
+    trl = InOrder(model=tiny_model(0, **SMALL), ref_model=tiny_model(0, **SMALL), args=args,
+                  train_dataset=Dataset.from_list([data[i] for i in order]), processing_class=tiny_tokenizer())
+    trl.train()
+    trl_counts = [h["num_tokens"] for h in trl.state.log_history if "loss" in h and "train_runtime" not in h]
+    assert [h["num_tokens"] for h in ours.history if "loss" in h] == trl_counts and len(trl_counts) == steps
+    assert ours.num_tokens == trl_counts[-1] > 0

@@ -214,11 +214,15 @@ def _save_checkpoint(trainer, final: str, tmp: str) -> str:
                os.path.join(tmp, f"log_window_{trainer.rank}.pt"))
     if trainer.is_main:
         with _quiet_progress_bars():
-            save_weights(trainer.model, tmp)
-            save_weights(trainer.ref_model, os.path.join(tmp, "reference"))
+            if getattr(trainer, "lora", None) is not None:  # adapters only (fasttrdpo.training.lora)
+                trainer.lora.save_checkpoint_weights(trainer, tmp)
+            else:
+                save_weights(trainer.model, tmp)
+                save_weights(trainer.ref_model, os.path.join(tmp, "reference"))
         # every model folder is self-contained: `from_pretrained(folder)` finds its tokenizer
         trainer.tokenizer.save_pretrained(tmp)
-        trainer.tokenizer.save_pretrained(os.path.join(tmp, "reference"))
+        if getattr(trainer, "lora", None) is None:
+            trainer.tokenizer.save_pretrained(os.path.join(tmp, "reference"))
         state = {
             "run_id": trainer.run_id,
             "run_name": c.run_name,
@@ -234,13 +238,15 @@ def _save_checkpoint(trainer, final: str, tmp: str) -> str:
             # the reference weights are saved apart (reference/)
             "updater": trainer.updater.state_dict(ref_weights=False) if trainer.updater is not None else None,
             "ref_updates": trainer.ref_updates,
+            "num_tokens": trainer.num_tokens,
             "world_size": trainer.world_size,
             "config": c.to_dict(),
         }
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({k: state[k] for k in ("run_id", "run_name", "run_info", "global_step", "total_steps",
-                                             "data_position", "ref_updates", "world_size", "config")}, f, indent=1)
+                                             "data_position", "ref_updates", "num_tokens", "world_size", "config")},
+                      f, indent=1)
     trainer._barrier()
     if trainer.is_main:
         fsync_tree(tmp)
@@ -274,13 +280,21 @@ def load_checkpoint(trainer, path: str) -> None:
     if trainer.updater is not None and saved_updater is not None:
         # strict=False: this run's tau/alpha win (validated before anything is written)
         trainer.updater.load_state_dict(saved_updater, strict=False)
-    load_weights(trainer.model, path)
-    load_weights(trainer.ref_model, os.path.join(path, "reference"))
+    if getattr(trainer, "lora", None) is not None:
+        trainer.lora.load_checkpoint_weights(trainer, path)
+    else:
+        load_weights(trainer.model, path)
+        load_weights(trainer.ref_model, os.path.join(path, "reference"))
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.global_step = state["global_step"]
     trainer.last_lr = (state.get("schedule") or {}).get("last_lr")
     notices = []
+    if "num_tokens" in state:
+        trainer.num_tokens = state["num_tokens"]
+    else:  # a checkpoint written before num_tokens was logged: the count is a function of the data order
+        trainer.num_tokens = sum(trainer._step_tokens(s) for s in range(trainer.global_step))
+        notices.append(f"resume: num_tokens {trainer.num_tokens} recounted from the data order (not in the checkpoint)")
     if trainer.updater is not None and saved_updater is not None:
         for key in ("tau", "alpha"):
             old, new = saved_updater[key], getattr(trainer.updater, key)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..loss.preference import LOSS_TYPES, check_loss_config
+from .lora import check_config as check_lora_config
 from .schedule import scheduler_names
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -39,7 +40,8 @@ class TRDPOConfig:
     overwrite_output_dir: bool = option(False, "a new run may replace another run's outputs in output_dir")
     run_name: str | None = option(None, "a label recorded with the run id in every checkpoint")
     trainer: str = option("dpo", "dpo: TRDPOTrainer on pairs; kto: TRKTOTrainer (TR-KTO) on unpaired "
-                          "prompt/completion/label rows", choices=("dpo", "kto"))
+                          "prompt/completion/label rows (eval: the DPO or the KTO loss)", eval="recorded",
+                          choices=("dpo", "kto"))
     # the loss: any of fasttrdpo.loss.LOSS_TYPES (TRL 1.16's), or a list summed with loss_weights (RPO: sigmoid, sft)
     beta: float = option(0.1, "the loss's beta (temperature of the implicit reward)", eval="recorded")
     loss_type: str | list[str] = option("sigmoid", "a loss type of fasttrdpo.loss.LOSS_TYPES, or a comma-separated "
@@ -49,14 +51,31 @@ class TRDPOConfig:
     loss_weights: list[float] | None = option(None, "one weight per loss_type (none: 1.0 each)", eval="recorded")
     discopop_tau: float = option(0.05, "discopop's tau", eval="recorded")
     # KTO (trainer="kto"): TRL's weights of the desirable / undesirable rows' losses
-    desirable_weight: float = option(1.0, "TR-KTO: weight of the desirable rows' losses (trainer kto only)")
-    undesirable_weight: float = option(1.0, "TR-KTO: weight of the undesirable rows' losses (trainer kto only)")
+    desirable_weight: float = option(1.0, "TR-KTO: weight of the desirable rows' losses (trainer kto only)",
+                                     eval="recorded")
+    undesirable_weight: float = option(1.0, "TR-KTO: weight of the undesirable rows' losses (trainer kto only)",
+                                       eval="recorded")
     # reference updates (TR-DPO): every tau optimizer steps, ref <- ref + alpha * (policy - ref)
     sync_ref_model: bool = option(True, "update the reference every tau steps (TR-DPO); off: plain DPO")
     alpha: float = option(0.6, "reference update weight: ref <- ref + alpha * (policy - ref), in [0, 1]")
     tau: int = option(512, "optimizer steps between reference updates")
     ref_dtype: str | None = option(None, "dtype of the reference and initial model (bfloat16 halves their memory; "
                                    "none: the policy's)", eval="recorded", choices=tuple(DTYPES))
+    # LoRA (peft; fasttrdpo.training.lora): lora_r > 0 trains an adapter, the base weights stay frozen
+    lora_r: int = option(0, "LoRA rank (0: no LoRA, train the weights)")
+    lora_alpha: float = option(32.0, "LoRA scaling numerator (scale = lora_alpha / lora_r)")
+    lora_dropout: float = option(0.0, "dropout on the LoRA branch (needs --no-disable-dropout)")
+    lora_target_modules: list[str] | None = option(None, "modules that get an adapter, comma-separated (none: "
+                                                   "peft's default for the architecture; all-linear)",
+                                                   metavar="NAME[,NAME...]")
+    lora_reference: str | None = option(None, "the reference with LoRA: base (adapters off, the default), adapter "
+                                        "(a 'ref' adapter), merged (a full-weight copy; exact soft updates)",
+                                        choices=("base", "adapter", "merged"))
+    lora_soft: str = option("error", "factors: allow the approximate soft update (alpha < 1) of a reference "
+                            "adapter's factors", choices=("error", "factors"))
+    # the final model (output_dir/final/, save_pretrained format)
+    save_reference: bool = option(False, "also write the reference to final/reference/")
+    save_merged: bool = option(False, "LoRA: write final/ as full weights (adapter merged) instead of the adapter")
     # optimisation
     learning_rate: float = option(1e-6, "AdamW learning rate", aliases=("--lr",))
     weight_decay: float = option(0.0, "AdamW weight decay")
@@ -68,7 +87,9 @@ class TRDPOConfig:
                                               "e.g. '{\"min_lr_rate\": 0.1}'")
     warmup_steps: int = option(0, "linear warmup steps (wins over warmup_ratio)")
     warmup_ratio: float = option(0.0, "warmup as a fraction of the optimizer steps")
-    per_device_train_batch_size: int = option(4, "pairs per rank per micro-batch")
+    per_device_train_batch_size: int = option(4, "pairs (TR-KTO: rows) per rank per micro-batch; TR-KTO's evaluation "
+                                              "pairs the KL rows in blocks of this many rows, as TRL does (eval: "
+                                              "trainer kto only)", eval="recorded")
     per_device_eval_batch_size: int = option(8, "pairs per rank per evaluation batch", eval="flag")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
     max_steps: int = option(-1, "optimizer steps (> 0 overrides num_train_epochs)")
@@ -86,6 +107,11 @@ class TRDPOConfig:
     truncation_mode: str = option("keep_prompt_end", "which prompt tokens are kept (keep_start is TRL's); see "
                                   "fasttrdpo.data.tokenize_pair", eval="recorded",
                                   choices=("keep_prompt_end", "keep_start"))
+    # padding-free training batches (fasttrdpo.training.packing); evaluation stays padded
+    packing: bool = option(False, "pack the rows into bins of max_length tokens without padding (per-row "
+                           "positions, attention kept inside rows)")
+    share_prompt: bool = option(False, "run each pair as prompt + chosen + rejected once (rejected does not see "
+                                "chosen; implies packing)")
     # records
     logging_steps: int = option(10, "optimizer steps between training records")
     eval_steps: int = option(0, "optimizer steps between evaluations (0: at the end only)")
@@ -107,7 +133,7 @@ class TRDPOConfig:
 
     def __post_init__(self):
         # lists as lists (a tuple from Python code, a list from JSON: the same config, the same record)
-        for name in ("loss_type", "label_smoothing", "loss_weights", "report_to"):
+        for name in ("loss_type", "label_smoothing", "loss_weights", "lora_target_modules", "report_to"):
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
         try:  # the loss settings as TRDPOLoss checks them, before anything else runs
@@ -123,6 +149,8 @@ class TRDPOConfig:
             raise ValueError(f"TRDPOConfig: {e}") from None
         kto = self.trainer == "kto"
         checks = [
+            (not (self.packing or self.share_prompt) or self.trainer == "dpo",
+             "packing / share_prompt apply to preference pairs (trainer='dpo'); TR-KTO rows stay padded"),
             (self.trainer in ("dpo", "kto"), "trainer must be 'dpo' or 'kto'"),
             (self.desirable_weight >= 0 and self.undesirable_weight >= 0,
              "desirable_weight and undesirable_weight must be >= 0"),
@@ -156,6 +184,10 @@ class TRDPOConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"TRDPOConfig: {msg}")
+        try:
+            check_lora_config(self)
+        except ValueError as e:
+            raise ValueError(f"TRDPOConfig: {e}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -11,7 +11,10 @@ import torch
 
 
 def causal_lm_parts(model):
-    """(backbone, lm_head) of a Hugging Face causal LM: the backbone returns hidden states, no logits."""
+    """(backbone, lm_head) of a Hugging Face causal LM: the backbone returns hidden states, no logits. A
+    peft PeftModel gives those of the model inside it (LoRA layers included)."""
+    if hasattr(model, "get_base_model") and isinstance(getattr(model, "peft_config", None), dict):
+        model = model.get_base_model()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or not hasattr(head, "weight"):
         raise TypeError("model must be a causal LM with an output embedding (lm_head) Linear layer")
@@ -36,8 +39,9 @@ class HiddenStates(torch.nn.Module):
         self.model = model
         self.backbone, self.head = causal_lm_parts(model)
 
-    def forward(self, input_ids, attention_mask):
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 

@@ -115,7 +115,7 @@ def remove_run_outputs(output_dir: str) -> None:
             trash = os.path.join(output_dir, f".trash-{name}")
             os.rename(path, trash)
             shutil.rmtree(trash, ignore_errors=True)
-        elif name.startswith((".tmp-checkpoint-", ".trash-")):
+        elif name.startswith((".tmp-checkpoint-", ".trash-", ".tmp-final")):
             shutil.rmtree(path, ignore_errors=True)
         elif name in RUN_FILES:
             os.remove(path)
