@@ -133,6 +133,8 @@ def test_bad_rows_and_settings_raise():
         TRDPOConfig(desirable_weight=2.0)  # a KTO setting on a DPO run is not silently ignored
     with pytest.raises(ValueError, match="loss_type"):
         TRDPOConfig(trainer="kto", loss_type="ipo")
+    with pytest.raises(ValueError, match="discopop_tau"):
+        TRDPOConfig(trainer="kto", discopop_tau=0.5)  # a DPO loss setting on a KTO run is not silently ignored
     cfg = TRDPOConfig(trainer="kto", per_device_train_batch_size=1)
     with pytest.raises(ValueError, match="per_device_train_batch_size"):
         TRKTOTrainer(tiny_model(seed=0, hidden_size=32), tiny_tokenizer(), rows, cfg)

@@ -268,3 +268,31 @@ def test_cli_lora_flags(tmp_path):
     assert (c.lora_r, c.lora_alpha, c.lora_target_modules, c.lora_reference) == (8, 16.0, ["query_key_value", "dense"],
                                                                                    "adapter")
     assert c.save_merged is True and c.save_reference is True and c.alpha == 1.0
+
+
+def test_merged_updater_validates_before_writing_the_reference(tmp_path):
+    """The merged reference is written only after every input is checked: a NaN in a trained non-LoRA
+    parameter, or an updater state missing a key, raises with the reference untouched."""
+    trainer = TRDPOTrainer(tiny_model(0, **SMALL), tiny_tokenizer(), _rows(),
+                           _config(tmp_path, lora_reference="merged", alpha=0.5, tau=1))
+    updater = trainer.updater
+    qkv = trainer.model.get_base_model().gpt_neox.layers[0].attention.query_key_value
+    with torch.no_grad():
+        qkv.lora_B["default"].weight.fill_(0.25)  # the LoRA layers would move the reference
+        norm = trainer.model.get_base_model().gpt_neox.final_layer_norm.weight
+        norm.requires_grad_(True)  # a trained non-LoRA parameter (as modules_to_save makes one) ...
+        norm[0] = float("nan")  # ... holding a NaN
+    before = {n: p.detach().clone() for n, p in trainer.ref_model.named_parameters()}
+
+    def unchanged():
+        return all(torch.equal(p, before[n]) for n, p in trainer.ref_model.named_parameters())
+
+    with pytest.raises(ValueError, match="final_layer_norm.weight holds NaN/inf"):
+        updater.update()
+    assert unchanged() and updater.num_updates == 0
+    state = updater.state_dict(ref_weights=True)
+    state["ref"] = {n: t + 1 for n, t in state["ref"].items()}  # would change the reference if copied
+    del state["num_updates"]
+    with pytest.raises(ValueError, match="missing \\['num_updates'\\]"):
+        updater.load_state_dict(state)
+    assert unchanged()

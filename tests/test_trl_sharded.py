@@ -235,6 +235,8 @@ def test_zero3_updater_blends_own_partitions_and_refuses_mismatched_layouts(fake
     refused(_zero3_model(pw, pbf, pb, world=2, rank=1), _zero3_model(rw, rbf, rb), "'w'.*partitioned differently")
     # the reference keeps 'b' gathered (its forward reads the full copy) but the policy's copy is not kept current
     refused(_zero3_model(pw, None, pb), _zero3_model(rw, rbf, rb), "'b'.*not kept current")
+    with pytest.raises(ValueError, match="'b'.*not kept current"):  # at construction, not tau steps later
+        fake_zero3.make_updater(policy=_zero3_model(pw, None, pb), ref=_zero3_model(rw, rbf, rb), alpha=0.6, tau=1)
     # a plain (not partitioned) reference beside a ZeRO-3 policy
     plain = torch.nn.Module()
     plain.w, plain.b = torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.zeros(0))

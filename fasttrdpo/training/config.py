@@ -156,8 +156,10 @@ class TRDPOConfig:
              "desirable_weight and undesirable_weight must be >= 0"),
             (kto or (self.desirable_weight == 1.0 and self.undesirable_weight == 1.0),
              "desirable_weight / undesirable_weight apply to trainer='kto' only"),
-            (not kto or (self.loss_type == "sigmoid" and self.label_smoothing == 0.0 and self.loss_weights is None),
-             "trainer='kto' has its own loss: loss_type, label_smoothing and loss_weights apply to trainer='dpo'"),
+            (not kto or (self.loss_type == "sigmoid" and self.label_smoothing == 0.0 and self.loss_weights is None
+                         and self.discopop_tau == type(self).discopop_tau),
+             "trainer='kto' has its own loss: loss_type, label_smoothing, loss_weights and discopop_tau apply to "
+             "trainer='dpo'"),
             (self.beta > 0, "beta must be > 0"),
             (0.0 <= self.alpha <= 1.0, "alpha must be in [0, 1]"),
             (self.tau >= 1, "tau must be >= 1"),

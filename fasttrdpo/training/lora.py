@@ -438,23 +438,26 @@ class MergedLoraUpdater:
         from ..ops.blend import blend_
 
         layers = _lora_layers(self.policy)
-        if self.check_finite:  # checked for every layer before the first one is written
+        others = [(n, p) for n, p in self.policy.get_base_model().named_parameters()
+                  if p.requires_grad and "lora_" not in n]
+        if self.check_finite:  # every source is checked before the first reference tensor is written
             for path, layer in layers.items():
                 for p in (layer.lora_A[POLICY_ADAPTER].weight, layer.lora_B[POLICY_ADAPTER].weight):
                     if not bool(torch.isfinite(p).all()):
                         raise ValueError(f"the policy adapter holds NaN/inf ({path}): refusing to blend it into "
                                          "the reference")
+            for n, p in others:
+                if not bool(torch.isfinite(p).all()):
+                    raise ValueError(f"the policy parameter {n} holds NaN/inf: refusing to blend it into the reference")
         for path, layer in layers.items():
             w0 = layer.get_base_layer().weight
             effective = w0.float() + layer.get_delta_weight(POLICY_ADAPTER).float()  # W0 + s·B·A, one layer at a time
             blend_(ref_tensors=[self._targets[f"{path}.weight"]], policy_tensors=[effective], alpha=self.alpha,
                    check_finite=False, backend=self.backend)
-        others = [(n, p) for n, p in self.policy.get_base_model().named_parameters()
-                  if p.requires_grad and "lora_" not in n]
         if others:
             names = [n.replace(f".modules_to_save.{POLICY_ADAPTER}", "").replace(".base_layer", "") for n, _ in others]
             blend_(ref_tensors=[self._targets[n] for n in names], policy_tensors=[p for _, p in others],
-                   alpha=self.alpha, check_finite=self.check_finite, backend=self.backend)
+                   alpha=self.alpha, check_finite=False, backend=self.backend)
         self.num_updates += 1
 
     def state_dict(self, ref_weights: bool = False) -> dict:
@@ -467,12 +470,21 @@ class MergedLoraUpdater:
         return state
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        from ..ref_update import STATE_FORMAT
+
+        # every key is read and checked before the first reference tensor is written
+        missing = [k for k in ("alpha", "tau", "last_update_step", "num_updates") if k not in state]
+        if missing:
+            raise ValueError(f"not a merged-LoRA updater state: missing {missing}")
+        if state.get("format", STATE_FORMAT) != STATE_FORMAT:
+            raise ValueError(f"updater state format {state.get('format')!r}, expected {STATE_FORMAT!r}")
         if strict and (float(state["alpha"]) != self.alpha or int(state["tau"]) != self.tau):
             raise ValueError(f"state was saved with alpha={state['alpha']}, tau={state['tau']}")
+        last = state["last_update_step"]
+        last_update_step = None if last is None else int(last)
+        num_updates = int(state["num_updates"])
         copies = _pair_state(state["ref"], self._targets, "state['ref']") if "ref" in state else []
         with torch.no_grad():
             for dst, src in copies:
                 dst.copy_(src)
-        last = state["last_update_step"]
-        self.last_update_step = None if last is None else int(last)
-        self.num_updates = int(state["num_updates"])
+        self.last_update_step, self.num_updates = last_update_step, num_updates

@@ -179,6 +179,13 @@ class Zero3RefModelUpdater(RefModelUpdater):
                     f"parameter {ref_name!r}: ref and policy are partitioned differently (ref: {r.ds_tensor.numel()} "
                     f"elements as rank/world {_zero3_group(r)[::-1]}, policy: {p.ds_tensor.numel()} as "
                     f"{_zero3_group(p)[::-1]}): partition both models over the same data-parallel group")
+            if getattr(r, "ds_persist", False) and not getattr(p, "ds_persist", False):
+                # checked here (at construction), not only at the first update tau steps into training; the other
+                # way round is fine: a persistent policy's partition is still its master copy
+                raise ValueError(
+                    f"parameter {ref_name!r}: the reference keeps it gathered between forwards (persistent) but the "
+                    "policy does not, so the full copy the reference's forward reads is not kept current by an "
+                    "update of the partitions; give both models the same stage3_param_persistence_threshold")
             if getattr(r.ds_tensor, "final_location", None) == "nvme" or \
                     getattr(p.ds_tensor, "final_location", None) == "nvme":
                 raise ValueError(f"parameter {ref_name!r}: its partition lives on NVMe (offload_param), not supported")
