@@ -56,6 +56,10 @@ class TRDPOConfig:
     max_length: int = 512
     max_prompt_length: int | None = None
     truncation_mode: str = "keep_prompt_end"  # or "keep_start" (TRL's); see fasttrdpo.data.tokenize_pair
+    # padding-free training batches (fasttrdpo.training.packing): rows packed into bins of max_length tokens;
+    # share_prompt runs each pair as prompt ‖ chosen ‖ rejected (implies packing). Evaluation stays padded.
+    packing: bool = False
+    share_prompt: bool = False
     # records
     logging_steps: int = 10
     eval_steps: int = 0  # 0: evaluate at the end only
