@@ -149,6 +149,22 @@ class _StepClock:
         return [b - a for a, b in zip(self.ends[self.warmup - 1:], self.ends[self.warmup:])]
 
 
+def _watch_backbone(model, seen):
+    """Append (batch, width) of input_ids (or inputs_embeds) of every forward call of `model`'s backbone to
+    `seen`: what the backbone really computes, padding and bin padding included."""
+    backbone = model.base_model
+
+    def hook(module, args, kwargs):
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None and args:
+            x = args[0]
+        seen.append(tuple(int(d) for d in x.shape[:2]) if x is not None else None)
+
+    return backbone.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def _count_tokens(collator, counts):
     def wrapped(features):
         batch = collator(features)
@@ -197,6 +213,8 @@ def run_trl(shape, warmup, repeats, device, meter, seed=0):
 
     trainer = DPOTrainer(model=policy, ref_model=ref, args=cfg, train_dataset=Dataset.from_list(pairs),
                          processing_class=tok, callbacks=[Clock()])
+    seen = []
+    _watch_backbone(trainer.model, seen)
     counts = []
     trainer.data_collator = _count_tokens(trainer.data_collator, counts)
     # the first step's loss (same function in both trainers: same weights, same single batch)
@@ -212,7 +230,8 @@ def run_trl(shape, warmup, repeats, device, meter, seed=0):
     meter.start()
     trainer.train()
     return dict(times=clock.times(), first_peak=clock.first_peak, steady_peak=last_peak[0], token_counts=counts,
-                first_loss=losses[0] if losses else None, losses=losses, tokenizer=type(tok).__name__)
+                first_loss=losses[0] if losses else None, losses=losses, tokenizer=type(tok).__name__,
+                backbone_seen=seen)
 
 
 # the TRDPOConfig fields each fasttrdpo implementation of the e2e cases sets (issue 15's layouts)
@@ -248,8 +267,14 @@ def run_fasttrdpo(shape, warmup, repeats, device, meter, seed=0, impl="fasttrdpo
                                  warmup_steps=0, **variant, **extra)
     trainer = ft.trainer.TRDPOTrainer(policy, tok, pairs, cfg, ref_model=ref)
     del ref  # the trainer keeps its own frozen copy
+    seen = []
+    _watch_backbone(trainer.model, seen)
     clock = _StepClock(warmup, meter)
-    counts, backbone, losses, last_peak = [], [], [], []
+    counts, backbone, padded_shapes, planned, losses, last_peak = [], [], [], [], [], []
+    try:
+        from fasttrdpo.training.packing import count_backbone_tokens as plan_counts
+    except ImportError:
+        plan_counts = None
     B = shape["pairs"]
     lengths = _hh.pair_lengths(trainer.train_pairs)
     layout = "shared" if variant.get("share_prompt") else "packed" if variant.get("packing") else "padded"
@@ -264,6 +289,10 @@ def run_fasttrdpo(shape, warmup, repeats, device, meter, seed=0, impl="fasttrdpo
         # what this layout runs through the backbone
         counts.append(sum(2 * p + c + r for p, c, r in used))
         backbone.append(_hh.backbone_tokens(used, B)[layout])
+        padded_shapes.append((2 * len(used), max(p + max(c, r) for p, c, r in used)))
+        if plan_counts is not None:  # the trainer's own plan: bins padded to the widest ("mask" layout) too
+            planned.append(plan_counts([[trainer.train_pairs[i] for i in micro] for micro in idx],
+                                       cfg.max_length).as_dict())
         return idx
 
     trainer._step_indices = counted_indices
@@ -283,7 +312,7 @@ def run_fasttrdpo(shape, warmup, repeats, device, meter, seed=0, impl="fasttrdpo
     trainer.train()
     return dict(times=clock.times(), first_peak=clock.first_peak, steady_peak=last_peak[0], token_counts=counts,
                 backbone_tokens=backbone, layout=layout, first_loss=losses[0] if losses else None, losses=losses,
-                tokenizer=type(tok).__name__)
+                tokenizer=type(tok).__name__, backbone_seen=seen, padded_shapes=padded_shapes, planned=planned)
 
 
 def run_e2e(task):
@@ -320,6 +349,17 @@ def run_e2e(task):
         res["backbone_tokens"] = r["backbone_tokens"]
         res["layout"] = r["layout"]
         res["backbone_tokens_timed"] = sum(r["backbone_tokens"][warmup:warmup + len(r["times"])])
+    # what the policy backbone was given per forward call (input positions, padding included): one call a step
+    if r.get("planned"):
+        res["backbone_planned"] = r["planned"]
+    seen = [tuple(x) for x in r.get("backbone_seen") or [] if x is not None]
+    res["backbone_shapes_seen"] = seen
+    if len(seen) == len(counts):
+        res["backbone_positions_timed"] = sum(b * w for b, w in seen[warmup:warmup + len(r["times"])])
+    if impl not in ("fasttrdpo", "trl-dpotrainer") and seen and seen == r.get("padded_shapes"):
+        return {"status": "error", "loadavg_before": load_before, "backbone_shapes_seen": seen,
+                "reason": f"{impl}: the policy backbone was given the padded batches at every step ({seen}): "
+                          f"{VARIANTS[impl]} was set in TRDPOConfig but the trainer did not use it"}
     if timed and len(timed) == len(r["times"]) and sum(r["times"]) > 0:
         res["tokens_timed"] = sum(timed)
         if len(set(timed)) == 1:  # the same batch every step: tokens per step over the median step

@@ -21,6 +21,7 @@ the chosen and rejected rows, the prompt counted in each = the packed count, wha
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -79,12 +80,23 @@ def tokenizer_fingerprint(tok) -> str:
     return hashlib.sha256(tok.backend_tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
 
 
-def hh_bpe_tokenizer(vocab_size: int = HH_BPE_VOCAB, path: str = DATA):
-    """The BPE of `hh_bpe_name`, trained on the HH file's transcripts (about a second)."""
+@functools.lru_cache(maxsize=2)
+def _hh_bpe_json(vocab_size: int, path: str) -> str:
     texts = []
     for row in read_hh_rows(path):
         texts += [row["chosen"], row["rejected"]]
-    return train_bpe(texts, vocab_size)
+    return train_bpe(texts, vocab_size).backend_tokenizer.to_str()
+
+
+def hh_bpe_tokenizer(vocab_size: int = HH_BPE_VOCAB, path: str = DATA):
+    """The BPE of `hh_bpe_name`, trained on the HH file's transcripts (about a second; once per process)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_hh_bpe_json(vocab_size, path)),
+                                   eos_token=EOS, pad_token=EOS)
+    fast.padding_side = "right"
+    return fast
 
 
 def pair_lengths(tokenized_pairs) -> list[tuple[int, int, int]]:

@@ -135,7 +135,8 @@ def plan(args, device_type):
         ("e2e", [_pythia14m_shape(quick)], ("trl-dpotrainer", "fasttrdpo")),
     ]
     steps = args.warmup + args.repeats
-    out += [("e2e_hh", [_hh_shape(quick, steps, k + 1)], E2E_HH_IMPLS) for k in range(args.e2e_rounds)]
+    if not quick or "e2e_hh" in (args.cases or "").split(","):  # --quick runs it only when named (BPE + 4 trainers)
+        out += [("e2e_hh", [_hh_shape(quick, steps, k + 1)], E2E_HH_IMPLS) for k in range(args.e2e_rounds)]
     if args.cases:
         wanted = set(args.cases.split(","))
         out = [c for c in out if c[0] in wanted]
@@ -896,8 +897,9 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
     ap.add_argument("--cases", default=None,
                     help="comma-separated subset of: loss_step,lmhead_op,logits_step,blend,e2e,e2e_hh")
-    ap.add_argument("--e2e-rounds", type=int, default=2,
-                    help="rounds of the e2e_hh case (each measures every implementation once, interleaved)")
+    ap.add_argument("--e2e-rounds", type=int, default=None,
+                    help="rounds of the e2e_hh case (each measures every implementation once, interleaved; "
+                         "default 2, 1 with --quick)")
     ap.add_argument("--impls", default=None, help="comma-separated subset of implementations")
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds per measurement before it is an error")
     ap.add_argument("--seed", type=int, default=0)
@@ -942,6 +944,8 @@ def main(argv=None):
     args.repeats_auto = args.repeats is None and args.gpu_check
     if args.repeats is None:
         args.repeats = 3 if (args.quick or args.gpu_check) else 5
+    if args.e2e_rounds is None:
+        args.e2e_rounds = 1 if args.quick else 2
     if args.dry_run and not args.gpu_check:
         raise SystemExit("--dry-run goes with --gpu-check")
     if args.threads is None:
