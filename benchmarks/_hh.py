@@ -145,7 +145,15 @@ def hh_token_counts(*, max_length: int = 512, pairs_per_batch: int = 8, seed: in
                                  truncation_mode=truncation_mode)
     lengths = pair_lengths(tokenized)
     order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
-    return {"tokenizer": hh_bpe_name(vocab_size, path), "tokenizer_sha256_16": tokenizer_fingerprint(tok),
+    planned = None
+    try:  # the trainer's own packing plan (issue 15): bins of <= max_length, and their padding in the mask layout
+        from fasttrdpo.training.packing import count_backbone_tokens
+    except ImportError:
+        count_backbone_tokens = None
+    if count_backbone_tokens is not None:
+        batches = [[tokenized[i] for i in order[k:k + pairs_per_batch]] for k in range(0, len(order), pairs_per_batch)]
+        planned = count_backbone_tokens(batches, max_length).as_dict()
+    return {"trainer_plan": planned,"tokenizer": hh_bpe_name(vocab_size, path), "tokenizer_sha256_16": tokenizer_fingerprint(tok),
             "data": os.path.basename(path), "rows_dropped": dropped,
             "max_length": max_length, "truncation_mode": truncation_mode, "seed": seed,
             "trainer_order": backbone_tokens([lengths[i] for i in order], pairs_per_batch),
@@ -164,4 +172,11 @@ def format_counts(counts: dict) -> str:
                      f"{c['shared'] / 1e6:.3f} M ({c['padded_over_shared']:.2f}x fewer, "
                      f"{c['fraction_saved_shared']:.1%} saved); mean prompt {c['mean_prompt']:.1f}, chosen "
                      f"{c['mean_chosen']:.1f}, rejected {c['mean_rejected']:.1f} tokens")
+    plan = counts.get("trainer_plan")
+    if plan:
+        lines.append(f"trainer's packing plan (fasttrdpo.training.packing, trainer order): padded {plan['padded'] / 1e6:.3f} M,"
+                     f" packed {plan['packed'] / 1e6:.3f} M ({plan['packed_computed'] / 1e6:.3f} M with each batch's bins "
+                     f"padded to its widest), shared {plan['shared'] / 1e6:.3f} M ({plan['shared_computed'] / 1e6:.3f} M "
+                     f"padded; {plan['unshared_pairs']} pair(s) whose prompt+chosen+rejected exceeds max_length run as "
+                     "two rows)")
     return "\n".join(lines)

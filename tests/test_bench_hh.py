@@ -121,3 +121,17 @@ def test_e2e_hh_smoke():
         assert r["ratios"]["tokens_per_s_vs_padded"] > 0
     assert by["fasttrdpo-shared"]["backbone_tokens"] < by["fasttrdpo-packed"]["backbone_tokens"]
     assert by["trl-dpotrainer"]["numerics_ok"] is True, by["trl-dpotrainer"]["numerics_note"]
+
+
+def test_counts_agree_with_the_trainers_packing_plan():
+    """benchmarks/_hh.py counts vs fasttrdpo.training.packing's planner (written separately) on the toy."""
+    from fasttrdpo.data import TokenizedPair
+    from fasttrdpo.training.packing import count_backbone_tokens
+
+    lengths = [(3, 2, 4), (5, 1, 1), (2, 6, 3), (7, 3, 2), (1, 1, 9)]
+    pairs = [TokenizedPair([7] * p, [8] * c, [9] * r) for p, c, r in lengths]
+    batches = [pairs[i:i + 2] for i in range(0, len(pairs), 2)]
+    theirs = count_backbone_tokens(batches, max_length=16)  # every prompt+chosen+rejected fits 16: all shared
+    ours = _hh.backbone_tokens(lengths, 2)
+    assert (theirs.padded, theirs.packed, theirs.shared) == (ours["padded"], ours["packed"], ours["shared"])
+    assert theirs.unshared_pairs == 0
