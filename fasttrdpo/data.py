@@ -590,7 +590,7 @@ def tokenize_dataset(dataset, tokenizer, *, max_length: int, max_prompt_length: 
         raise ValueError(f"dataset must have columns prompt, chosen, rejected (text or message lists; prompt may be "
                          f"absent for full chosen/rejected conversations); missing {missing}")
     _check_lengths(max_length, max_prompt_length, truncation_mode)
-    pairs, dropped = [], []
+    pairs, dropped, truncated = [], [], 0
     for i, row in enumerate(dataset):
         try:
             p, c, r, lead = _tokenize_any(tokenizer, row.get("prompt"), row["chosen"], row["rejected"], add_eos=None,
@@ -603,10 +603,14 @@ def tokenize_dataset(dataset, tokenizer, *, max_length: int, max_prompt_length: 
             dropped.append(i)
         else:
             pairs.append(pair)
+            truncated += (len(pair.prompt), len(pair.chosen), len(pair.rejected)) != (len(p), len(c), len(r))
     if dropped:
         _log.warning("tokenize_dataset: dropped %d of %d rows whose prompt alone fills max_length=%d "
                      "(truncation_mode='keep_start'; first: %s)", len(dropped), len(dataset), max_length,
                      dropped[:10])
+    if truncated:
+        _log.info("tokenize_dataset: truncated %d of %d pairs to max_length=%d (truncation_mode=%r)", truncated,
+                  len(dataset), max_length, truncation_mode)
     if not pairs:
         raise ValueError(f"no row leaves a completion token within max_length={max_length}")
     return pairs

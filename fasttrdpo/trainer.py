@@ -33,6 +33,7 @@ from .training.evaluate import evaluate as _evaluate
 from .training.model_parts import HiddenStates as _HiddenStates
 from .training.model_parts import causal_lm_parts, disable_dropout
 from .training.model_parts import frozen_copy as _frozen_copy
+from .training import packing as _packing
 from .training.output_dir import OutputDirError, OutputDirLock, check_new_run
 from .training.plot import plot_metrics
 from .training.schedule import METRIC_DRIVEN, Schedule
@@ -113,6 +114,13 @@ class TRDPOTrainer:
         self.loss_fn = TRDPOLoss(beta=config.beta, loss_type=config.loss_type,
                                  label_smoothing=config.label_smoothing, loss_weights=config.loss_weights,
                                  discopop_tau=config.discopop_tau, ignore_index=self.collator.ignore_index)
+        # padding-free batches: the probe refuses a model whose packed log-probs differ from its padded ones
+        self.packer = None
+        if config.packing or config.share_prompt:
+            for m in (self.model, self.ref_model):
+                _packing.probe(m, share_prompt=config.share_prompt, pad_token_id=tokenizer.pad_token_id,
+                               device=self.device)
+            self.packer = _packing.Packer(self.model, config, pad_token_id=tokenizer.pad_token_id)
         self.updater = (RefModelUpdater(policy=self.model, ref=self.ref_model, alpha=config.alpha, tau=config.tau)
                         if config.sync_ref_model else None)
 
@@ -197,21 +205,26 @@ class TRDPOTrainer:
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
 
-    def _batch(self, pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
+    def _batch(self, pairs: list[TokenizedPair], *, packed: bool = False) -> dict[str, torch.Tensor]:
+        if packed:  # training with packing / share_prompt (fasttrdpo.training.packing); evaluation stays padded
+            return self.packer(pairs, self.device)
         return {k: v.to(self.device) for k, v in self.collator(pairs).items()}
 
     def _ref_hidden(self, module, batch):
         """Hidden states of a frozen model (the reference, or the initial model) without autograd."""
         backbone = self.ref_backbone if module is self.ref_model else causal_lm_parts(module)[0]
         with torch.no_grad():
-            out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch.get("position_ids"), use_cache=False)
         return out.last_hidden_state
 
     def _loss(self, batch, policy_module):
         # the backbones run under autocast (bf16 activations); the loss does its own fp32 math on them
         with self._autocast():
-            hidden = policy_module(batch["input_ids"], batch["attention_mask"])
+            hidden = policy_module(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
             ref_hidden = self._ref_hidden(self.ref_model, batch)
+        if _packing.is_packed(batch):  # valid tokens only, through trdpo_loss_from_tokens
+            return _packing.packed_loss(batch, hidden, self.policy.head, ref_hidden, self.ref_head, self.packer.loss_kwargs)
         return self.loss_fn(hidden, self.policy.head.weight, batch["labels"], ref_hidden, self.ref_head.weight,
                             policy_bias=self.policy.head.bias, ref_bias=self.ref_head.bias)
 
@@ -297,7 +310,7 @@ class TRDPOTrainer:
             micro_batches = self._step_indices(self.global_step)
             step_sum = None
             for a, idx in enumerate(micro_batches):
-                batch = self._batch([self.train_pairs[i] for i in idx])
+                batch = self._batch([self.train_pairs[i] for i in idx], packed=self.packer is not None)
                 sync = a == accum - 1 or self.world_size == 1
                 ctx = contextlib.nullcontext() if sync else self.policy_ddp.no_sync()
                 with ctx:

@@ -36,8 +36,9 @@ class HiddenStates(torch.nn.Module):
         self.model = model
         self.backbone, self.head = causal_lm_parts(model)
 
-    def forward(self, input_ids, attention_mask):
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 

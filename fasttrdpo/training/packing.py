@@ -176,3 +176,240 @@ def count_backbone_tokens(batches: Iterable[Sequence[TokenizedPair]], max_length
         totals["shared_computed"] += shared.computed_tokens
         totals["unshared_pairs"] += shared.unshared_pairs
     return TokenCounts(**totals)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tensors of a packed micro-batch
+# ----------------------------------------------------------------------------------------------------
+
+def attention_layout(model) -> str:
+    """"varlen" for flash-attention models (boundaries from position ids), "mask" for every other."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return "varlen" if impl in VARLEN_ATTENTION else "mask"
+
+
+def _unit_tokens(pair: TokenizedPair, kind: str) -> tuple[list[int], list[int], list[int]]:
+    """(ids, position ids, block) of a unit: block 0 = attended by every later token of the unit (the
+    prompt, or a whole row), 1 = chosen, 2 = rejected of a shared unit (each sees block 0 and itself)."""
+    p = len(pair.prompt)
+    if kind == CHOSEN or kind == REJECTED:
+        ids = pair.prompt + (pair.chosen if kind == CHOSEN else pair.rejected)
+        return ids, list(range(len(ids))), [0] * len(ids)
+    c, r = len(pair.chosen), len(pair.rejected)
+    ids = pair.prompt + pair.chosen + pair.rejected
+    pos = list(range(p + c)) + list(range(p, p + r))
+    return ids, pos, [0] * p + [1] * c + [2] * r
+
+
+def _unit_labels(pair: TokenizedPair, kind: str, offset: int, i: int, P: int):
+    """(flat positions, labels, row ids) of the completion tokens a unit at `offset` predicts, as the padded
+    collator labels them: position t predicts token t+1; the first completion token is predicted by the
+    last prompt position (no predictor without a prompt). Row ids: pair i's chosen row i, rejected P + i."""
+    p = len(pair.prompt)
+    if kind != SHARED:
+        comp = pair.chosen if kind == CHOSEN else pair.rejected
+        ids = pair.prompt + comp
+        first = p if p else 1
+        pos = [offset + t - 1 for t in range(first, len(ids))]
+        return pos, ids[first:], [i if kind == CHOSEN else P + i] * len(pos)
+    c = len(pair.chosen)
+    pos, lab, rows = [], [], []
+    for j, tok in enumerate(pair.chosen):  # chosen[j] is predicted by position p + j - 1 of the unit
+        if p + j >= 1:
+            pos.append(offset + p + j - 1)
+            lab.append(tok)
+            rows.append(i)
+    for j, tok in enumerate(pair.rejected):  # rejected[0] by the seam p - 1, rejected[j] by its block's j - 1
+        if j == 0 and p == 0:
+            continue
+        pos.append(offset + (p - 1 if j == 0 else p + c + j - 1))
+        lab.append(tok)
+        rows.append(P + i)
+    return pos, lab, rows
+
+
+def build_packed_batch(pairs: Sequence[TokenizedPair], plan: PackPlan, *, pad_token_id: int, layout: str = "mask",
+                       mask_dtype: torch.dtype = torch.float32, device=None) -> dict:
+    """The tensors of `plan` for a model forward + `trdpo_loss_from_tokens`:
+
+    input_ids, position_ids [n_bins, W] ("mask") or [1, n] ("varlen"); attention_mask: the 4-D additive
+    mask [n_bins, 1, W, W] in mask_dtype ("mask"; a bin's padding attends to itself only) or None;
+    token_index [n]: the flat positions (into input_ids.view(-1)) whose hidden states predict the
+    completion tokens, with labels [n] and row_ids [n]; chosen_rows / rejected_rows [P]."""
+    if layout not in ("mask", "varlen"):
+        raise ValueError(f"layout must be 'mask' or 'varlen', got {layout!r}")
+    if layout == "varlen" and plan.share_prompt:
+        raise ValueError("layout 'varlen' cannot express shared prompts (rejected must not see chosen)")
+    P = len(pairs)
+    W = plan.width if layout == "mask" else plan.tokens
+    n_rows = len(plan.bins) if layout == "mask" else 1
+    ids = torch.full((n_rows, W), int(pad_token_id), dtype=torch.long)
+    pos = torch.zeros((n_rows, W), dtype=torch.long)
+    unit = torch.arange(n_rows * W, dtype=torch.long).view(n_rows, W).neg_().sub_(1)  # padding: its own unit
+    block = torch.zeros((n_rows, W), dtype=torch.long)
+    tok_pos, labels, row_ids = [], [], []
+    base = 0  # varlen: bins one after the other in row 0
+    for b, units in enumerate(plan.bins):
+        row = b if layout == "mask" else 0
+        for k, u in enumerate(units):
+            u_ids, u_pos, u_block = _unit_tokens(pairs[u.pair], u.kind)
+            s = base + u.start
+            ids[row, s:s + u.length] = torch.tensor(u_ids)
+            pos[row, s:s + u.length] = torch.tensor(u_pos)
+            block[row, s:s + u.length] = torch.tensor(u_block)
+            unit[row, s:s + u.length] = b * 1_000_000 + k  # unique per unit
+            t, y, r = _unit_labels(pairs[u.pair], u.kind, row * W + s, u.pair, P)
+            tok_pos += t
+            labels += y
+            row_ids += r
+        if layout == "varlen":
+            base += plan.bin_lengths[b]
+    batch = {"input_ids": ids, "position_ids": pos, "attention_mask": None,
+             "token_index": torch.tensor(tok_pos, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
+             "row_ids": torch.tensor(row_ids, dtype=torch.long), "chosen_rows": torch.arange(P),
+             "rejected_rows": torch.arange(P, 2 * P)}
+    if layout == "mask":
+        q = torch.arange(W)
+        allowed = ((unit[:, :, None] == unit[:, None, :]) & (q[None, None, :] <= q[None, :, None])
+                   & ((block[:, None, :] == 0) | (block[:, :, None] == block[:, None, :])))
+        mask = torch.zeros((n_rows, 1, W, W), dtype=mask_dtype)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(mask_dtype).min)
+        batch["attention_mask"] = mask
+    if device is not None:
+        batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    batch["plan"] = plan
+    return batch
+
+
+def is_packed(batch) -> bool:
+    return "token_index" in batch
+
+
+def packed_loss(batch: dict, hidden: torch.Tensor, head, ref_hidden: torch.Tensor, ref_head, loss_kwargs: dict):
+    """The TR-DPO loss and metrics of a packed batch: the hidden states at its token positions (the seam's
+    twice under shared prompts) through `fasttrdpo.loss.trdpo_loss_from_tokens`."""
+    from ..loss import trdpo_loss_from_tokens
+
+    idx = batch["token_index"]
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
+    hr = ref_hidden.reshape(-1, ref_hidden.shape[-1]).index_select(0, idx)
+    return trdpo_loss_from_tokens(h, head.weight, hr, ref_head.weight, batch["labels"], batch["row_ids"],
+                                  batch["chosen_rows"], batch["rejected_rows"], policy_bias=head.bias,
+                                  ref_bias=ref_head.bias, **loss_kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The start-up probe and the trainer's packer
+# ----------------------------------------------------------------------------------------------------
+
+# Probe pairs (prompt, chosen, rejected lengths): prompts longer and shorter than their completions, one
+# of a single token; max_length 24 puts several rows (units) in each bin, so a leak across rows shows.
+PROBE_LENGTHS = ((6, 3, 5), (2, 7, 4), (1, 4, 4), (9, 2, 3))
+PROBE_MAX_LENGTH = 24
+
+
+class PackingRefused(ValueError):
+    """A model whose packed log-probs differ from its padded ones (it ignores the mask or position ids)."""
+
+
+def _row_logps(model, hidden, index, labels, row_ids, n_rows):
+    head = model.get_output_embeddings()
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index).float()
+    z = torch.nn.functional.linear(h, head.weight.float(), None if head.bias is None else head.bias.float())
+    logp = z.log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
+    scale = z.logsumexp(-1).abs() + z.abs().amax(-1)  # per-token magnitude of the log-prob's terms
+    rows = torch.zeros(n_rows, dtype=torch.float64, device=h.device)
+    mags = torch.zeros(n_rows, dtype=torch.float64, device=h.device)
+    return rows.index_add_(0, row_ids, logp.double()), mags.index_add_(0, row_ids, scale.double())
+
+
+def probe_tolerance(dtype: torch.dtype) -> float:
+    """Relative bound, per row, on |packed - padded| / Σ_t(|lse_t| + max|z_t|) for a model that honours the
+    packed mask: both forwards do the same arithmetic up to reduction order and the padding's placement,
+    so they differ by rounding, κ·u per token, with u the dtype's unit roundoff and κ the growth through
+    the layers. κ = 2^8 (fp32: 1.5e-5; bf16: 0.5) sits 300x above what tiny fp32 GPT-NeoX, Llama, Qwen2,
+    GPT-2, OPT, GPT-J models show (<= 5e-8) and below a GPT-NeoX fed wrong position ids (4.5e-5). A model that
+    attends across rows or ignores the position ids is off by O(1) of that scale."""
+    return 256 * torch.finfo(dtype).eps / 2
+
+
+@torch.no_grad()
+def probe(model, *, share_prompt: bool, pad_token_id: int, device=None) -> float:
+    """Packed (or shared-prompt) vs padded per-row log-probs of `model` on PROBE_LENGTHS random tokens.
+    Returns the worst relative difference; raises PackingRefused (naming the model_type) over
+    `probe_tolerance`, or when the model's forward does not take position ids / a 4-D mask."""
+    from ..data import PreferenceCollator
+    from .model_parts import causal_lm_parts
+
+    backbone, head = causal_lm_parts(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    device = device if device is not None else head.weight.device
+    V = head.weight.shape[0]
+    g = torch.Generator().manual_seed(1234)
+    rand = lambda n: torch.randint(0, V, (n,), generator=g).tolist()  # noqa: E731
+    pairs = [TokenizedPair(rand(p), rand(c), rand(r)) for p, c, r in PROBE_LENGTHS]
+    padded = {k: v.to(device) for k, v in PreferenceCollator(pad_token_id)(pairs).items()}
+    layout = attention_layout(model)
+    dtype = head.weight.dtype
+    plan = plan_packing(pairs, PROBE_MAX_LENGTH, share_prompt=share_prompt)
+    packed = build_packed_batch(pairs, plan, pad_token_id=pad_token_id, layout=layout, mask_dtype=dtype, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        ref_h = backbone(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
+                         use_cache=False).last_hidden_state
+        try:
+            h = backbone(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
+                         position_ids=packed["position_ids"], use_cache=False).last_hidden_state
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise PackingRefused(f"packing refused for model_type {model_type!r}: its forward does not take "
+                                 f"position ids and a {'4-D mask' if layout == 'mask' else 'varlen batch'} "
+                                 f"({type(err).__name__}: {err})") from err
+    finally:
+        model.train(was_training)
+    labels = padded["labels"]
+    valid = (labels != -100).reshape(-1)
+    flat = torch.arange(labels.numel(), device=device)[valid]
+    B = len(pairs)
+    row_of = torch.arange(2 * B, device=device)[:, None].expand_as(labels).reshape(-1)[valid]
+    want, mag = _row_logps(model, ref_h, flat, labels.reshape(-1)[valid], row_of, 2 * B)
+    got, _ = _row_logps(model, h, packed["token_index"], packed["labels"], packed["row_ids"], 2 * B)
+    worst = float(((got - want).abs() / mag.clamp(min=1e-30)).max())
+    tol = probe_tolerance(dtype)
+    if not worst <= tol:
+        raise PackingRefused(
+            f"packing refused for model_type {model_type!r}: its {'shared-prompt' if share_prompt else 'packed'} "
+            f"log-probs differ from the padded ones by {worst:.3g} (relative; rounding allows {tol:.3g}) on a probe "
+            f"batch — the model does not keep attention inside rows ({layout} layout, attn_implementation="
+            f"{getattr(model.config, '_attn_implementation', None)!r}) or ignores position ids")
+    _log.debug("packing probe (%s, %s layout): relative difference %.3g <= %.3g", model_type, layout, worst, tol)
+    return worst
+
+
+class Packer:
+    """What the trainer holds when config.packing / share_prompt: builds packed micro-batches for `model`
+    (after `probe` accepted it) and counts the tokens it saves."""
+
+    def __init__(self, model, config, *, pad_token_id: int):
+        share_prompt = config.share_prompt
+        self.layout = attention_layout(model)
+        if share_prompt and self.layout == "varlen":
+            raise ValueError(f"share_prompt: attn_implementation={model.config._attn_implementation!r} cannot "
+                             "take the shared-prompt mask (rejected must not see chosen): load the model with "
+                             "attn_implementation='sdpa' (--attn-implementation sdpa) or 'flex_attention'")
+        self.max_length = config.max_length
+        self.share_prompt = share_prompt
+        # the loss settings TRDPOLoss gets from the config (fasttrdpo.trainer)
+        self.loss_kwargs = dict(beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
+                                loss_weights=config.loss_weights, discopop_tau=config.discopop_tau)
+        self.pad_token_id = int(pad_token_id)
+        self.mask_dtype = model.get_output_embeddings().weight.dtype
+        self.tokens = {"padded": 0, "packed": 0, "computed": 0}
+
+    def __call__(self, pairs: Sequence[TokenizedPair], device) -> dict:
+        plan = plan_packing(pairs, self.max_length, share_prompt=self.share_prompt)
+        self.tokens["padded"] += padded_tokens(pairs)
+        self.tokens["packed"] += plan.tokens
+        self.tokens["computed"] += plan.tokens if self.layout == "varlen" else plan.computed_tokens
+        return build_packed_batch(pairs, plan, pad_token_id=self.pad_token_id, layout=self.layout,
+                                  mask_dtype=self.mask_dtype, device=device)
