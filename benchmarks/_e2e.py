@@ -296,7 +296,14 @@ def run_fasttrdpo(shape, warmup, repeats, device, meter, seed=0, impl="fasttrdpo
         return idx
 
     trainer._step_indices = counted_indices
-    trainer.loss_fn.register_forward_hook(lambda mod, inp, out: losses.append(float(out[0].detach())))
+    loss_of_batch = trainer._loss
+
+    def loss_recorded(batch, policy_module):  # every layout's loss (padded: TRDPOLoss; packed: the token list)
+        out = loss_of_batch(batch, policy_module)
+        losses.append(float(out[0].detach()))
+        return out
+
+    trainer._loss = loss_recorded
     # the reference update is the last thing of an optimizer step: the step ends when it returns
     updater_step = trainer.updater.step
 
