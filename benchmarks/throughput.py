@@ -154,8 +154,10 @@ def plan(args, device_type):
                                         reason="not run in --quick: torch.compile's first call takes ~12 s on CPU"))
                     continue
                 tasks.append(task)
-    # the measurements the targets use run first: a run cut short still has them
-    tasks.sort(key=lambda t: 0 if _primary(t, cuda) else 1)
+    # the measurements the targets use run first: a run cut short still has them (e2e_hh: every round of
+    # fasttrdpo's layouts, whose ratios are the targets, before TRL's DPOTrainer, the slowest)
+    tasks.sort(key=lambda t: (0 if _primary(t, cuda) else 1,
+                              t["case"] == "e2e_hh" and t["impl"] == "trl-dpotrainer"))
     if args.part != "all":
         keep = args.part == "primary"
         tasks = [t for t in tasks if _primary(t, cuda) == keep]
