@@ -733,7 +733,7 @@ def run_task(task: dict) -> dict:
     device = torch.device(task["device"])
     res = {"case": task["case"], "impl": task["impl"], "shape": task["shape"]}
     try:
-        if task["case"] == "e2e":
+        if task["case"] in ("e2e", "e2e_hh"):
             from _e2e import run_e2e
 
             res.update(run_e2e(task))

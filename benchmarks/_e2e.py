@@ -1,16 +1,31 @@
 """End-to-end training steps: fasttrdpo's trainer vs TRL's DPOTrainer with a moving reference.
 
-Both train the same randomly initialised GPTNeoX (Pythia-14m's shape in a full run) from the same
-policy and reference weights (the reference starts different from the policy, so the DPO loss is not
-trivially log 2), on the same preference pairs from Anthropic-HH (harmless-base test split), cut to
-fixed character lengths so that every sequence has the same number of tokens (the byte-level tokenizer
-makes ASCII characters tokens one to one). The dataset holds exactly one batch of pairs, so every step of
-both trainers sees the same batch and the first step's loss is the same function in both.
+Two cases share this module.
+
+e2e: both trainers train the same randomly initialised GPTNeoX (Pythia-14m's shape in a full run) from the
+same policy and reference weights (the reference starts different from the policy, so the DPO loss is not
+trivially log 2), on the same preference pairs from Anthropic-HH (harmless-base test split), cut to fixed
+character lengths so that every sequence has the same number of tokens (the byte-level tokenizer makes
+ASCII characters tokens one to one). The dataset holds exactly one batch of pairs, so every step of both
+trainers sees the same batch and the first step's loss is the same function in both.
+
+e2e_hh (issue 15): real Anthropic-HH pairs at their own lengths (benchmarks/_hh.py: the file's usable pairs in
+a seeded random order, tokenized by a 4k BPE trained on the file), max length 512, a Pythia-70M-shaped model;
+every trainer truncates as TRL does (each sequence keeps its start; pairs whose prompt alone fills max_length,
+which TRL drops, are left out) and walks the same pairs in the same order (TRL: train_sampling_strategy="sequential"; fasttrdpo:
+the step's indices are consecutive), one new batch per step. Implementations: TRL's DPOTrainer, today's padded
+TRDPOTrainer (`fasttrdpo`), and the padding-free variants `fasttrdpo-packed` (TRDPOConfig.packing=True) and
+`fasttrdpo-shared` (share_prompt=True: prompt || chosen || rejected, the prompt computed once); a variant
+whose config field does not exist yet is reported as skipped with that reason.
 
 Measured inside each trainer's own training loop: seconds between consecutive optimizer-step ends
 (data collation, forward, backward, optimizer, reference sync all included), after `warmup` steps; tokens
-per step = non-pad tokens of the chosen and rejected sequences, counted from the collated batches;
-peak memory growth over the state with models and data loaded (the optimizer state counts).
+per step = non-pad tokens of the chosen and rejected sequences, the prompt counted in each (counted from
+TRL's collated batches, and from the pairs fasttrdpo's trainer used at each step: the same count whatever
+layout computes them); tokens/s = tokens of the timed steps / their seconds. Backbone tokens (what each
+layout actually runs through the model, benchmarks/_hh.py) are reported beside them, and the load average
+before and after each measurement (the machine may be shared). Peak memory growth is over the state with
+models and data loaded (the optimizer state counts).
 """
 from __future__ import annotations
 
@@ -61,19 +76,53 @@ def preference_pairs(n: int, prompt_chars: int, completion_chars: int, path: str
     raise ValueError(f"only {len(out)} usable pairs in {path}")
 
 
-def _pairs(shape):
+def _pairs(shape, tok=None):
     from _cases import Skip
 
+    if shape.get("data") == "hh":
+        import _hh
+
+        from fasttrdpo.data import tokenize_pair
+
+        if not os.path.exists(_hh.DATA):
+            raise Skip(f"HH data not found at {_hh.DATA}")
+        pairs, _ = _hh.hh_pairs()
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(shape.get("data_seed", 0)))
+        n = shape["pairs"] * shape["steps"]
+        out = []
+        for i in order.tolist():
+            # TRL (truncation_mode="keep_start", its only mode) drops a pair whose prompt alone fills max_length;
+            # such pairs are left out here so that every trainer walks the same pairs in the same order
+            x = pairs[i]
+            if len(tokenize_pair(tok, x["prompt"], x["chosen"], x["rejected"], max_length=10 ** 9).prompt) \
+                    < shape["max_length"]:
+                out.append(x)
+            if len(out) == n:
+                break
+        return out
     if not os.path.exists(DATA):
         raise Skip(f"preference data not found at {DATA}")
     return preference_pairs(shape["pairs"], shape["prompt_chars"], shape["completion_chars"])
+
+
+def _tokenizer(shape):
+    if shape.get("tokenizer", "byt5") == "byt5":
+        from fasttrdpo.tiny import tiny_tokenizer
+
+        return tiny_tokenizer()
+    import _hh
+
+    return _hh.hh_bpe_tokenizer(shape["bpe_vocab"])
 
 
 def _models(shape, seed=0):
     from fasttrdpo.tiny import tiny_model
 
     kw = dict(vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
-              num_attention_heads=4, intermediate_size=4 * shape["hidden"], max_position_embeddings=2048)
+              num_attention_heads=shape.get("heads", 4), intermediate_size=4 * shape["hidden"],
+              max_position_embeddings=2048)
+    if shape.get("attn"):
+        kw["attn_implementation"] = shape["attn"]
     policy = tiny_model(seed=seed, **kw)
     ref = tiny_model(seed=seed + 1, **kw)
     return policy, ref
@@ -100,6 +149,22 @@ class _StepClock:
         return [b - a for a, b in zip(self.ends[self.warmup - 1:], self.ends[self.warmup:])]
 
 
+def _watch_backbone(model, seen):
+    """Append (batch, width) of input_ids (or inputs_embeds) of every forward call of `model`'s backbone to
+    `seen`: what the backbone really computes, padding and bin padding included."""
+    backbone = model.base_model
+
+    def hook(module, args, kwargs):
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None and args:
+            x = args[0]
+        seen.append(tuple(int(d) for d in x.shape[:2]) if x is not None else None)
+
+    return backbone.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def _count_tokens(collator, counts):
     def wrapped(features):
         batch = collator(features)
@@ -119,18 +184,19 @@ def run_trl(shape, warmup, repeats, device, meter, seed=0):
         raise Skip(f"trl not importable: {type(e).__name__}: {e}")
     from datasets import Dataset
 
-    from fasttrdpo.tiny import tiny_tokenizer
-
-    pairs = _pairs(shape)
-    tok = tiny_tokenizer()
+    tok = _tokenizer(shape)
+    pairs = _pairs(shape, tok)
     policy, ref = _models(shape, seed)
     steps = warmup + repeats
     out_dir = tempfile.mkdtemp(prefix="bench-trl-")
+    hh = shape.get("data") == "hh"
+    extra = dict(train_sampling_strategy="sequential") if hh else {}
     cfg = DPOConfig(output_dir=out_dir, per_device_train_batch_size=shape["pairs"], max_steps=steps,
                     learning_rate=LR, beta=BETA, sync_ref_model=True, ref_model_sync_steps=shape["sync_steps"],
                     ref_model_mixup_alpha=ALPHA, logging_steps=10 ** 6, save_strategy="no", report_to=[],
-                    use_cpu=device.type == "cpu", seed=seed, dataloader_num_workers=0, max_length=None,
-                    disable_dropout=True, lr_scheduler_type="constant", warmup_steps=0)
+                    use_cpu=device.type == "cpu", seed=seed, dataloader_num_workers=0,
+                    max_length=shape.get("max_length"), disable_dropout=True, lr_scheduler_type="constant",
+                    warmup_steps=0, **extra)
     clock = _StepClock(warmup, meter)
     losses = []
 
@@ -147,6 +213,8 @@ def run_trl(shape, warmup, repeats, device, meter, seed=0):
 
     trainer = DPOTrainer(model=policy, ref_model=ref, args=cfg, train_dataset=Dataset.from_list(pairs),
                          processing_class=tok, callbacks=[Clock()])
+    seen = []
+    _watch_backbone(trainer.model, seen)
     counts = []
     trainer.data_collator = _count_tokens(trainer.data_collator, counts)
     # the first step's loss (same function in both trainers: same weights, same single batch)
@@ -162,31 +230,80 @@ def run_trl(shape, warmup, repeats, device, meter, seed=0):
     meter.start()
     trainer.train()
     return dict(times=clock.times(), first_peak=clock.first_peak, steady_peak=last_peak[0], token_counts=counts,
-                first_loss=losses[0] if losses else None, losses=losses)
+                first_loss=losses[0] if losses else None, losses=losses, tokenizer=type(tok).__name__,
+                backbone_seen=seen)
 
 
-def run_fasttrdpo(shape, warmup, repeats, device, meter, seed=0):
-    from _cases import _fasttrdpo
+# the TRDPOConfig fields each fasttrdpo implementation of the e2e cases sets (issue 15's layouts)
+VARIANTS = {"fasttrdpo": {}, "fasttrdpo-packed": {"packing": True},
+            "fasttrdpo-shared": {"packing": True, "share_prompt": True}}
+
+
+def run_fasttrdpo(shape, warmup, repeats, device, meter, seed=0, impl="fasttrdpo"):
+    import dataclasses
+
+    from _cases import Skip, _fasttrdpo
 
     ft = _fasttrdpo("trainer.TRDPOTrainer", "trainer.TRDPOConfig")
-    from fasttrdpo.tiny import tiny_tokenizer
+    variant = VARIANTS[impl]
+    fields = {f.name for f in dataclasses.fields(ft.trainer.TRDPOConfig)}
+    missing = [k for k in variant if k not in fields]
+    if missing:
+        raise Skip(f"TRDPOConfig has no field {', '.join(missing)} (yet): issue 15's packing has not landed")
+    import _hh
 
-    pairs = _pairs(shape)
-    tok = tiny_tokenizer()
+    tok = _tokenizer(shape)
+    pairs = _pairs(shape, tok)
     policy, ref = _models(shape, seed)
     steps = warmup + repeats
     out_dir = tempfile.mkdtemp(prefix="bench-fasttrdpo-")
+    # the HH case: TRL's truncation (each sequence keeps its start) so that every trainer computes the same tokens
+    extra = {"truncation_mode": "keep_start"} if shape.get("data") == "hh" else {}
     cfg = ft.trainer.TRDPOConfig(output_dir=out_dir, per_device_train_batch_size=shape["pairs"], max_steps=steps,
                                  learning_rate=LR, beta=BETA, sync_ref_model=True, tau=shape["sync_steps"],
                                  alpha=ALPHA, logging_steps=10 ** 6, save_steps=0, eval_kl=False, plot=False,
-                                 disable_tqdm=True, seed=seed, device=device.type, max_length=2048,
-                                 lr_scheduler_type="constant", warmup_steps=0)
+                                 disable_tqdm=True, seed=seed, device=device.type,
+                                 max_length=shape.get("max_length") or 2048, lr_scheduler_type="constant",
+                                 warmup_steps=0, **variant, **extra)
     trainer = ft.trainer.TRDPOTrainer(policy, tok, pairs, cfg, ref_model=ref)
     del ref  # the trainer keeps its own frozen copy
+    seen = []
+    _watch_backbone(trainer.model, seen)
     clock = _StepClock(warmup, meter)
-    counts, losses, last_peak = [], [], []
-    trainer.collator = _count_tokens(trainer.collator, counts)
-    trainer.loss_fn.register_forward_hook(lambda mod, inp, out: losses.append(float(out[0].detach())))
+    counts, backbone, padded_shapes, planned, losses, last_peak = [], [], [], [], [], []
+    try:
+        from fasttrdpo.training.packing import count_backbone_tokens as plan_counts
+    except ImportError:
+        plan_counts = None
+    B = shape["pairs"]
+    lengths = _hh.pair_lengths(trainer.train_pairs)
+    layout = "shared" if variant.get("share_prompt") else "packed" if variant.get("packing") else "padded"
+    if shape.get("data") == "hh":  # the pairs in the order given, one new batch per step (as TRL's sequential sampler)
+        trainer._step_indices = lambda step: [list(range(step * B, (step + 1) * B))]
+    step_indices = trainer._step_indices
+
+    def counted_indices(step):
+        idx = step_indices(step)
+        used = [lengths[i] for micro in idx for i in micro]
+        # tokens as counted since issue 6 (non-pad tokens of chosen + rejected rows, prompt in each), and
+        # what this layout runs through the backbone
+        counts.append(sum(2 * p + c + r for p, c, r in used))
+        backbone.append(_hh.backbone_tokens(used, B)[layout])
+        padded_shapes.append((2 * len(used), max(p + max(c, r) for p, c, r in used)))
+        if plan_counts is not None:  # the trainer's own plan: bins padded to the widest ("mask" layout) too
+            planned.append(plan_counts([[trainer.train_pairs[i] for i in micro] for micro in idx],
+                                       cfg.max_length).as_dict())
+        return idx
+
+    trainer._step_indices = counted_indices
+    loss_of_batch = trainer._loss
+
+    def loss_recorded(batch, policy_module):  # every layout's loss (padded: TRDPOLoss; packed: the token list)
+        out = loss_of_batch(batch, policy_module)
+        losses.append(float(out[0].detach()))
+        return out
+
+    trainer._loss = loss_recorded
     # the reference update is the last thing of an optimizer step: the step ends when it returns
     updater_step = trainer.updater.step
 
@@ -201,27 +318,60 @@ def run_fasttrdpo(shape, warmup, repeats, device, meter, seed=0):
     meter.start()
     trainer.train()
     return dict(times=clock.times(), first_peak=clock.first_peak, steady_peak=last_peak[0], token_counts=counts,
-                first_loss=losses[0] if losses else None, losses=losses)
+                backbone_tokens=backbone, layout=layout, first_loss=losses[0] if losses else None, losses=losses,
+                tokenizer=type(tok).__name__, backbone_seen=seen, padded_shapes=padded_shapes, planned=planned)
 
 
 def run_e2e(task):
     from _cases import Skip
-    from _measure import MemoryMeter, median
+    from _measure import MemoryMeter, loadavg, median
 
     device = torch.device(task["device"])
     meter = MemoryMeter(device)
-    fn = {"trl-dpotrainer": run_trl, "fasttrdpo": run_fasttrdpo}[task["impl"]]
+    impl = task["impl"]
+    load_before = loadavg()
     try:
-        r = fn(task["shape"], task["warmup"], task["repeats"], device, meter, seed=task.get("seed", 0))
+        if impl == "trl-dpotrainer":
+            r = run_trl(task["shape"], task["warmup"], task["repeats"], device, meter, seed=task.get("seed", 0))
+        elif impl in VARIANTS:
+            r = run_fasttrdpo(task["shape"], task["warmup"], task["repeats"], device, meter, seed=task.get("seed", 0),
+                              impl=impl)
+        else:
+            raise ValueError(f"e2e: unknown implementation {impl!r}")
     except Skip as e:
-        return {"status": "skipped", "reason": str(e)}
+        return {"status": "skipped", "reason": str(e), "loadavg_before": load_before}
     counts = r["token_counts"]
+    warmup = task["warmup"]
+    timed = counts[warmup:warmup + len(r["times"])]
     tokens_per_step = counts[0] if counts else None
     res = dict(status="ok", times_s=r["times"], median_s=median(r["times"]), peak_growth_bytes=r["steady_peak"],
                first_call_peak_growth_bytes=r["first_peak"], memory_method=meter.method,
-               tokens_per_step=tokens_per_step, token_counts_seen=sorted(set(counts)), first_loss=r["first_loss"],
-               losses=r["losses"])
-    if tokens_per_step and res["median_s"]:
-        res["tokens_per_s"] = tokens_per_step / res["median_s"]
+               tokens_per_step=tokens_per_step, token_counts_seen=sorted(set(counts)), token_counts=counts,
+               first_loss=r["first_loss"], losses=r["losses"], loadavg_before=load_before, loadavg_after=loadavg())
+    if task["shape"].get("data") == "hh":
+        import _hh
+
+        res["tokenizer"] = _hh.hh_bpe_name(task["shape"]["bpe_vocab"])
+    if r.get("backbone_tokens") is not None:
+        res["backbone_tokens"] = r["backbone_tokens"]
+        res["layout"] = r["layout"]
+        res["backbone_tokens_timed"] = sum(r["backbone_tokens"][warmup:warmup + len(r["times"])])
+    # what the policy backbone was given per forward call (input positions, padding included): one call a step
+    if r.get("planned"):
+        res["backbone_planned"] = r["planned"]
+    seen = [tuple(x) for x in r.get("backbone_seen") or [] if x is not None]
+    res["backbone_shapes_seen"] = seen
+    if len(seen) == len(counts):
+        res["backbone_positions_timed"] = sum(b * w for b, w in seen[warmup:warmup + len(r["times"])])
+    if impl not in ("fasttrdpo", "trl-dpotrainer") and seen and seen == r.get("padded_shapes"):
+        return {"status": "error", "loadavg_before": load_before, "backbone_shapes_seen": seen,
+                "reason": f"{impl}: the policy backbone was given the padded batches at every step ({seen}): "
+                          f"{VARIANTS[impl]} was set in TRDPOConfig but the trainer did not use it"}
+    if timed and len(timed) == len(r["times"]) and sum(r["times"]) > 0:
+        res["tokens_timed"] = sum(timed)
+        if len(set(timed)) == 1:  # the same batch every step: tokens per step over the median step
+            res["tokens_per_s"] = timed[0] / res["median_s"]
+        else:  # a new batch each step: tokens of the timed steps over their seconds
+            res["tokens_per_s"] = sum(timed) / sum(r["times"])
     res["numerics"] = {"first_loss": r["first_loss"]}
     return res

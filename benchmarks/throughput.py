@@ -13,6 +13,9 @@ Cases (see benchmarks/_cases.py and _e2e.py):
   logits_step  paired log-probs from logits + DPO loss, fwd+bwd
   blend        reference update over real models' parameter lists
   e2e          whole training steps: fasttrdpo trainer vs TRL's DPOTrainer(sync_ref_model=True)
+  e2e_hh       whole training steps on real Anthropic-HH pairs (4k BPE trained on the file, max length 512,
+               Pythia-70M shape): TRL's DPOTrainer, the padded TRDPOTrainer, packed and shared-prompt variants,
+               in --e2e-rounds interleaved rounds (the machine may be shared: each round's ratios stand alone)
 
 --gpu-check (what scripts/gpu_check.sh runs): issue 11's GPU primary shapes only: the loss step at N=16k,
 H=4096, V=128256 bf16 with 60 % and 100 % valid rows (TRDPOLoss, the generic op, TRL's chunked path,
@@ -77,6 +80,21 @@ def _pythia14m_shape(quick):
             "completion_chars": 100, "sync_steps": 2}
 
 
+def _hh_shape(quick, steps, rnd):
+    """Issue 15's end-to-end setting: Pythia-70M's shape (hidden 512, 6 layers, 8 heads, vocab 50304; the
+    BPE's 4096 ids are a subset), 8 HH pairs a step, max length 512, tau = 2."""
+    if quick:
+        return {"model": "tiny", "data": "hh", "tokenizer": "hh-bpe", "bpe_vocab": 4096, "hidden": 32, "layers": 2,
+                "heads": 4, "vocab": 4096, "pairs": 2, "max_length": 256, "steps": steps, "sync_steps": 2,
+                "round": rnd}
+    return {"model": "pythia-70m", "data": "hh", "tokenizer": "hh-bpe", "bpe_vocab": 4096, "hidden": 512,
+            "layers": 6, "heads": 8, "vocab": 50304, "pairs": 8, "max_length": 512, "steps": steps, "sync_steps": 2,
+            "round": rnd}
+
+
+E2E_HH_IMPLS = ("fasttrdpo", "fasttrdpo-shared", "fasttrdpo-packed", "trl-dpotrainer")
+
+
 def plan(args, device_type):
     """The (case, shapes, implementations) this run measures."""
     from _cases import CASES, param_list
@@ -116,6 +134,9 @@ def plan(args, device_type):
         ("blend", blend_shapes, CASES["blend"].IMPLS),
         ("e2e", [_pythia14m_shape(quick)], ("trl-dpotrainer", "fasttrdpo")),
     ]
+    steps = args.warmup + args.repeats
+    if not quick or "e2e_hh" in (args.cases or "").split(","):  # --quick runs it only when named (BPE + 4 trainers)
+        out += [("e2e_hh", [_hh_shape(quick, steps, k + 1)], E2E_HH_IMPLS) for k in range(args.e2e_rounds)]
     if args.cases:
         wanted = set(args.cases.split(","))
         out = [c for c in out if c[0] in wanted]
@@ -133,8 +154,10 @@ def plan(args, device_type):
                                         reason="not run in --quick: torch.compile's first call takes ~12 s on CPU"))
                     continue
                 tasks.append(task)
-    # the measurements the issue's targets use run first: a run cut short still has them
-    tasks.sort(key=lambda t: 0 if _primary(t, cuda) else 1)
+    # the measurements the issue's targets use run first: a run cut short still has them (e2e_hh: every round of
+    # fasttrdpo's layouts, whose ratios are the targets, before TRL's DPOTrainer, the slowest)
+    tasks.sort(key=lambda t: (0 if _primary(t, cuda) else 1,
+                              t["case"] == "e2e_hh" and t["impl"] == "trl-dpotrainer"))
     if args.part != "all":
         keep = args.part == "primary"
         tasks = [t for t in tasks if _primary(t, cuda) == keep]
@@ -150,7 +173,7 @@ def _primary(task, cuda):
         return s["params"] == "pythia-160m"
     if task["case"] == "logits_step":  # issue 7's C++-vs-eager target on CPU
         return not cuda
-    return task["case"] in ("lmhead_op", "e2e")
+    return task["case"] in ("lmhead_op", "e2e", "e2e_hh")
 
 
 # ============================================================================================ GPU check plan
@@ -422,10 +445,10 @@ def analyse(results):
         ok = {r["impl"]: r for r in rows if r.get("status") == "ok"}
         baselines = CASES[case].BASELINES if case in CASES else ("trl-dpotrainer",)
         base_ok = [ok[b] for b in baselines if b in ok]
-        metric = "tokens_per_s" if case == "e2e" else "median_s"
+        metric = "tokens_per_s" if case in E2E_CASES else "median_s"
         best_t = None
         if base_ok:
-            if case == "e2e":
+            if case in E2E_CASES:
                 best_t = max(b[metric] for b in base_ok)
             else:
                 best_t = min(b[metric] for b in base_ok)
@@ -437,11 +460,14 @@ def analyse(results):
                 continue
             rat = {}
             if best_t:
-                if case == "e2e":  # throughput ratio (> 1 is faster), and the step-time ratio beside it
+                if case in E2E_CASES:  # throughput ratio (> 1 is faster), and the step-time ratio beside it
                     rat["tokens_per_s_vs_trl"] = r[metric] / best_t
                     rat["time_vs_best_trl"] = r["median_s"] / min(b["median_s"] for b in base_ok)
                 else:  # < 1 is faster
                     rat["time_vs_best_trl"] = r[metric] / best_t
+            if case == "e2e_hh" and "fasttrdpo" in ok and r["impl"] != "fasttrdpo":
+                # issue 15: the padding-free layouts against today's padded trainer of the same run
+                rat["tokens_per_s_vs_padded"] = r["tokens_per_s"] / ok["fasttrdpo"]["tokens_per_s"]
             if best_m is not None and best_m >= MIN_RATIO_BASE and r.get("peak_growth_bytes") is not None:
                 rat["mem_vs_best_trl"] = r["peak_growth_bytes"] / best_m
             roof = {"loss_step": "gemm-chain", "lmhead_op": "gemm"}.get(case)
@@ -477,6 +503,19 @@ def analyse(results):
                 r["numerics_max_rel_diff"] = d
                 r["numerics_ok"] = d <= rtol
                 r["numerics_note"] = f"max relative difference to {ref['impl']}: {d:.2e} (tolerance {rtol})"
+        elif case == "e2e_hh":
+            # the padded trainer is the reference: packed and shared layouts compute the same loss, and TRL does
+            # on the same tokens (the case truncates as TRL does; compared only where the first batches agree)
+            ref = ok.get("fasttrdpo")
+            for r in ok.values():
+                r["numerics_ok"] = None
+                if ref is not None and r is not ref and r.get("first_loss") is not None:
+                    d = _rel(ref["first_loss"], r["first_loss"], max(abs(ref["first_loss"]), 1e-6))
+                    same_tokens = r["token_counts"][:1] == ref["token_counts"][:1]
+                    r["numerics_max_rel_diff"] = d
+                    r["numerics_ok"] = d <= NUMERICS_RTOL if same_tokens else None
+                    r["numerics_note"] = (f"first-step loss vs fasttrdpo (padded): rel diff {d:.2e}"
+                                          + ("" if same_tokens else " (first batches differ in tokens: not compared)"))
         elif case == "e2e":
             ref = ok.get("trl-dpotrainer")
             for r in ok.values():
@@ -488,6 +527,9 @@ def analyse(results):
                     r["numerics_ok"] = d <= NUMERICS_RTOL
                     r["numerics_note"] = f"first-step loss vs trl-dpotrainer: rel diff {d:.2e}"
     return results
+
+
+E2E_CASES = ("e2e", "e2e_hh")
 
 
 def device_fractions(results, peaks):
@@ -578,7 +620,8 @@ def targets(results, device_type, quick, gpu_check=False, dry_run=False):
     def add(name, value, target, met, note=""):
         out.append({"name": name, "measured": value, "target": target, "met": met, "note": note})
 
-    if device_type == "cpu" and not quick:
+    cases = {r["case"] for r in results}
+    if device_type == "cpu" and not quick and cases - {"e2e_hh"}:  # (not for a run of the e2e_hh case alone)
         shape = dict(pairs=8, seq=256, hidden=512, vocab=32000)
         r = _find(results, "loss_step", "fasttrdpo-eager", **shape)
         rat = (r or {}).get("ratios", {}) if (r or {}).get("status") == "ok" else {}
@@ -621,7 +664,9 @@ def targets(results, device_type, quick, gpu_check=False, dry_run=False):
                 v = f["median_s"] / c["median_s"]
                 add(f"blend pythia-160m {pdt}->bf16 fasttrdpo-cpp speed-up over foreach-lerp", v, ">= 1.2", v >= 1.2)
     e = [r for r in results if r["case"] == "e2e" and r["impl"] == "fasttrdpo" and r.get("status") == "ok"]
-    if e and not quick:
+    if "e2e" not in cases:
+        pass
+    elif e and not quick:
         rat = e[0].get("ratios", {})
         v = rat.get("tokens_per_s_vs_trl")
         add("e2e tokens/s vs TRL DPOTrainer(sync_ref_model)", v, ">= 1.5", None if v is None else v >= 1.5)
@@ -629,6 +674,7 @@ def targets(results, device_type, quick, gpu_check=False, dry_run=False):
         add("e2e peak memory growth vs TRL DPOTrainer", v, "<= 0.5", None if v is None else v <= 0.5)
     elif not quick:
         add("e2e tokens/s vs TRL DPOTrainer(sync_ref_model)", None, ">= 1.5", None, "fasttrdpo e2e not measured")
+    out += e2e_hh_targets(results, quick)
     if device_type == "cuda":
         for r in results:
             if r["case"] == "blend" and r["impl"] == "fasttrdpo-triton" and r.get("status") == "ok":
@@ -640,6 +686,39 @@ def targets(results, device_type, quick, gpu_check=False, dry_run=False):
                     v = r.get("ratios", {}).get(f"time_vs_{peer}")
                     add(f"loss_step V={r['shape']['vocab']} triton speed-up over {peer}", None if not v else 1 / v,
                         ">= 1.3", None if not v else 1 / v >= 1.3)
+    return out
+
+
+def e2e_hh_targets(results, quick):
+    """Issue 15: end-to-end tokens/s of the shared-prompt and packed layouts over the padded TRDPOTrainer of the
+    same round, per round, with the load average around each measurement; 'unstable' when the rounds' ratios
+    differ by more than 10 %."""
+    out = []
+    rounds = sorted({r["shape"].get("round", 1) for r in results if r["case"] == "e2e_hh"})
+    for impl, want in (("fasttrdpo-shared", 1.6), ("fasttrdpo-packed", 1.3)):
+        vals = []
+        for k in rounds:
+            r = next((x for x in results if x["case"] == "e2e_hh" and x["impl"] == impl
+                      and x["shape"].get("round", 1) == k), None)
+            pad = next((x for x in results if x["case"] == "e2e_hh" and x["impl"] == "fasttrdpo"
+                        and x["shape"].get("round", 1) == k), None)
+            v = (r or {}).get("ratios", {}).get("tokens_per_s_vs_padded") if (r or {}).get("status") == "ok" else None
+            if v is None:
+                why = (r or {}).get("reason") or (pad or {}).get("reason") or "not measured"
+            else:
+                loads = [round(x[0], 2) for x in (pad.get("loadavg_before"), pad.get("loadavg_after"),
+                                                  r.get("loadavg_before"), r.get("loadavg_after")) if x]
+                why = f"1-min load average around the two measurements {loads}"
+                if quick:
+                    why = "--quick: tiny model, a few pairs: not a measurement of the target; " + why
+                vals.append(v)
+            out.append({"name": f"e2e_hh round {k}: {impl} tokens/s / padded fasttrdpo tokens/s", "measured": v,
+                        "target": f">= {want}", "met": None if (v is None or quick) else v >= want, "note": why})
+        if len(vals) > 1:
+            spread = max(vals) / min(vals) - 1
+            out.append({"name": f"e2e_hh {impl} over padded: spread between rounds", "measured": spread,
+                        "target": "<= 0.10 (else unstable)", "met": None if quick else spread <= 0.10,
+                        "note": "unstable: rounds disagree by more than 10 %" if spread > 0.10 else "stable"})
     return out
 
 
@@ -657,6 +736,8 @@ def _shape_str(case, s):
         return f"{s['params']}x{s['scale']:g} {s['tensors']}t {s['elements'] / 1e6:.1f}M {s['policy_dtype']}->{s['ref_dtype']}"
     if case == "e2e":
         return f"{s['model']} {s['pairs']} pairs/step"
+    if case == "e2e_hh":
+        return f"{s['model']} HH {s['pairs']} pairs/step L<={s['max_length']} round {s.get('round', 1)}"
     return str(s)
 
 
@@ -679,8 +760,10 @@ def table(results) -> str:
         extra = ""
         if r["case"] == "blend":
             extra = f"{r['gbps']:.1f} GB/s ({r['fraction_of_copy']:.2f} of copy_)"
-        elif r["case"] == "e2e":
+        elif r["case"] in E2E_CASES:
             extra = f"{r['tokens_per_s']:.0f} tok/s"
+            if "tokens_per_s_vs_padded" in rat:
+                extra += f" ({rat['tokens_per_s_vs_padded']:.2f}x padded)"
         elif r.get("tflops") and str(r.get("device", "")).startswith("cuda"):
             extra = f"{r['tflops']:.1f} TFLOP/s"
         elif r.get("tflops"):
@@ -719,17 +802,31 @@ def markdown(doc) -> str:
             extra = f"{r['gbps']:.2f} GB/s"
         elif r["case"] == "e2e":
             extra = f"{r['tokens_per_s']:.0f} tok/s ({r['tokens_per_step']} tok/step)"
+        elif r["case"] == "e2e_hh":
+            extra = (f"{r['tokens_per_s']:.0f} tok/s"
+                     + (f", {rat['tokens_per_s_vs_padded']:.2f}× padded" if "tokens_per_s_vs_padded" in rat else "")
+                     + (f", backbone positions {r['backbone_positions_timed']} for {r['tokens_timed']} tok"
+                        + (f" ({r['layout']})" if "layout" in r else "")
+                        if "backbone_positions_timed" in r else f", {r['tokens_timed']} tok")
+                     + f", load {r['loadavg_before'][0]:.1f}→{r['loadavg_after'][0]:.1f}")
         lines.append(f"| {r['case']} | {shape} | {r['impl']} | {r['median_s']:.3f} | "
                      f"{r['peak_growth_bytes'] / MB:.0f} | {_fmt(tr, '.2f')} | {_fmt(rat.get('mem_vs_best_trl'), '.3f')} | "
                      f"{extra} |")
     if skipped:
         lines += ["", "Not measured: " + "; ".join(sorted(set(skipped))) + "."]
-    if doc.get("targets"):
-        lines += ["", "| target | measured | wanted | met |", "|---|---:|---|---|"]
-        for t in doc["targets"]:
+    # the targets as this version of the script evaluates the stored results (the file keeps the run's own list)
+    goals = (targets(doc["results"], torch_device_type(doc["environment"]["device"]), doc.get("quick", False))
+             if doc.get("part", "all") != "secondary" else [])
+    if goals:
+        lines += ["", "| target | measured | wanted | met | note |", "|---|---:|---|---|---|"]
+        for t in goals:
             met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
-            lines.append(f"| {t['name']} | {_fmt(t['measured'], '.3f')} | {t['target']} | {met} |")
+            lines.append(f"| {t['name']} | {_fmt(t['measured'], '.3f')} | {t['target']} | {met} | {t.get('note', '')} |")
     return "\n".join(lines)
+
+
+def torch_device_type(device: str) -> str:
+    return device.split(":")[0]
 
 
 def gpu_markdown(doc) -> str:
@@ -811,7 +908,11 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 5; 3 in --quick)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
-    ap.add_argument("--cases", default=None, help="comma-separated subset of: loss_step,lmhead_op,logits_step,blend,e2e")
+    ap.add_argument("--cases", default=None,
+                    help="comma-separated subset of: loss_step,lmhead_op,logits_step,blend,e2e,e2e_hh")
+    ap.add_argument("--e2e-rounds", type=int, default=None,
+                    help="rounds of the e2e_hh case (each measures every implementation once, interleaved; "
+                         "default 2, 1 with --quick)")
     ap.add_argument("--impls", default=None, help="comma-separated subset of implementations")
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds per measurement before it is an error")
     ap.add_argument("--seed", type=int, default=0)
@@ -856,6 +957,8 @@ def main(argv=None):
     args.repeats_auto = args.repeats is None and args.gpu_check
     if args.repeats is None:
         args.repeats = 3 if (args.quick or args.gpu_check) else 5
+    if args.e2e_rounds is None:
+        args.e2e_rounds = 1 if args.quick else 2
     if args.dry_run and not args.gpu_check:
         raise SystemExit("--dry-run goes with --gpu-check")
     if args.threads is None:
@@ -995,6 +1098,11 @@ def _descriptions():
     d = {case: dict(cls.DESCRIPTIONS) for case, cls in CASES.items()}
     d["e2e"] = {"trl-dpotrainer": "trl.DPOTrainer(sync_ref_model=True, ref_model_sync_steps=2), fp32, CPU",
                 "fasttrdpo": "fasttrdpo.trainer.TRDPOTrainer (TRDPOLoss + RefModelUpdater), same model and data"}
+    d["e2e_hh"] = {"trl-dpotrainer": "trl.DPOTrainer(sync_ref_model=True, ref_model_sync_steps=2), fp32, sequential "
+                                     "sampler, max_length 512 (keep_start)",
+                   "fasttrdpo": "TRDPOTrainer, padded rows (today's layout), max_length 512 (keep_start, as TRL)",
+                   "fasttrdpo-packed": "TRDPOTrainer(packing=True): rows packed into bins of <= max_length tokens",
+                   "fasttrdpo-shared": "TRDPOTrainer(packing=True, share_prompt=True): prompt || chosen || rejected"}
     for case, cls in CASES.items():
         for peer, why in getattr(cls, "NOT_APPLICABLE", {}).items():
             d[case][peer] = f"not applicable: {why}"
