@@ -67,6 +67,8 @@ class TRDPOConfig:
     disable_tqdm: bool = False
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
     device: str = "auto"
+    # FSDP2 under torchrun: policy, reference and initial model sharded (fasttrdpo.training.fsdp)
+    fsdp: bool = False
 
     def __post_init__(self):
         # lists as lists (a tuple from Python code, a list from JSON: the same config, the same record)
