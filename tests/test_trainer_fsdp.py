@@ -195,7 +195,8 @@ def test_the_reference_update_blends_local_shards_without_a_gather(runs):
     for probe in runs["probes"]:
         # resumed at step 5: updates at steps 6 and 9; each makes only the NaN flag's all-reduce
         assert probe["updates"] == 2
-        assert probe["calls"] == {"all_reduce": 2}, probe["calls"]
+        # counted twice: by the patched torch.distributed function and by CommDebugMode's c10d trace
+        assert probe["calls"] == {"all_reduce": 2, "traced c10d.allreduce_": 2}, probe["calls"]
 
 
 def test_bf16_mixed_precision_trains_under_fsdp(runs):
@@ -214,6 +215,16 @@ def test_fsdp_refuses_what_no_test_proves():
     from fasttrdpo.tiny import tiny_model, tiny_tokenizer
     from fasttrdpo.trainer import TRDPOConfig, TRDPOTrainer
 
+    from fasttrdpo.training.fsdp import check_fsdp_config
+
     pairs = [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 8
     with pytest.raises(ValueError, match="torchrun"):  # one process
         TRDPOTrainer(tiny_model(), tiny_tokenizer(), pairs, TRDPOConfig(fsdp=True, per_device_train_batch_size=2))
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        check_fsdp_config(TRDPOConfig(fsdp=True, gradient_checkpointing=True), world_size=2)
+    for field in ("packing", "share_prompt"):  # fields another branch adds to TRDPOConfig
+        config = TRDPOConfig(fsdp=True)
+        object.__setattr__(config, field, True)
+        with pytest.raises(ValueError, match=field):
+            check_fsdp_config(config, world_size=2)
+    check_fsdp_config(TRDPOConfig(fsdp=True), world_size=2)  # what the runs above prove
