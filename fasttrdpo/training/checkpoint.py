@@ -281,6 +281,9 @@ def load_checkpoint(trainer, path: str) -> None:
     if state.get("sharded") and getattr(trainer, "sharded", None) is None:
         raise ValueError(f"{path} is a sharded (fsdp) checkpoint: resume it with fsdp=True, or turn it into "
                          "plain folders with `fasttrdpo export`")
+    if state.get("sharded") and state.get("world_size") != trainer.world_size:  # untested: refused
+        raise ValueError(f"{path} was saved by {state.get('world_size')} FSDP ranks; this run has "
+                         f"{trainer.world_size}: resume with the same number of processes")
     saved_updater = state["updater"]
     if trainer.updater is not None and saved_updater is not None:
         # strict=False: this run's tau/alpha win (validated before anything is written)

@@ -104,6 +104,12 @@ class ShardedModels:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
+        from .model_parts import tied_parameter_names
+
+        for what, module in (("model", trainer.model), ("ref_model", trainer.ref_model)):
+            if tied_parameter_names(module):  # untested under FSDP2 (sharing across FSDP units)
+                raise ValueError(f"fsdp=True: {what} ties weights ({sorted(tied_parameter_names(module))[:2]}); "
+                                 "tied embeddings are not supported under FSDP (untested)")
         self.trainer = trainer
         self.world_size = trainer.world_size
         self.mesh = init_device_mesh(trainer.device.type, (trainer.world_size,))
