@@ -24,8 +24,9 @@ STEPS = 10
 COMMON = ["--model", "tiny", "--data", "synthetic", "--train-size", "256", "--eval-size", "16",
           "--tau", "3", "--alpha", "0.5", "--logging-steps", "1", "--eval-steps", "0",
           "--no-plot", "--disable-tqdm", "--threads", "1"]
+# global batch 4 = 1 pair x 2 micro-batches (FSDP's no_sync until the last) x 2 ranks
 FSDP = ["train", *COMMON, "--fsdp", "--max-steps", str(STEPS), "--save-steps", "5",
-        "--per-device-train-batch-size", "2"]
+        "--per-device-train-batch-size", "1", "--gradient-accumulation-steps", "2"]
 
 
 def _records(out):
@@ -54,7 +55,7 @@ def _rank_main(rank, world, port, argv, kill_at, probe_dir):
     from fasttrdpo.ref_update import RefModelUpdater
     from fasttrdpo.training import sharded_checkpoint
 
-    calls, updates, inside = collections.Counter(), [0], [False]
+    calls, control, updates, inside = collections.Counter(), collections.Counter(), [0], [False]
     for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
                  "reduce_scatter_tensor", "all_to_all", "send", "recv"):
         def counting(*a, _fn=getattr(dist, name), _name=name, **k):
@@ -73,6 +74,10 @@ def _rank_main(rank, world, port, argv, kill_at, probe_dir):
         finally:
             inside[0] = False
         updates[0] += 1
+        if updates[0] == 1:  # control: the same probe does see a gather (of one policy parameter)
+            with CommDebugMode() as comm:
+                self._tensors()[1][0].full_tensor()
+            control.update({str(op): n for op, n in comm.get_comm_counts().items()})
     RefModelUpdater.update = counted_update
     if kill_at is not None:
         original_save = sharded_checkpoint.save_tensors
@@ -85,7 +90,7 @@ def _rank_main(rank, world, port, argv, kill_at, probe_dir):
     code = cli.main(argv)
     if probe_dir:
         with open(os.path.join(probe_dir, f"probe_{rank}.json"), "w") as f:
-            json.dump({"updates": updates[0], "calls": dict(calls)}, f)
+            json.dump({"updates": updates[0], "calls": dict(calls), "control": dict(control)}, f)
     os._exit(code)
 
 
@@ -141,15 +146,16 @@ def _weights(folder):
 def test_fsdp_loss_and_weights_match_one_process_with_the_same_global_batch(runs):
     one, two = _losses(runs["one"]), _losses(runs["fsdp"])
     assert [s for s, _ in two] == list(range(1, STEPS + 1))
-    # Same pairs per step; only the reduction order differs (each rank pads its 2 pairs to its own length,
-    # gradients are averaged by reduce-scatter instead of one sum over 4 pairs): fp32 round-off of ~1e-7
+    # Same pairs per step; only the reduction order differs (each micro-batch pads its pair to its own
+    # length, gradients are summed over 2 micro-batches and averaged by reduce-scatter instead of one mean
+    # over 4 pairs): fp32 round-off of ~1e-7
     # relative per step, grown by 10 Adam steps at lr <= 1e-3. The bound: 1e-4 relative per step.
     for (s, a), (_, b) in zip(one, two):
         assert abs(a - b) <= 1e-4 * abs(a), (s, a, b)
     final = json.load(open(runs["fsdp"] / "final_metrics.json"))
     assert [r["ref_updates"] for r in _records(runs["fsdp"]) if "loss" in r] == [s // 3 for s in range(1, STEPS + 1)]
     # final policy and reference, gathered (exported from the shards) vs the 1-process run's:
-    # max|dw| / max|w| <= 1e-5 (the bound; measured 4.4e-6 on the policy, 2.4e-6 on the reference)
+    # max|dw| / max|w| <= 1e-5 (the bound; measured 4.4e-6 on the policy, 2.2e-6 on the reference)
     for sub in ("", "reference"):
         a = _weights(runs["one"] / f"checkpoint-{STEPS}" / sub)
         b = _weights(runs["export_fsdp"] / sub)
@@ -197,6 +203,7 @@ def test_the_reference_update_blends_local_shards_without_a_gather(runs):
         assert probe["updates"] == 2
         # counted twice: by the patched torch.distributed function and by CommDebugMode's c10d trace
         assert probe["calls"] == {"all_reduce": 2, "traced c10d.allreduce_": 2}, probe["calls"]
+        assert any("all_gather" in op and n >= 1 for op, n in probe["control"].items()), probe["control"]
 
 
 def test_bf16_mixed_precision_trains_under_fsdp(runs):
