@@ -2,7 +2,8 @@
 
 With no arguments, `train` runs the embedded default: a tiny GPTNeoX (built from a config, byte-level
 tokenizer, no download) on the synthetic reversal task, with demo hyper-parameters (DEMO_DEFAULTS) that
-finish in a few minutes on a laptop CPU. Every TRDPOConfig field has a flag (--learning-rate, --tau, ...),
+finish in a few minutes on a laptop CPU. Every TRDPOConfig field has a flag (--learning-rate, --tau, ...), built
+from the dataclass by fasttrdpo.config_flags (`eval` gets the fields whose metadata marks them for evaluation),
 and `--config FILE.json` may hold any of them plus the run's description (model, data, eval_size, ...).
 
 A user error (a bad flag or config value, a missing file, an output directory in use, a full disk)
@@ -19,6 +20,7 @@ import os
 import sys
 import time
 
+from .config_flags import field_flags
 from .trainer import TRDPOConfig
 
 _log = logging.getLogger("fasttrdpo")
@@ -38,88 +40,28 @@ DEFAULT_EVAL_FRACTION = 0.05  # held out of --data FILE when no --eval-data / --
 TINY_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
 SYNTHETIC_EVAL_SEED_OFFSET = 1_000_003  # held-out prompts: a different seed (~1e11 distinct prompts)
 
-_EXPLICIT = {"output_dir", "max_steps", "resume_from_checkpoint"}  # flags spelled out below
 # the run's description besides TRDPOConfig: flags of `train`, also accepted as keys of --config
 RUN_ARGS = {"model": "tiny", "ref_model": None, "data": "synthetic", "eval_data": None, "split": "train",
             "eval_split": None, "eval_size": None, "format": "auto", "skip_malformed": False, "train_size": None,
             "attn_implementation": "auto", "threads": None}
 _RUN_ARG_TYPES = {"eval_size": int, "train_size": int, "threads": int, "skip_malformed": bool}
+# Every TRDPOConfig field is a flag of `train` (and a --config key), built from its annotation and metadata
+# (fasttrdpo.config_flags; declare a field with fasttrdpo.training.config.option). `eval` takes the fields whose
+# metadata says eval="flag" or eval="recorded"; the latter default to the checkpoint's recorded value.
+CONFIG_FLAGS = field_flags(TRDPOConfig)
+EVAL_FLAGS = [spec for spec in CONFIG_FLAGS if spec.eval]
 # what `fasttrdpo eval` takes from a checkpoint's recorded config (a flag overrides it, with a notice)
-EVAL_FROM_CHECKPOINT = ("loss_type", "beta", "label_smoothing", "loss_weights", "discopop_tau", "max_length",
-                         "max_prompt_length", "truncation_mode", "bf16", "seed")
-# TRDPOConfig fields that take a list: (element kind, whether one bare value is allowed). On the command line a
-# list is comma-separated (--loss-type sigmoid,sft --loss-weights 1.0,0.5); in --config JSON, a JSON list.
-LIST_FIELDS = {"loss_type": (str, True), "label_smoothing": (float, True), "loss_weights": (float, False)}
+EVAL_FROM_CHECKPOINT = tuple(spec.name for spec in CONFIG_FLAGS if spec.eval == "recorded")
 
 
 class UsageError(Exception):
     """A mistake in the command line or the --config file: reported in one line, exit status 2."""
 
 
-def _field_kind(type_name: str):
-    base = type_name.replace(" | None", "").replace("None | ", "").strip()
-    return {"float": float, "int": int, "str": str, "bool": bool, "dict": dict}[base]
-
-
-def _comma_list(kind, scalar_ok: bool):
-    """argparse type of a LIST_FIELDS flag: "a,b" -> [a, b]; "a" -> a (or [a] where only a list is allowed)."""
-    def parse(text: str):
-        parts = [p.strip() for p in text.split(",")]
-        if any(p == "" for p in parts):
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}")
-        try:
-            values = [kind(p) for p in parts]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
-        return values[0] if (scalar_ok and len(values) == 1) else values
-    return parse
-
-
-def _coerce_list(name: str, value, kind, scalar_ok: bool, optional: bool, where: str):
-    """A --config value of a LIST_FIELDS field: a JSON list of `kind` (or one bare value where allowed)."""
-    if value is None and optional:
-        return None
-    one = lambda v: (isinstance(v, kind) and not isinstance(v, bool)) or \
-        (kind is float and isinstance(v, int) and not isinstance(v, bool))  # noqa: E731
-    if isinstance(value, list) and value and all(one(v) for v in value):
-        return [kind(v) for v in value]
-    if scalar_ok and one(value):
-        return kind(value)
-    what = f"{kind.__name__} or a list of {kind.__name__}" if scalar_ok else f"a list of {kind.__name__}"
-    raise UsageError(f"{where}: field {name} must be {what}{' or null' if optional else ''}, got {value!r}")
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return value
-
-
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, specs) -> None:
     group = p.add_argument_group("TRDPOConfig fields (see README)")
-    for f in dataclasses.fields(TRDPOConfig):
-        if f.name in _EXPLICIT:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.name in LIST_FIELDS:
-            kind, scalar_ok = LIST_FIELDS[f.name]
-            group.add_argument(flag, dest=f.name, type=_comma_list(kind, scalar_ok), default=None,
-                               metavar="TYPE[,TYPE...]" if kind is str else "FLOAT[,FLOAT...]", help=f"comma-separated list (default {f.default})")
-            continue
-        kind = _field_kind(str(f.type))
-        if kind is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"(default {f.default})")
-        elif kind is dict:
-            group.add_argument(flag, dest=f.name, type=_json_object, default=None, metavar="JSON",
-                               help=f"a JSON object (default {f.default})")
-        else:
-            group.add_argument(flag, dest=f.name, type=kind, default=None, help=f"(default {f.default})")
-    group.add_argument("--lr", dest="learning_rate", type=float, default=None, help="alias of --learning-rate")
+    for spec in specs:
+        spec.add_to(group)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,60 +69,116 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     train = sub.add_parser("train", help="train a policy with TR-DPO (no arguments: the embedded demo)")
-    train.add_argument("--model", default=None, help="local path, hub id, or 'tiny' (default)")
-    train.add_argument("--ref-model", default=None, help="reference model (default: a copy of --model)")
-    train.add_argument("--data", default=None, help="jsonl/json/parquet(.gz) file, hub id, or 'synthetic' (default)")
-    train.add_argument("--eval-data", default=None, help="held-out data (default: synthetic held-out set for "
-                       "--data synthetic, else the last --eval-size pairs of --data)")
-    train.add_argument("--split", default=None, help="split of a hub dataset (default train)")
-    train.add_argument("--eval-split", default=None, help="split of --eval-data when it is a hub id")
-    train.add_argument("--eval-size", type=int, default=None,
+    train.add_argument("--model", default=None, metavar="tiny|PATH|HUB_ID",
+                       help="local path, hub id, or 'tiny' (default)")
+    train.add_argument("--ref-model", default=None, metavar="PATH|HUB_ID",
+                       help="reference model (default: a copy of --model)")
+    train.add_argument("--data", default=None, metavar="synthetic|FILE|HUB_ID",
+                       help="jsonl/json/parquet(.gz) file, hub id, or 'synthetic' (default)")
+    train.add_argument("--eval-data", default=None, metavar="FILE|HUB_ID",
+                       help="held-out data (default: synthetic held-out set for --data synthetic, else the last "
+                            "--eval-size pairs of --data)")
+    train.add_argument("--split", default=None, metavar="NAME", help="split of a hub dataset (default train)")
+    train.add_argument("--eval-split", default=None, metavar="NAME", help="split of --eval-data when it is a hub id")
+    train.add_argument("--eval-size", type=int, default=None, metavar="N",
                        help=f"pairs held out of --data (its last N) when no --eval-data; default "
                             f"{DEFAULT_EVAL_FRACTION:.0%}% of --data; 0: no held-out set")
-    train.add_argument("--format", default=None, choices=["auto", "trl", "hh", "tldr"])
+    train.add_argument("--format", default=None, choices=["auto", "trl", "hh", "tldr"],
+                       help="row format of --data (default auto: detected from the first row)")
     train.add_argument("--skip-malformed", action="store_true", default=None, help="skip (and count) malformed rows")
-    train.add_argument("--train-size", type=int, default=None, help="use only the first N training pairs")
-    train.add_argument("--output-dir", default=None, help=f"(default {TRDPOConfig.output_dir})")
-    train.add_argument("--max-steps", type=int, default=None)
-    train.add_argument("--resume", nargs="?", const="latest", default=None,
-                       help="resume from 'latest' (the default when given alone) or a checkpoint directory")
-    train.add_argument("--attn-implementation", default=None, help="auto (default) = flash_attention_2 on CUDA "
-                       "when flash-attn is installed, sdpa otherwise")
-    train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    train.add_argument("--config", default=None, help="JSON file: any TRDPOConfig field and any flag above "
-                       "(model, data, eval_size, ...); flags override it")
-    _add_config_flags(train)
+    train.add_argument("--train-size", type=int, default=None, metavar="N", help="use only the first N training pairs")
+    train.add_argument("--attn-implementation", default=None, metavar="auto|sdpa|eager|flash_attention_2",
+                       help="auto (default) = flash_attention_2 on CUDA when flash-attn is installed, sdpa otherwise")
+    train.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads")
+    train.add_argument("--config", default=None, metavar="FILE.json", help="JSON file: any TRDPOConfig field and any "
+                       "flag above (model, data, eval_size, ...); flags override it")
+    _add_config_flags(train, CONFIG_FLAGS)
 
     ev = sub.add_parser("eval", help="held-out reward accuracy, margins and KL of a policy vs a reference")
-    ev.add_argument("--model", required=True, help="policy: a checkpoint directory, path, hub id or 'tiny'")
-    ev.add_argument("--ref-model", default=None, help="reference (default: <model>/reference if it exists)")
-    ev.add_argument("--init-model", default=None, help="initial model for KL(policy || initial) (optional)")
-    ev.add_argument("--data", default=None, help="default: the held-out set the checkpoint's run trained with "
-                    "(else synthetic)")
-    ev.add_argument("--split", default="test")
-    ev.add_argument("--format", default="auto", choices=["auto", "trl", "hh", "tldr"])
-    ev.add_argument("--skip-malformed", action="store_true")
-    ev.add_argument("--eval-size", type=int, default=None,
+    ev.add_argument("--model", required=True, metavar="CHECKPOINT_DIR|PATH|HUB_ID|tiny",
+                    help="policy: a checkpoint directory, path, hub id or 'tiny'")
+    ev.add_argument("--ref-model", default=None, metavar="PATH|HUB_ID",
+                    help="reference (default: <model>/reference if it exists)")
+    ev.add_argument("--init-model", default=None, metavar="PATH|HUB_ID|tiny",
+                    help="initial model for KL(policy || initial) (optional)")
+    ev.add_argument("--data", default=None, metavar="synthetic|FILE|HUB_ID",
+                    help="default: the held-out set the checkpoint's run trained with (else synthetic)")
+    ev.add_argument("--split", default="test", metavar="NAME",
+                    help="split of --data when it is a hub id (default test)")
+    ev.add_argument("--format", default="auto", choices=["auto", "trl", "hh", "tldr"],
+                    help="row format of --data (default auto: detected from the first row)")
+    ev.add_argument("--skip-malformed", action="store_true", help="skip (and count) malformed rows")
+    ev.add_argument("--eval-size", type=int, default=None, metavar="N",
                     help="the last N pairs of --data: the pairs `train --eval-size N` held out of the same file")
-    ev.add_argument("--loss-type", type=_comma_list(str, True), default=None, help="a name or a comma-separated list")
-    ev.add_argument("--beta", type=float, default=None)
-    ev.add_argument("--label-smoothing", type=_comma_list(float, True), default=None)
-    ev.add_argument("--loss-weights", type=_comma_list(float, False), default=None)
-    ev.add_argument("--discopop-tau", type=float, default=None)
-    ev.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
-    ev.add_argument("--max-length", type=int, default=None)
-    ev.add_argument("--max-prompt-length", type=int, default=None)
-    ev.add_argument("--truncation-mode", default=None, choices=["keep_prompt_end", "keep_start"])
-    ev.add_argument("--per-device-eval-batch-size", type=int, default=None)
-    ev.add_argument("--attn-implementation", default="auto")
-    ev.add_argument("--threads", type=int, default=None)
-    ev.add_argument("--seed", type=int, default=None)
-    ev.add_argument("--output", default=None, help="write the metrics as JSON here")
+    ev.add_argument("--attn-implementation", default="auto", metavar="auto|sdpa|eager|flash_attention_2",
+                    help="as for train (default auto)")
+    ev.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads")
+    ev.add_argument("--output", default=None, metavar="FILE.json", help="write the metrics as JSON here")
+    _add_config_flags(ev, EVAL_FLAGS)
 
     ex = sub.add_parser("export", help="a sharded (--fsdp) checkpoint -> plain save_pretrained folders")
     ex.add_argument("checkpoint", help="checkpoint-<step> directory of an --fsdp run")
     ex.add_argument("out_dir", help="new folder: the policy, and reference/ (both load with from_pretrained)")
     return parser
+
+
+README_FLAGS_BEGIN = "<!-- flags: generated by `python scripts/readme_flags.py`; do not edit by hand -->"
+README_FLAGS_END = "<!-- end of generated flags -->"
+
+
+def _md(text: str) -> str:
+    return " ".join(text.replace("%%", "%").split()).replace("|", "\\|")
+
+
+def _flag_cell(action) -> str:
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return " / ".join(f"`{o}`" for o in action.option_strings)
+    if action.nargs == 0:  # store_true
+        return f"`{action.option_strings[0]}`"
+    if action.metavar is not None:
+        value = action.metavar
+    elif action.choices is not None:
+        value = "{" + ",".join(action.choices) + "}"
+    else:
+        value = action.dest.upper()
+    if action.nargs == "?":
+        value = f"[{value}]"
+    return ", ".join(f"`{o} {_md(value)}`" for o in action.option_strings)
+
+
+def _flag_rows(parser: argparse.ArgumentParser, skip: set, eval_mode: dict | None = None) -> list[str]:
+    """One markdown row per flag of `parser` (in the order they were added), bar the dests in `skip`;
+    with eval_mode (dest -> None/"flag"/"recorded"), an `eval` column."""
+    rows = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in skip or isinstance(action, argparse._HelpAction):
+            continue
+        cells = [_flag_cell(action)]
+        if eval_mode is not None:
+            cells.append({None: "", "flag": "yes", "recorded": "checkpoint's"}[eval_mode.get(action.dest)])
+        cells.append(_md(action.help or ""))
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def readme_flags() -> str:
+    """The README's flag tables, built from the parser (tests/test_cli_flags.py checks that the README holds
+    exactly this text; `python scripts/readme_flags.py` writes it)."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    train, ev = sub.choices["train"], sub.choices["eval"]
+    config_names = {spec.name for spec in CONFIG_FLAGS}
+    eval_mode = {spec.name: spec.eval for spec in CONFIG_FLAGS}
+    lines = [README_FLAGS_BEGIN, "",
+             "`fasttrdpo train`: the run's description, then every TRDPOConfig field. `eval` column: `fasttrdpo eval` "
+             "takes the flag too; *checkpoint's*: by default `eval` uses the value the checkpoint recorded.", "",
+             "| flag | eval | meaning |", "|---|---|---|"]
+    lines += _flag_rows(train, set(), eval_mode)
+    lines += ["", "`fasttrdpo eval`: these, and the TRDPOConfig flags marked in the `eval` column above.", "",
+              "| flag | meaning |", "|---|---|"]
+    lines += _flag_rows(ev, config_names)
+    lines += ["", README_FLAGS_END]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,11 +222,15 @@ def load_model_and_tokenizer(name: str, *, seed: int = 0, attn_implementation: s
     return model, tokenizer
 
 
-def _load_data(source: str, split: str, fmt: str, skip: bool, *, synthetic_size: int, synthetic_seed: int):
+def _load_data(source: str, split: str, fmt: str, skip: bool, *, synthetic_size: int, synthetic_seed: int,
+               unpaired: bool = False):
     from .data import load_preference_dataset, synthetic_preference_dataset
+    from .unpaired_data import load_unpaired_dataset
 
     if source == "synthetic":
         return synthetic_preference_dataset(synthetic_size, seed=synthetic_seed)
+    if unpaired:  # --trainer kto: prompt/completion/label rows as they are, pairs (unpaired by the trainer)
+        return load_unpaired_dataset(source, split=split, format=fmt, skip_malformed=skip)
     return load_preference_dataset(source, split=split, format=fmt, skip_malformed=skip)
 
 
@@ -286,25 +288,17 @@ def resolve_run(args) -> tuple[TRDPOConfig, dict, dict]:
     values: dict = {}
     if run["model"] == "tiny" and run["data"] == "synthetic":
         values.update(DEMO_DEFAULTS)
-    for key, value in file_values.items():
-        if key in fields:
-            type_name = str(fields[key].type)
-            if key in LIST_FIELDS:
-                values[key] = _coerce_list(key, value, *LIST_FIELDS[key], "None" in type_name, where)
-            else:
-                values[key] = _coerce(key, value, _field_kind(type_name), "None" in type_name, where)
-    for name in fields:
-        v = getattr(args, name, None)
-        if name not in _EXPLICIT and v is not None:
-            values[name] = v
-    origin = {"output_dir": "config" if "output_dir" in file_values else "default"}
-    if args.output_dir is not None:
-        values["output_dir"] = args.output_dir
-        origin["output_dir"] = "flag"
-    if args.max_steps is not None:
-        values["max_steps"] = args.max_steps
-    if args.resume is not None:
-        values["resume_from_checkpoint"] = args.resume
+    for spec in CONFIG_FLAGS:
+        if spec.name in file_values:
+            try:
+                values[spec.name] = spec.from_json(file_values[spec.name], where)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+    for spec in CONFIG_FLAGS:
+        if spec.name in vars(args):  # given (`--save-total-limit none` gives None)
+            values[spec.name] = getattr(args, spec.name)
+    origin = {"output_dir": "flag" if "output_dir" in vars(args) else
+              "config" if "output_dir" in file_values else "default"}
     return TRDPOConfig(**values), run, origin
 
 
@@ -339,7 +333,13 @@ def _summary(final: dict, seconds: float, output_dir: str, config: TRDPOConfig |
     config = config or TRDPOConfig()
     outputs = "metrics.jsonl, checkpoint-*" + (", training_curves.png" if plotted else "")
     lines = [f"done in {seconds:.1f} s; outputs in {output_dir}/ ({outputs})"]
-    if "eval_loss" in final:
+    if "eval_loss" in final and "eval_rewards/accuracies" not in final:  # TR-KTO: unpaired rows, no accuracy
+        lines.append(f"held-out KTO loss {final['eval_loss']:.4f} on {final['eval_rows']} rows (reward margin "
+                     f"{final.get('eval_rewards/margins', float('nan')):.3f}, KL estimate "
+                     f"{final.get('eval_kl', float('nan')):.4f}, {final.get('ref_updates', 0)} reference updates)")
+        if "eval_kl/ref" in final:
+            lines.append(f"per-token KL on held-out completions: KL(policy || reference) = {final['eval_kl/ref']:.4f}")
+    elif "eval_loss" in final:
         lines.append(f"held-out reward accuracy: {final['eval_rewards/accuracies']:.3f} "
                      f"on {final['eval_pairs']} pairs (margin {final['eval_rewards/margins']:.3f}, "
                      f"loss {final['eval_loss']:.4f}, {final.get('ref_updates', 0)} reference updates)")
@@ -354,7 +354,8 @@ def _summary(final: dict, seconds: float, output_dir: str, config: TRDPOConfig |
             lines.append(kl)
     elif "loss" in final:
         lines.append(f"no held-out set (--eval-data FILE or --eval-size N): last training record at step "
-                     f"{final['step']}: loss {final['loss']:.4f}, reward accuracy {final['rewards/accuracies']:.3f}, "
+                     f"{final['step']}: loss {final['loss']:.4f}, reward accuracy "
+                     f"{final.get('rewards/accuracies', float('nan')):.3f}, "
                      f"{final.get('ref_updates', 0)} reference updates")
     return "\n".join(lines)
 
@@ -375,7 +376,7 @@ def _demo_overwrite(config: TRDPOConfig, run: dict, origin: dict) -> bool:
 def cmd_train(args) -> int:
     import torch
 
-    from .trainer import TRDPOTrainer
+    from .trainer import TRDPOTrainer, TRKTOTrainer
 
     config, run, origin = resolve_run(args)
     if run["threads"]:
@@ -393,7 +394,8 @@ def cmd_train(args) -> int:
                                                 attn_implementation=run["attn_implementation"],
                                                 with_tokenizer=False)
     train, evals, held_out = _training_data(run, config)
-    trainer = TRDPOTrainer(model, tokenizer, train, config, ref_model=ref_model, eval_dataset=evals)
+    trainer_cls = TRKTOTrainer if config.trainer == "kto" else TRDPOTrainer
+    trainer = trainer_cls(model, tokenizer, train, config, ref_model=ref_model, eval_dataset=evals)
     trainer.run_info = {k: run[k] for k in ("model", "ref_model", "data", "split", "format", "skip_malformed",
                                             "eval_data", "eval_split", "train_size")}
     trainer.run_info["eval_size"] = held_out
@@ -416,13 +418,14 @@ def cmd_train(args) -> int:
 def _training_data(run: dict, config: TRDPOConfig):
     """(train, evals or None, held-out size recorded for `fasttrdpo eval`)."""
     train = _load_data(run["data"], run["split"], run["format"], run["skip_malformed"],
-                       synthetic_size=DEMO_TRAIN_PAIRS, synthetic_seed=config.seed)
+                       synthetic_size=DEMO_TRAIN_PAIRS, synthetic_seed=config.seed, unpaired=config.trainer == "kto")
     eval_size = run["eval_size"]
     if eval_size is not None and eval_size < 0:
         raise UsageError(f"--eval-size must be >= 0, got {eval_size}")
     if run["eval_data"]:
         evals = _load_data(run["eval_data"], run["eval_split"] or run["split"], run["format"], run["skip_malformed"],
-                           synthetic_size=eval_size or DEMO_EVAL_PAIRS, synthetic_seed=config.seed + 1)
+                           synthetic_size=eval_size or DEMO_EVAL_PAIRS, synthetic_seed=config.seed + 1,
+                           unpaired=config.trainer == "kto")
         if eval_size:
             evals = evals.select(range(max(0, len(evals) - eval_size), len(evals)))
     elif eval_size == 0:
@@ -479,6 +482,22 @@ def _eval_data(args, state: dict, seed: int):
     return data
 
 
+def eval_config(args, recorded: dict) -> TRDPOConfig:
+    """The TRDPOConfig `fasttrdpo eval` evaluates with: each eval="recorded" field from its flag, else the
+    checkpoint's recorded config, else its default; each eval="flag" field from its flag, else its default."""
+    values = {}
+    for spec in EVAL_FLAGS:
+        key, saved = spec.name, recorded.get(spec.name)
+        if key in vars(args):  # given (`--max-prompt-length none` gives None)
+            flag = values[key] = getattr(args, key)
+            if spec.eval == "recorded" and key in recorded and flag != saved:
+                _log.warning("%s %s overrides the checkpoint's %s = %s", spec.flag, flag, key, saved)
+        elif spec.eval == "recorded" and key in recorded:
+            values[key] = saved
+    return TRDPOConfig(**{"output_dir": os.path.join(os.getcwd(), "outputs", "fasttrdpo-eval"), "plot": False,
+                          "disable_tqdm": True, **values})
+
+
 def cmd_eval(args) -> int:
     import torch
 
@@ -487,20 +506,7 @@ def cmd_eval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     state = _checkpoint_state(args.model)
-    recorded = state.get("config") or {}
-    values = {}
-    for key in EVAL_FROM_CHECKPOINT:
-        flag, saved = getattr(args, key), recorded.get(key)
-        if flag is not None:
-            values[key] = flag
-            if key in recorded and flag != saved:
-                _log.warning("--%s %s overrides the checkpoint's %s = %s", key.replace("_", "-"), flag, key, saved)
-        elif key in recorded:
-            values[key] = saved
-    if args.per_device_eval_batch_size is not None:
-        values["per_device_eval_batch_size"] = args.per_device_eval_batch_size
-    config = TRDPOConfig(output_dir=os.path.join(os.getcwd(), "outputs", "fasttrdpo-eval"), plot=False,
-                         disable_tqdm=True, **values)
+    config = eval_config(args, state.get("config") or {})
     model, tokenizer = load_model_and_tokenizer(args.model, seed=config.seed, bf16=config.bf16,
                                                 attn_implementation=args.attn_implementation)
     ref_path = args.ref_model

@@ -53,7 +53,16 @@ class TRDPOTrainer:
     dicts) with prompt, chosen, rejected strings. init_model: the model KL(policy || initial) is measured
     against at evaluation (default: a copy of `model` as given; False: do not report it). Under torchrun
     (WORLD_SIZE > 1) it runs DDP.
+
+    Subclasses that train another objective on the same loop (`fasttrdpo.kto_trainer.TRKTOTrainer`) set `kind`
+    (the `config.trainer` they accept), `metric_names` (what `_loss` returns beside the loss; a NaN value means
+    "not measured in this micro-batch" and is left out of the average, as TRL leaves it out of its lists) and
+    override `_tokenize`, `_batch`, `_loss` and `evaluate`.
     """
+
+    kind = "dpo"
+    metric_names = TRL_METRICS
+    progress_desc = "TR-DPO"
 
     def __init__(self, model, tokenizer, train_dataset, config: TRDPOConfig, ref_model=None,
                  eval_dataset=None, *, init_model=None):
@@ -62,6 +71,10 @@ class TRDPOTrainer:
 
         if not isinstance(config, TRDPOConfig):
             raise TypeError(f"config must be a TRDPOConfig, got {type(config).__name__}")
+        if config.trainer != self.kind:
+            raise ValueError(f"config.trainer={config.trainer!r} but {type(self).__name__} trains "
+                             f"trainer={self.kind!r}" + (" (TR-KTO: fasttrdpo.trainer.TRKTOTrainer)"
+                                                         if config.trainer == "kto" else ""))
         if train_dataset is None and eval_dataset is None:
             raise ValueError("give a train_dataset (to train) or an eval_dataset (to evaluate)")
         causal_lm_parts(model)  # a causal LM with a plain lm_head, checked before anything moves
@@ -297,7 +310,7 @@ class TRDPOTrainer:
             return self._already_finished()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=self.total_steps, initial=self.global_step, desc="TR-DPO", dynamic_ncols=True,
+        bar = tqdm(total=self.total_steps, initial=self.global_step, desc=self.progress_desc, dynamic_ncols=True,
                    disable=not self.is_main or c.disable_tqdm)
         if self.eval_pairs and c.eval_steps and self.global_step == 0:
             self._log(self.evaluate())  # the starting point of the eval curves (KL = 0)
@@ -314,7 +327,10 @@ class TRDPOTrainer:
                 with ctx:
                     loss, metrics = self._loss(batch, self.policy_ddp)
                     (loss / accum).backward()
-                vec = torch.stack([loss.detach().float()] + [metrics[k].detach().float().reshape(()) for k in TRL_METRICS])
+                vec = torch.stack([loss.detach().float()] + [metrics[k].detach().float().reshape(())
+                                                             for k in self.metric_names])
+                # per value: the sum over micro-batches and how many measured it (NaN = not measured)
+                vec = torch.stack([vec.nan_to_num(0.0), (~vec.isnan()).float()])
                 step_sum = vec if step_sum is None else step_sum + vec
             if c.max_grad_norm > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
@@ -330,7 +346,8 @@ class TRDPOTrainer:
             self.last_lr = lr
             if self.updater is not None:
                 self.updater.step(self.global_step)  # blends iff global_step % tau == 0
-            self._window.append(torch.cat([step_sum / accum, grad_norm.detach().float().reshape(1).to(step_sum.device)]))
+            grad_norm = grad_norm.detach().float().reshape(1, 1).to(step_sum.device)
+            self._window.append(torch.cat([step_sum, torch.cat([grad_norm, grad_norm.new_ones(1, 1)])], 1))
             bar.update(1)
 
             done = self.global_step >= self.total_steps
@@ -338,7 +355,8 @@ class TRDPOTrainer:
                 record = self._reduce_window(self._window, lr, time.perf_counter() - t_window)
                 self._window, t_window = [], time.perf_counter()
                 self._log(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.3f}",
+                shown = {"acc": record["rewards/accuracies"]} if "rewards/accuracies" in record else {}
+                bar.set_postfix(loss=f"{record['loss']:.4f}", **{k: f"{v:.3f}" for k, v in shown.items()},
                                 refs=self.ref_updates)
             if self.eval_pairs and c.eval_steps and self.global_step % c.eval_steps == 0 and not done:
                 self._log(self._evaluate_and_step_scheduler())
@@ -386,15 +404,17 @@ class TRDPOTrainer:
         return self._last_train_record()
 
     def _reduce_window(self, window: list[torch.Tensor], lr: float, seconds: float) -> dict:
-        mean = torch.stack(window).mean(0)
+        # each step: [sums; counts] over its micro-batches of (loss, metrics..., grad_norm): the record averages
+        # every measurement of the window (grad_norm: one per step, already global after DDP's all-reduce)
+        # (a checkpoint written before this layout holds each step's means: one measurement each)
+        window = [w if w.dim() == 2 else torch.stack([w, torch.ones_like(w)]) for w in window]
+        total = torch.stack(window).sum(0)
         if self.world_size > 1:
-            # grad_norm (last entry) is already global after DDP's all-reduce: average it too, it is equal
-            dist.all_reduce(mean, op=dist.ReduceOp.SUM)
-            mean /= self.world_size
-        values = mean.tolist()
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        values = (total[0] / total[1]).tolist()  # 0/0 = NaN: measured nowhere in the window, left out below
         record = {"step": self.global_step, "epoch": round(self.global_step / self.steps_per_epoch, 4),
                   "loss": values[0]}
-        record.update({k: v for k, v in zip(TRL_METRICS, values[1:])})
+        record.update({k: v for k, v in zip(self.metric_names, values[1:-1]) if not math.isnan(v)})
         record.update({"grad_norm": values[-1], "learning_rate": lr, "ref_updates": self.ref_updates,
                        "steps_per_second": round(len(window) / max(seconds, 1e-9), 3)})
         return record
@@ -468,3 +488,8 @@ class TRDPOTrainer:
     def close(self):
         if self._owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+from .kto_trainer import TRKTOTrainer  # noqa: E402  (TR-KTO runs on the loop above)
+
+__all__ += ["TRKTOTrainer"]

@@ -8,8 +8,10 @@ the loss without ever holding [tokens × vocab] logits beyond one chunk.
 """
 from .preference import (LOSS_TYPES, is_pairwise, kto_loss, needs_all_logps, needs_batch, preference_loss,
                          sequence_logprobs)
+from .kto import KTO_METRICS, KTOLoss
 from .token_list import trdpo_loss_from_tokens
 from .trdpo import TRDPOLoss, trdpo_loss_from_logits
 
 __all__ = ["LOSS_TYPES", "preference_loss", "kto_loss", "sequence_logprobs", "TRDPOLoss",
-           "trdpo_loss_from_logits", "trdpo_loss_from_tokens", "needs_batch", "needs_all_logps", "is_pairwise"]
+           "trdpo_loss_from_logits", "trdpo_loss_from_tokens", "needs_batch", "needs_all_logps", "is_pairwise",
+           "KTOLoss", "KTO_METRICS"]

@@ -13,62 +13,94 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
+def option(default=dataclasses.MISSING, help: str = "", *, eval: str | None = None, **flag):
+    """A TRDPOConfig field with its command-line description (read by fasttrdpo.config_flags, which builds
+    `--field-name` from the annotation): `help` the flag's help text; `eval` None (`fasttrdpo train` only),
+    "flag" (`fasttrdpo eval` takes the flag too) or "recorded" (`eval` takes the checkpoint's recorded value
+    unless the flag is given); optional `flag` (another name), `aliases`, `const` (the value of the flag
+    given alone), `choices` (of a str field), `metavar`. A mutable default: `default_factory=...` in flag."""
+    factory = flag.pop("default_factory", dataclasses.MISSING)
+    metadata = {"help": help, "eval": eval, **flag}
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclass
 class TRDPOConfig:
-    """Training configuration. Defaults follow TRL / the TR-DPO paper (the CLI demo overrides some)."""
+    """Training configuration. Defaults follow TRL / the TR-DPO paper (the CLI demo overrides some).
 
-    output_dir: str = "outputs/fasttrdpo"  # outputs/ is git-ignored
-    overwrite_output_dir: bool = False  # a new run may replace another run's outputs in output_dir
-    run_name: str | None = None  # a label recorded with the run id in every checkpoint
-    # loss: any of fasttrdpo.loss.LOSS_TYPES (TRL 1.16's), or a list summed with loss_weights (RPO: sigmoid, sft)
-    beta: float = 0.1
-    loss_type: str | list[str] = "sigmoid"
-    label_smoothing: float | list[float] = 0.0  # one value, or one per loss_type
-    loss_weights: list[float] | None = None  # one per loss_type; None = 1.0 each
-    discopop_tau: float = 0.05
+    Every field is a command-line flag of `fasttrdpo train` (and of `fasttrdpo eval` where its metadata says
+    so) and a key of `--config FILE.json`, built from the annotation and `option(...)` metadata: a new
+    field declared with `option(default, "help", eval=...)` gets its flag with no CLI edit."""
+
+    output_dir: str = option("outputs/fasttrdpo", "where metrics.jsonl, checkpoints, the plot and final_metrics.json "
+                             "go (outputs/ is git-ignored)")
+    overwrite_output_dir: bool = option(False, "a new run may replace another run's outputs in output_dir")
+    run_name: str | None = option(None, "a label recorded with the run id in every checkpoint")
+    trainer: str = option("dpo", "dpo: TRDPOTrainer on pairs; kto: TRKTOTrainer (TR-KTO) on unpaired "
+                          "prompt/completion/label rows", choices=("dpo", "kto"))
+    # the loss: any of fasttrdpo.loss.LOSS_TYPES (TRL 1.16's), or a list summed with loss_weights (RPO: sigmoid, sft)
+    beta: float = option(0.1, "the loss's beta (temperature of the implicit reward)", eval="recorded")
+    loss_type: str | list[str] = option("sigmoid", "a loss type of fasttrdpo.loss.LOSS_TYPES, or a comma-separated "
+                                        "list summed with loss_weights (RPO: sigmoid,sft)", eval="recorded",
+                                        metavar="TYPE[,TYPE...]")
+    label_smoothing: float | list[float] = option(0.0, "one value, or one per loss_type", eval="recorded")
+    loss_weights: list[float] | None = option(None, "one weight per loss_type (none: 1.0 each)", eval="recorded")
+    discopop_tau: float = option(0.05, "discopop's tau", eval="recorded")
+    # KTO (trainer="kto"): TRL's weights of the desirable / undesirable rows' losses
+    desirable_weight: float = option(1.0, "TR-KTO: weight of the desirable rows' losses (trainer kto only)")
+    undesirable_weight: float = option(1.0, "TR-KTO: weight of the undesirable rows' losses (trainer kto only)")
     # reference updates (TR-DPO): every tau optimizer steps, ref <- ref + alpha * (policy - ref)
-    sync_ref_model: bool = True
-    alpha: float = 0.6
-    tau: int = 512
-    ref_dtype: str | None = None  # "bfloat16" keeps the reference (and the initial model) in bf16
+    sync_ref_model: bool = option(True, "update the reference every tau steps (TR-DPO); off: plain DPO")
+    alpha: float = option(0.6, "reference update weight: ref <- ref + alpha * (policy - ref), in [0, 1]")
+    tau: int = option(512, "optimizer steps between reference updates")
+    ref_dtype: str | None = option(None, "dtype of the reference and initial model (bfloat16 halves their memory; "
+                                   "none: the policy's)", eval="recorded", choices=tuple(DTYPES))
     # optimisation
-    learning_rate: float = 1e-6
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    lr_scheduler_type: str = "linear"  # any transformers.get_scheduler name (TRL's lr_scheduler_type)
-    lr_scheduler_kwargs: dict | None = None  # scheduler_specific_kwargs of get_scheduler (e.g. min_lr_rate)
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    per_device_train_batch_size: int = 4  # pairs per rank per micro-batch
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_steps: int = -1  # > 0 overrides num_train_epochs
-    num_train_epochs: float = 1.0
-    max_grad_norm: float = 1.0  # <= 0: no clipping
-    bf16: bool = False  # autocast to bf16, fp32 master weights
-    disable_dropout: bool = True  # as TRL: dropout off in policy, reference and initial model
-    gradient_checkpointing: bool = False
-    seed: int = 42
-    data_seed: int | None = None  # data order; defaults to seed
+    learning_rate: float = option(1e-6, "AdamW learning rate", aliases=("--lr",))
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    lr_scheduler_type: str = option("linear", "any transformers.get_scheduler name (TRL's lr_scheduler_type)")
+    lr_scheduler_kwargs: dict | None = option(None, "the scheduler's scheduler_specific_kwargs as a JSON object, "
+                                              "e.g. '{\"min_lr_rate\": 0.1}'")
+    warmup_steps: int = option(0, "linear warmup steps (wins over warmup_ratio)")
+    warmup_ratio: float = option(0.0, "warmup as a fraction of the optimizer steps")
+    per_device_train_batch_size: int = option(4, "pairs per rank per micro-batch")
+    per_device_eval_batch_size: int = option(8, "pairs per rank per evaluation batch", eval="flag")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    max_steps: int = option(-1, "optimizer steps (> 0 overrides num_train_epochs)")
+    num_train_epochs: float = option(1.0, "epochs over the training pairs when max_steps <= 0")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (<= 0: no clipping; the norm is still logged)")
+    bf16: bool = option(False, "autocast to bf16 with fp32 master weights", eval="recorded")
+    disable_dropout: bool = option(True, "dropout off in policy, reference and initial model (TRL's default)")
+    gradient_checkpointing: bool = option(False, "activation checkpointing in the policy")
+    seed: int = option(42, "model and RNG seed", eval="recorded")
+    data_seed: int | None = option(None, "data order seed (none: seed)")
     # data
-    max_length: int = 512
-    max_prompt_length: int | None = None
-    truncation_mode: str = "keep_prompt_end"  # or "keep_start" (TRL's); see fasttrdpo.data.tokenize_pair
+    max_length: int = option(512, "prompt + completion tokens kept", eval="recorded")
+    max_prompt_length: int | None = option(None, "prompt tokens kept (none: no separate prompt limit)",
+                                           eval="recorded")
+    truncation_mode: str = option("keep_prompt_end", "which prompt tokens are kept (keep_start is TRL's); see "
+                                  "fasttrdpo.data.tokenize_pair", eval="recorded",
+                                  choices=("keep_prompt_end", "keep_start"))
     # records
-    logging_steps: int = 10
-    eval_steps: int = 0  # 0: evaluate at the end only
-    save_steps: int = 500  # 0: save at the end only
-    save_total_limit: int | None = 2
-    eval_kl: bool = True  # exact full-vocabulary KL(policy || ref) and KL(policy || initial) at eval
-    kl_chunk_tokens: int = 1024
-    plot: bool = True
-    disable_tqdm: bool = False
-    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
-    device: str = "auto"
-    # FSDP2 under torchrun: policy, reference and initial model sharded (fasttrdpo.training.fsdp)
-    fsdp: bool = False
+    logging_steps: int = option(10, "optimizer steps between training records")
+    eval_steps: int = option(0, "optimizer steps between evaluations (0: at the end only)")
+    save_steps: int = option(500, "optimizer steps between checkpoints (0: at the end only)")
+    save_total_limit: int | None = option(2, "checkpoints kept (none: all)")
+    eval_kl: bool = option(True, "exact full-vocabulary KL(policy || ref) and KL(policy || initial) at evaluation",
+                           eval="flag")
+    kl_chunk_tokens: int = option(1024, "tokens whose logits are formed at a time for the evaluation KL", eval="flag")
+    plot: bool = option(True, "write training_curves.png (needs matplotlib)")
+    disable_tqdm: bool = option(False, "no progress bar")
+    resume_from_checkpoint: str | None = option(None, "resume from 'latest' or a checkpoint directory",
+                                                flag="--resume", const="latest", metavar="latest|CHECKPOINT_DIR")
+    device: str = option("auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N", eval="flag")
+    fsdp: bool = option(False, "FSDP2 under torchrun: policy, its optimizer state, reference and initial model "
+                        "sharded over the ranks (fasttrdpo.training.fsdp)")
 
     def __post_init__(self):
         # lists as lists (a tuple from Python code, a list from JSON: the same config, the same record)
@@ -80,7 +112,15 @@ class TRDPOConfig:
                               discopop_tau=self.discopop_tau, accept=LOSS_TYPES)
         except (ValueError, TypeError) as e:
             raise ValueError(f"TRDPOConfig: {e}") from None
+        kto = self.trainer == "kto"
         checks = [
+            (self.trainer in ("dpo", "kto"), "trainer must be 'dpo' or 'kto'"),
+            (self.desirable_weight >= 0 and self.undesirable_weight >= 0,
+             "desirable_weight and undesirable_weight must be >= 0"),
+            (kto or (self.desirable_weight == 1.0 and self.undesirable_weight == 1.0),
+             "desirable_weight / undesirable_weight apply to trainer='kto' only"),
+            (not kto or (self.loss_type == "sigmoid" and self.label_smoothing == 0.0 and self.loss_weights is None),
+             "trainer='kto' has its own loss: loss_type, label_smoothing and loss_weights apply to trainer='dpo'"),
             (self.beta > 0, "beta must be > 0"),
             (0.0 <= self.alpha <= 1.0, "alpha must be in [0, 1]"),
             (self.tau >= 1, "tau must be >= 1"),

@@ -38,6 +38,9 @@ def check_fsdp_config(config, world_size: int) -> None:
     if world_size < 2:
         raise ValueError("TRDPOConfig: fsdp=True needs several processes: launch with torchrun "
                          "(e.g. torchrun --nproc_per_node 8 -m fasttrdpo train --fsdp ...)")
+    if getattr(config, "trainer", "dpo") != "dpo":
+        raise ValueError(f"TRDPOConfig: fsdp=True with trainer={config.trainer!r} is not supported (untested): "
+                         "FSDP runs the DPO trainer")
     if config.gradient_checkpointing:
         raise ValueError("TRDPOConfig: fsdp=True with gradient_checkpointing=True is not supported (untested)")
     for name in ("packing", "share_prompt"):

@@ -20,10 +20,15 @@ def plot_metrics(history: list[dict], path: str) -> str | None:
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     panels = [("loss", "eval_loss", "loss"), ("rewards/accuracies", "eval_rewards/accuracies", "reward accuracy"),
               ("rewards/margins", "eval_rewards/margins", "reward margin")]
+    if train and "rewards/accuracies" not in train[0]:  # KTO: no pairs to rank; its batch KL estimate instead
+        panels[1] = ("kl", "eval_kl", "KTO KL estimate (z)")
     for ax, (k_train, k_eval, title) in zip(axes, panels):
-        ax.plot([r["step"] for r in train], [r[k_train] for r in train], label="train")
-        if evals:
-            ax.plot([r["step"] for r in evals], [r[k_eval] for r in evals], "o-", label="eval")
+        pts = [(r["step"], r[k_train]) for r in train if k_train in r]
+        if pts:
+            ax.plot(*zip(*pts), label="train")
+        pts = [(r["step"], r[k_eval]) for r in evals if k_eval in r]
+        if pts:
+            ax.plot(*zip(*pts), "o-", label="eval")
         init_key = k_eval.replace("eval_rewards/", "eval_init_rewards/")
         pts = [(r["step"], r[init_key]) for r in evals if init_key in r]
         if pts and init_key != k_eval:

@@ -1,0 +1,129 @@
+"""KTOLoss: KTO (TR-KTO with a moving reference) straight from hidden states and the lm_head weight.
+
+The per-token log-probs come from `fasttrdpo.ops.linear.paired_linear_token_logprobs` (policy and reference in
+one call, logits never stored: triton on CUDA, chunked eager on CPU); the loss is `kto_loss` on their per-row
+sums. KTO's loss of a row depends only on that row's log-ratio and on the detached batch KL estimate z, so any
+per-token op suffices (no pair structure, nothing batch-wide but z).
+
+KL estimate (TRL 1.16's KTOTrainer): z = clamp(mean over rows of log π(y'|x) − log π_ref(y'|x), min=0), detached,
+where (x, y') are mismatched prompt/completion rows of the same batch (TRL: row i's prompt with row i−1's
+completion, cyclically). `kl_logps` computes the two KL sums without autograd; the caller may gather them over
+ranks (TRL averages z over processes before the clamp) and passes them to `forward`.
+
+Metrics (TRL's KTO names, one value per micro-batch as TRL appends them): kl, rewards/chosen, rewards/rejected,
+rewards/margins, logps/chosen, logps/rejected, logits/chosen, logits/rejected. "chosen" = desirable rows. A metric
+TRL would not append for this batch (no desirable, or no undesirable, row) is NaN here: the trainer averages the
+values present, as TRL's `log` averages its lists.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._validate import check_float, check_labels_tensor, check_same_device
+from .preference import kto_loss
+
+# per-micro-batch metric names, in the order KTOLoss returns them (TRL 1.16's KTOTrainer names)
+KTO_METRICS = ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+               "logits/chosen", "logits/rejected")
+
+
+def _weight(name: str, w) -> float:
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {w!r}")
+    return float(w)
+
+
+class KTOLoss(nn.Module):
+    """KTO of a policy against a (trust-region) reference, from hidden states.
+
+    forward(policy_hidden [B, T, H], policy_weight [V, H], labels [B, T], ref_hidden [B, T, H'], ref_weight [V, H'],
+            desirable [B] bool, policy_kl_logps [K], ref_kl_logps [K], *, policy_bias=None, ref_bias=None)
+        -> (loss, metrics)
+    loss = mean over rows of w·(1 − σ(β·(r − z))) (desirable) or w·(1 − σ(β·(z − r))) (undesirable), as TRL's
+    `losses.nanmean()`; metrics as the module docstring says (detached tensors, no host sync).
+    Labels are shifted (label t is the token position t predicts); ignore_index marks prompt and padding.
+    """
+
+    def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+                 ignore_index: int = -100, *, backend: str = "auto", validate: bool = True):
+        super().__init__()
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+            raise ValueError(f"beta must be a number > 0, got {beta!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        self.beta = float(beta)
+        self.desirable_weight = _weight("desirable_weight", desirable_weight)
+        self.undesirable_weight = _weight("undesirable_weight", undesirable_weight)
+        self.ignore_index = ignore_index
+        self.backend = backend
+        self.validate = bool(validate)
+
+    def extra_repr(self) -> str:
+        return (f"beta={self.beta}, desirable_weight={self.desirable_weight}, "
+                f"undesirable_weight={self.undesirable_weight}, ignore_index={self.ignore_index}, "
+                f"backend={self.backend!r}")
+
+    def _sequence_logps(self, policy_hidden, policy_weight, labels, ref_hidden, ref_weight, policy_bias, ref_bias):
+        from ..ops.linear import paired_linear_token_logprobs
+
+        check_float("policy_hidden", policy_hidden, min_dim=2)
+        check_float("ref_hidden", ref_hidden, min_dim=2)
+        check_labels_tensor(labels, policy_hidden.shape[:-1])
+        if labels.dim() < 1 or labels.shape[0] < 1:
+            raise ValueError(f"labels must be [rows, ...] with at least one row, got shape {tuple(labels.shape)}")
+        check_same_device(policy_hidden=policy_hidden, policy_weight=policy_weight, labels=labels,
+                          ref_hidden=ref_hidden, ref_weight=ref_weight, policy_bias=policy_bias, ref_bias=ref_bias)
+        pol_tok, ref_tok = paired_linear_token_logprobs(
+            policy_hidden, policy_weight, ref_hidden, ref_weight, labels, policy_bias=policy_bias, ref_bias=ref_bias,
+            ignore_index=self.ignore_index, validate=self.validate, backend=self.backend)
+        B = labels.shape[0]
+        # ignored positions are exactly 0.0 in the op's output: a plain row sum is the completion's log-prob
+        return pol_tok.reshape(B, -1).sum(1), ref_tok.reshape(B, -1).sum(1)
+
+    @torch.no_grad()
+    def kl_logps(self, policy_hidden, policy_weight, labels, ref_hidden, ref_weight, *, policy_bias=None,
+                 ref_bias=None):
+        """(policy, reference) sequence log-probs of the mismatched KL rows [K], without autograd (TRL computes
+        them under no_grad: z is a detached constant of the loss)."""
+        return self._sequence_logps(policy_hidden.detach(), policy_weight.detach(), labels, ref_hidden, ref_weight,
+                                    None if policy_bias is None else policy_bias.detach(), ref_bias)
+
+    def forward(self, policy_hidden, policy_weight, labels, ref_hidden, ref_weight, desirable, policy_kl_logps,
+                ref_kl_logps, *, policy_bias=None, ref_bias=None):
+        if not isinstance(desirable, torch.Tensor) or desirable.dtype != torch.bool:
+            raise TypeError("desirable must be a bool torch.Tensor (True = desirable row)")
+        if isinstance(labels, torch.Tensor) and tuple(desirable.shape) != tuple(labels.shape[:1]):
+            raise ValueError(f"desirable must have shape ({labels.shape[0] if labels.dim() else 0},) (one flag per "
+                             f"row of labels), got {tuple(desirable.shape)}")
+        policy_logps, ref_logps = self._sequence_logps(policy_hidden, policy_weight, labels, ref_hidden, ref_weight,
+                                                       policy_bias, ref_bias)
+        losses, rewards, kl = kto_loss(policy_logps, ref_logps, desirable.to(policy_logps.device), policy_kl_logps,
+                                       ref_kl_logps, beta=self.beta, desirable_weight=self.desirable_weight,
+                                       undesirable_weight=self.undesirable_weight)
+        with torch.no_grad():
+            metrics = self._metrics(policy_hidden, policy_weight, policy_bias, labels, desirable,
+                                    policy_logps.detach(), rewards, kl)
+        return losses.mean(), metrics
+
+    def _metrics(self, policy_hidden, policy_weight, policy_bias, labels, desirable, policy_logps, rewards, kl):
+        B = labels.shape[0]
+        flat = labels.reshape(B, -1)
+        mask = flat != self.ignore_index
+        # the mean logit over the vocabulary of a token is h·mean_v(W) + mean(b): no logits needed
+        w_mean = policy_weight.detach().float().mean(0)
+        mean_logit = policy_hidden.detach().reshape(B, flat.shape[1], -1).float() @ w_mean
+        if policy_bias is not None:
+            mean_logit = mean_logit + policy_bias.detach().float().mean()
+        logit_sums = torch.where(mask, mean_logit, torch.zeros((), device=mean_logit.device)).sum(1)
+        tokens = mask.sum(1).float()
+        d = desirable.to(rewards.device)
+        out = {"kl": kl.float()}
+        for name, rows in (("chosen", d), ("rejected", ~d)):
+            n = rows.sum().float()  # 0/0 = NaN: TRL appends nothing for a batch without such rows
+            out[f"rewards/{name}"] = torch.where(rows, rewards, 0.0).sum() / n
+            out[f"logps/{name}"] = torch.where(rows, policy_logps, 0.0).sum() / n
+            tok = torch.where(rows, tokens, 0.0).sum()
+            out[f"logits/{name}"] = torch.where(rows, logit_sums, 0.0).sum() / tok
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        return {k: out[k].detach().float() for k in KTO_METRICS}

@@ -1,0 +1,444 @@
+"""TR-KTO (issue 16 item 5): TRKTOTrainer against TRL 1.16's KTOTrainer, and the moving reference.
+
+1. Data: `tokenize_unpaired_dataset` + `UnpairedCollator` give the token ids, completion masks and mismatched KL
+   sequences of TRL's own `KTOTrainer._prepare_dataset` + `DataCollatorForUnpairedPreference` (run on a bare
+   trainer namespace) for text rows (a BPE adding a BOS, ByT5), conversational rows through a chat template,
+   paired rows (unpaired in TRL's order) and keep_start truncation (long prompts dropped, sequences cut).
+2. End to end with sync_ref_model=False: TRL's KTOTrainer and TRKTOTrainer, same weights, same rows in the same
+   order, fp32, 3 optimizer steps of 2 micro-batches: every logged value (loss and TRL's KTO metric names) per step.
+3. Sync on: every update is θ_ref ← θ_ref + α·(θ − θ_ref) of the policy at that step (float64 reference), and
+   with α = 1 the next step's rewards and KL are exactly 0 (the loss reads the moved reference).
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+from datasets import Dataset  # noqa: E402
+from trl import KTOConfig, KTOTrainer  # noqa: E402
+from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference  # noqa: E402
+
+from fasttrdpo.tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from fasttrdpo.trainer import TRDPOConfig, TRKTOTrainer  # noqa: E402
+from fasttrdpo.unpaired_data import UnpairedCollator, tokenize_unpaired_dataset  # noqa: E402
+
+WORDS = ["cat", "dog", "tree", "blue", "sun", "rain", "sky", "red", "stone", "river"]
+
+
+def _text_rows(n, labels, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda k: " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (k,), generator=g))  # noqa: E731
+    return [{"prompt": f"Q: {pick(1 + i % 3)}?", "completion": f" {pick(2 + i % 2)}.", "label": bool(lab)}
+            for i, lab in zip(range(n), labels)]
+
+
+def _m(role, content):
+    return {"role": role, "content": content}
+
+
+CONV_ROWS = [
+    {"prompt": [_m("user", "What is the sky?")], "completion": [_m("assistant", "Blue.")], "label": True},
+    {"prompt": [_m("system", "Be brief."), _m("user", "Say hello")], "completion": [_m("assistant", "hello world")],
+     "label": False},
+    {"prompt": [_m("user", "Café ☕?")], "completion": [_m("assistant", "très bien")], "label": True},
+    {"prompt": [_m("user", "again")], "completion": [_m("assistant", "help me")], "label": False},
+]
+PAIRED_ROWS = [{"prompt": "Say hello", "chosen": " hello world", "rejected": " help me"},
+               {"prompt": "Question: what is the sky?", "chosen": " Answer: blue.", "rejected": " there"},
+               {"prompt": "hello", "chosen": " there", "rejected": " world please"}]
+
+
+def _trl_batches(tok, rows, batch_size, max_length):
+    """TRL's KTOTrainer processing (its own methods): _prepare_dataset, then its collator per batch."""
+    args = KTOConfig(output_dir="unused", max_length=max_length, per_device_train_batch_size=batch_size,
+                     report_to=[], use_cpu=True, dataset_num_proc=None)
+    bare = SimpleNamespace(_tokenizer=tok, calculate_KL=True, desirable_weight=1.0, undesirable_weight=1.0)
+    data = list(KTOTrainer._prepare_dataset(bare, Dataset.from_list(rows), tok, args, "train"))
+    collate = DataCollatorForUnpairedPreference(pad_token_id=tok.pad_token_id, max_length=max_length)
+    return [collate(data[i:i + batch_size]) for i in range(0, len(data), batch_size)]
+
+
+def _rows_of(ids, mask, attn):
+    """Per row: (token ids, completion mask) without padding."""
+    return [(i[a.bool()].tolist(), m[a.bool()].tolist()) for i, m, a in zip(ids, mask, attn)]
+
+
+def _ours_as_trl(batch):
+    """Our shifted labels back to TRL's completion mask (the first token of a sequence is never a target)."""
+    out = {}
+    for pre in ("", "kl_"):
+        ids, attn, labels = batch[f"{pre}input_ids"], batch[f"{pre}attention_mask"], batch[f"{pre}labels"]
+        mask = torch.zeros_like(ids)
+        mask[:, 1:] = (labels[:, :-1] != -100).long()
+        out[pre] = _rows_of(ids, mask, attn)
+    return out
+
+
+def _bpe_bos():
+    from test_tokenize_like_trl import _bpe
+
+    return _bpe(True)
+
+
+@pytest.mark.parametrize("case", ["text-bpe_bos", "text-byt5", "conversational", "paired", "keep_start-truncated"])
+def test_tokens_and_kl_rows_match_trl(case):
+    from test_chat_data import TEMPLATES
+
+    tok = _bpe_bos() if case == "text-bpe_bos" else tiny_tokenizer()
+    max_length, B = 1024, 2
+    if case.startswith("text"):
+        rows = _text_rows(6, [1, 0, 1, 1, 0, 0])
+    elif case == "conversational":
+        tok.chat_template = TEMPLATES["think"]  # the generation prompt is not a prefix of the finished turn
+        rows = CONV_ROWS
+    elif case == "paired":
+        rows, B = PAIRED_ROWS, 3
+    else:  # two prompts fill max_length (dropped), others keep their first max_length tokens, KL rows too
+        rows = _text_rows(8, [1, 0] * 4)
+        rows[2]["prompt"] = "Q: " + "a very long prompt " * 3
+        rows[5]["prompt"] = "Q: " + "x" * 40
+        max_length = 14
+    trl = _trl_batches(tok, rows, B, max_length)
+    examples = tokenize_unpaired_dataset(Dataset.from_list(rows), tok, max_length=max_length,
+                                         truncation_mode="keep_start")
+    collate = UnpairedCollator(tok.pad_token_id, max_length)
+    ours = [collate(examples[i:i + B]) for i in range(0, len(examples), B)]
+    assert len(ours) == len(trl) and sum(len(b["label"]) for b in trl) == len(examples)
+    expected_rows = {"paired": 6, "keep_start-truncated": 6}.get(case, len(rows))
+    assert len(examples) == expected_rows
+    for mine, theirs in zip(ours, trl):
+        got = _ours_as_trl(mine)
+        assert got[""] == _rows_of(theirs["input_ids"], theirs["completion_mask"], theirs["attention_mask"])
+        assert got["kl_"] == _rows_of(theirs["KL_input_ids"], theirs["KL_completion_mask"], theirs["KL_attention_mask"])
+        assert mine["desirable"].tolist() == theirs["label"].tolist()
+    if case == "keep_start-truncated":  # the case is what it claims: some sequences were cut to max_length
+        assert any(len(ids) == max_length for b in ours for ids, _ in _ours_as_trl(b)["kl_"])
+    if case == "paired":  # TRL's order: the chosen completions of the block, then the rejected ones
+        assert [e.desirable for e in examples] == [True] * 3 + [False] * 3
+
+
+def test_conversational_rows_need_a_chat_template():
+    with pytest.raises(ValueError, match="chat template"):
+        tokenize_unpaired_dataset(CONV_ROWS, tiny_tokenizer(), max_length=64)
+
+
+def test_bad_rows_and_settings_raise():
+    rows = _text_rows(4, [1, 0, 1, 0])
+    with pytest.raises(ValueError, match="label"):
+        tokenize_unpaired_dataset([dict(rows[0], label=1)] + rows[1:], tiny_tokenizer(), max_length=64)
+    with pytest.raises(ValueError, match="trainer="):
+        TRDPOConfig(desirable_weight=2.0)  # a KTO setting on a DPO run is not silently ignored
+    with pytest.raises(ValueError, match="loss_type"):
+        TRDPOConfig(trainer="kto", loss_type="ipo")
+    cfg = TRDPOConfig(trainer="kto", per_device_train_batch_size=1)
+    with pytest.raises(ValueError, match="per_device_train_batch_size"):
+        TRKTOTrainer(tiny_model(seed=0, hidden_size=32), tiny_tokenizer(), rows, cfg)
+    from fasttrdpo.trainer import TRDPOTrainer
+
+    with pytest.raises(ValueError, match="TRKTOTrainer"):
+        TRDPOTrainer(tiny_model(seed=0, hidden_size=32), tiny_tokenizer(), PAIRED_ROWS, TRDPOConfig(trainer="kto"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end against TRL's KTOTrainer (sync off)
+STEPS, B, ACCUM = 3, 4, 2
+LR = 3e-3
+KEYS = ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+        "logits/chosen", "logits/rejected")
+
+
+def _models():
+    """Policy and a different reference (its lm_head 3x sharper), so the KL estimate z is > 0 and enters the loss."""
+    model, ref = tiny_model(seed=0, hidden_size=32), tiny_model(seed=0, hidden_size=32)
+    with torch.no_grad():
+        ref.get_output_embeddings().weight.mul_(3.0)
+    return model, ref
+
+
+def _config(tmp_path, **kw):
+    base = dict(trainer="kto", output_dir=str(tmp_path / "ours"), max_steps=STEPS, per_device_train_batch_size=B,
+                gradient_accumulation_steps=ACCUM, learning_rate=LR, lr_scheduler_type="constant", logging_steps=1,
+                save_steps=0, plot=False, disable_tqdm=True, max_length=48, truncation_mode="keep_start",
+                desirable_weight=1.3, undesirable_weight=0.7, eval_kl=False, seed=0)
+    base.update(kw)
+    return TRDPOConfig(**base)
+
+
+def _our_order(cfg, n):
+    """The row order TRKTOTrainer trains on (its own step -> indices map)."""
+    probe = SimpleNamespace(config=cfg, steps_per_epoch=n // (B * ACCUM), train_pairs=range(n),
+                            global_batch_size=B * ACCUM, world_size=1, rank=0)
+    return [i for s in range(STEPS) for mb in TRKTOTrainer._step_indices(probe, s) for i in mb]
+
+
+def test_same_numbers_as_trl_kto_trainer(tmp_path):
+    n = STEPS * B * ACCUM
+    cfg = _config(tmp_path, sync_ref_model=False)
+    order = _our_order(cfg, n)
+    # labels by training position: micro-batch 1 is all desirable (TRL logs no rewards/rejected for it, and the
+    # step's value is the other micro-batch's alone), the others mixed
+    labels_in_order = [1, 1, 1, 1] + [1, 0, 0, 1] + [0, 1, 0, 0] + [1, 0, 1, 0] + [0, 0, 1, 1] + [1, 0, 0, 0]
+    rows = _text_rows(n, [0] * n)
+    for pos, i in enumerate(order):
+        rows[i]["label"] = bool(labels_in_order[pos])
+
+    model, ref = _models()
+    ours = TRKTOTrainer(model, tiny_tokenizer(), rows, cfg, ref_model=ref)
+    ours.train()
+    our_logs = [h for h in ours.history if "loss" in h]
+
+    model, ref = _models()
+    args = KTOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=B, gradient_accumulation_steps=ACCUM,
+                     max_steps=STEPS, learning_rate=LR, lr_scheduler_type="constant", logging_steps=1, report_to=[],
+                     use_cpu=True, seed=0, beta=0.1, max_length=48, save_strategy="no", disable_tqdm=True,
+                     dataloader_num_workers=0, bf16=False, fp16=False, gradient_checkpointing=False,
+                     desirable_weight=1.3, undesirable_weight=0.7, sync_ref_model=False)
+    trl = KTOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list([rows[i] for i in order]),
+                     processing_class=tiny_tokenizer())
+    trl.train()
+    trl_logs = [h for h in trl.state.log_history if "loss" in h and "train_runtime" not in h]
+
+    assert len(our_logs) == len(trl_logs) == STEPS
+    get = lambda logs, k: torch.tensor([h[k] for h in logs], dtype=torch.float64)  # noqa: E731
+    loss = get(trl_logs, "loss")
+    assert float((loss[0] - loss[-1]).abs()) > 1e-3 * float(loss[0])  # the policy moved
+    assert bool((get(trl_logs, "kl") > 0.1).all())  # z is active: a wrong KL pairing moves every number
+    # fp32 sums over <= 48 tokens x V=384 that differ from TRL's in summation order only (~1e-7 relative per
+    # log-prob); 3 Adam steps at lr 3e-3 keep the trajectories within 1e-5 relative
+    torch.testing.assert_close(get(our_logs, "loss"), loss, rtol=1e-5, atol=0)
+    for key in ("logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"):
+        torch.testing.assert_close(get(our_logs, key), get(trl_logs, key), rtol=1e-5, atol=1e-6, msg=key)
+    # rewards = β·(π − π_ref) and kl = mean(π − π_ref) on the KL rows: differences of two fp32 sums each held to
+    # 1e-5 relative above, so the bound is absolute, from the log-probs' magnitude (as test_loss_family derives)
+    mag_c, mag_r = get(trl_logs, "logps/chosen").abs(), get(trl_logs, "logps/rejected").abs()
+    mag = torch.maximum(mag_c, mag_r)
+    for key, atol in (("rewards/chosen", 2 * 0.1 * 1e-5 * mag_c), ("rewards/rejected", 2 * 0.1 * 1e-5 * mag_r),
+                      ("rewards/margins", 2 * 0.1 * 1e-5 * (mag_c + mag_r)), ("kl", 2 * 1e-5 * 3 * mag)):
+        err = (get(our_logs, key) - get(trl_logs, key)).abs()
+        assert bool((err <= atol).all()), (key, err.tolist(), atol.tolist())
+    for h in our_logs:  # TRL's KTO metric names, no DPO-only ones
+        assert set(KEYS) <= set(h) and "rewards/accuracies" not in h
+
+
+def test_sync_on_blends_the_reference_per_update(tmp_path):
+    rows = _text_rows(8, [1, 0, 0, 1, 1, 1, 0, 0])
+    alpha = 0.6
+    cfg = _config(tmp_path, max_steps=4, gradient_accumulation_steps=1, tau=2, alpha=alpha, sync_ref_model=True)
+    model, ref = _models()
+    trainer = TRKTOTrainer(model, tiny_tokenizer(), rows, cfg, ref_model=ref)
+    seen = []
+    real_step = trainer.updater.step
+
+    def step(global_step):
+        before = [p.detach().double().clone() for p in trainer.ref_model.parameters()]
+        policy = [p.detach().double().clone() for p in trainer.model.parameters()]
+        fired = real_step(global_step)
+        after = [p.detach().double().clone() for p in trainer.ref_model.parameters()]
+        seen.append((global_step, fired, before, policy, after))
+        return fired
+
+    trainer.updater.step = step
+    trainer.train()
+    assert [(s, f) for s, f, *_ in seen] == [(1, False), (2, True), (3, False), (4, True)]
+    for _, fired, before, policy, after in seen:
+        for b, p, a in zip(before, policy, after):
+            expected = b + alpha * (p - b) if fired else b
+            # fp32 evaluation of b + α·(p − b) (DESIGN.md §4): the difference, α (0.6 rounded to fp32), the product
+            # and the sum each round once: |error| <= u·(|result| + 3·|α·(p − b)|), u = 2^-24; bound with margin 2
+            u = 2.0 ** -24
+            assert bool(((a - expected).abs() <= 2 * u * (expected.abs() + 3 * alpha * (p - b).abs())).all())
+    assert any(not torch.equal(b, a) for _, f, b, _, a in seen if f for b, a in zip(b, a))
+
+
+def test_hard_update_makes_the_next_step_start_from_zero_rewards(tmp_path):
+    rows = _text_rows(8, [1, 0, 0, 1, 1, 1, 0, 0])
+    cfg = _config(tmp_path, max_steps=2, gradient_accumulation_steps=1, tau=1, alpha=1.0, sync_ref_model=True)
+    model, ref = _models()
+    trainer = TRKTOTrainer(model, tiny_tokenizer(), rows, cfg, ref_model=ref)
+    trainer.train()
+    first, second = [h for h in trainer.history if "loss" in h]
+    assert abs(first["rewards/chosen"]) > 1e-3 and first["kl"] > 0.1  # the initial reference differs
+    # after the hard update the reference IS the policy: every log-ratio and the KL estimate are exactly 0, so
+    # each row's loss is w·(1 − σ(0)) = w/2
+    assert second["rewards/chosen"] == second["rewards/rejected"] == second["kl"] == 0.0
+    labels = [r["label"] for r in rows]
+    idx = TRKTOTrainer._step_indices(trainer, 1)[0]
+    expected = sum((1.3 if labels[i] else 0.7) * 0.5 for i in idx) / len(idx)
+    assert second["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_cli_trains_tr_kto_on_unpaired_rows(tmp_path, capsys):
+    import json
+
+    from fasttrdpo import cli
+
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _text_rows(20, [1, 0, 0, 1, 1] * 4)))
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--trainer", "kto", "--model", "tiny", "--data", str(data), "--eval-size", "4",
+                   "--max-steps", "4", "--per-device-train-batch-size", "4", "--tau", "2", "--alpha", "0.5",
+                   "--desirable-weight", "1.5", "--logging-steps", "2", "--save-steps", "0", "--no-plot",
+                   "--output-dir", str(out), "--disable-tqdm"])
+    assert rc == 0
+    assert "held-out KTO loss" in capsys.readouterr().out
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [2, 4] and [r["ref_updates"] for r in train] == [1, 2]
+    assert all(set(KEYS) <= set(r) for r in train)
+    final = json.load(open(out / "final_metrics.json"))
+    assert final["eval_rows"] == 4 and final["eval_kl/ref"] > 0
+    state = torch.load(out / "checkpoint-4" / "trainer_state.pt", weights_only=False)
+    assert state["config"]["trainer"] == "kto" and state["config"]["desirable_weight"] == 1.5
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_kto_loss_matches_a_float64_reference(backend):
+    """KTOLoss from hidden states against float64 log-softmax sums and TRL's KTO formula: loss, metrics and the
+    gradients in hidden, weight and bias (z detached). Rows: 2 desirable, 1 undesirable, 1 with a fully ignored
+    completion; the KL rows have their own labels."""
+    from fasttrdpo.loss import KTOLoss
+
+    g = torch.Generator().manual_seed(0)
+    R, T, H, V = 4, 6, 8, 37
+    hidden = torch.randn(R, T, H, generator=g, requires_grad=True)
+    weight = (torch.randn(V, H, generator=g) * 0.5).requires_grad_(True)
+    bias = (torch.randn(V, generator=g) * 0.1).requires_grad_(True)
+    # a sharper reference: on random labels its log-probs are lower, so z > 0 and the KL term enters
+    ref_hidden, ref_weight = torch.randn(R, T, H, generator=g), torch.randn(V, H, generator=g) * 1.5
+    kl_hidden, kl_ref_hidden = torch.randn(R, T, H, generator=g), torch.randn(R, T, H, generator=g)
+    labels = torch.randint(0, V, (R, T), generator=g)
+    labels[:, :2] = -100
+    labels[3] = -100
+    kl_labels = torch.randint(0, V, (R, T), generator=g)
+    kl_labels[:, :3] = -100
+    desirable = torch.tensor([True, False, True, True])
+    beta, wd, wu = 0.3, 1.3, 0.7
+
+    fn = KTOLoss(beta=beta, desirable_weight=wd, undesirable_weight=wu, backend=backend)
+    pol_kl, ref_kl = fn.kl_logps(kl_hidden, weight, kl_labels, kl_ref_hidden, ref_weight, policy_bias=bias)
+    loss, metrics = fn(hidden, weight, labels, ref_hidden, ref_weight, desirable, pol_kl, ref_kl, policy_bias=bias)
+    loss.backward()
+
+    def seq64(h, w, b, lab):
+        logp = torch.log_softmax(h.double() @ w.double().T + (0 if b is None else b.double()), -1)
+        tok = logp.gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return torch.where(lab != -100, tok, 0.0).sum(1)
+
+    h64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (hidden, weight, bias))
+    z = (seq64(kl_hidden, w64, b64, kl_labels) - seq64(kl_ref_hidden, ref_weight, None, kl_labels)).mean()
+    z = z.clamp(min=0).detach()
+    r = seq64(h64, w64, b64, labels) - seq64(ref_hidden, ref_weight, None, labels)
+    ref_loss = torch.where(desirable, wd * (1 - torch.sigmoid(beta * (r - z))),
+                           wu * (1 - torch.sigmoid(beta * (z - r)))).mean()
+    ref_loss.backward()
+    assert float(z) > 0  # the KL term is active
+    # fp32 log-probs over ≤ 6 tokens × V=37 with |z| ≲ 10: per-token error ~1e-6, summed; the loss is a
+    # sigmoid of β·r (slope ≤ β/4), so 1e-5 absolute bounds it with margin
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=0, atol=1e-5)
+    torch.testing.assert_close(metrics["kl"].double(), z, rtol=0, atol=1e-4)
+    rewards = beta * r.detach()
+    torch.testing.assert_close(metrics["rewards/chosen"].double(), rewards[desirable].mean(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(metrics["rewards/rejected"].double(), rewards[~desirable].mean(), rtol=0, atol=1e-5)
+    mean_logit = (h64.detach() @ w64.detach().T + b64.detach()).mean(-1)
+    mask = labels != -100
+    chosen_tok = mask & desirable[:, None]
+    torch.testing.assert_close(metrics["logits/chosen"].double(), mean_logit[chosen_tok].mean(), rtol=0, atol=1e-5)
+    for got, want in ((hidden.grad, h64.grad), (weight.grad, w64.grad), (bias.grad, b64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
+    assert float(hidden.grad[3].abs().sum()) == 0.0  # a row with no completion token gets no gradient
+    # a batch without undesirable rows: TRL appends no rejected metrics (NaN here), the loss is still defined
+    _, only = fn(hidden, weight, labels, ref_hidden, ref_weight, torch.ones(R, dtype=torch.bool), pol_kl, ref_kl,
+                 policy_bias=bias)
+    assert torch.isnan(only["rewards/rejected"]) and torch.isnan(only["rewards/margins"])
+    assert not torch.isnan(only["rewards/chosen"])
+
+
+def test_two_process_ddp_runs_with_the_gathered_kl_rows(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo): TR-KTO runs to the end through the ranks' all_gather of the KL rows
+    (a rank that skipped it would hang the other), policy and reference are bitwise identical on both ranks, and
+    the reference was updated at every step. (That the gathered z equals TRL's is not checked here.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _text_rows(16, [1, 0, 0, 1] * 4)))
+    common = ["-m", "fasttrdpo", "train", "--trainer", "kto", "--model", "tiny", "--data", str(data),
+              "--eval-size", "0", "--max-steps", "2", "--tau", "1", "--alpha", "0.5", "--logging-steps", "1",
+              "--save-steps", "0", "--no-plot", "--disable-tqdm", "--threads", "1", "--learning-rate", "1e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
+           *common, "--per-device-train-batch-size", "2", "--output-dir", str(tmp_path / "two")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    final = json.load(open(tmp_path / "two" / "final_metrics.json"))
+    assert final["world_size"] == 2
+    fps = final["rank_fingerprints"]
+    assert len(fps) == 2 and fps[0] == fps[1]
+    records = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
+    assert [r["ref_updates"] for r in records if "loss" in r] == [1, 2]
+    assert all(set(KEYS) - {"rewards/margins"} <= set(r) for r in records if "loss" in r)
+
+
+def test_unbalanced_labels_get_trls_weight_advice(tmp_path, caplog):
+    import logging
+
+    rows = _text_rows(8, [1, 1, 1, 1, 1, 1, 0, 0])  # 6 desirable, 2 undesirable: TRL advises w_d in [0.33, 0.44]
+    with caplog.at_level(logging.WARNING, logger="fasttrdpo"):
+        TRKTOTrainer(tiny_model(seed=0, hidden_size=32), tiny_tokenizer(), rows,
+                     _config(tmp_path, desirable_weight=1.0, undesirable_weight=1.0))
+    assert "desirable_weight in [0.33, 0.44] OR undesirable_weight in [2.26, 3.0]" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fasttrdpo"):
+        TRKTOTrainer(tiny_model(seed=0, hidden_size=32), tiny_tokenizer(), rows,
+                     _config(tmp_path, desirable_weight=0.4, undesirable_weight=1.0))
+    assert "desirable_weight in" not in caplog.text
+
+
+def test_resume_is_bit_identical(tmp_path):
+    """The loop's checkpoints carry a TR-KTO run: resuming at step 2 of 4 ends with the same policy, reference and
+    loss curve as the uninterrupted run (CPU, fp32)."""
+    import json
+
+    rows = _text_rows(16, [1, 0, 0, 1] * 4)
+
+    def run(out, steps, resume=None):
+        cfg = _config(tmp_path, output_dir=str(tmp_path / out), max_steps=steps, gradient_accumulation_steps=1,
+                      save_steps=2, tau=2, alpha=0.5, resume_from_checkpoint=resume)
+        model, ref = _models()
+        trainer = TRKTOTrainer(model, tiny_tokenizer(), rows, cfg, ref_model=ref)
+        trainer.train()
+        return trainer
+
+    whole = run("whole", 4)
+    run("cut", 2)
+    resumed = run("cut", 4, resume="latest")
+    assert resumed.resumed_from and resumed.ref_updates == whole.ref_updates == 2
+    assert resumed.fingerprints() == whole.fingerprints()
+    curve = lambda out: [json.loads(line)["loss"] for line in open(tmp_path / out / "metrics.jsonl")]  # noqa: E731
+    assert curve("cut") == curve("whole") and len(curve("whole")) == 4
+
+
+def test_load_unpaired_dataset(tmp_path):
+    import json
+
+    from fasttrdpo.data import MalformedRowError
+    from fasttrdpo.unpaired_data import load_unpaired_dataset
+
+    rows = _text_rows(4, [1, 0, 1, 0])
+    good = tmp_path / "kto.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_unpaired_dataset(str(good))
+    assert ds.column_names == ["prompt", "completion", "label"] and ds["label"] == [True, False, True, False]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(dict(r, label="yes") if i == 2 else r) + "\n" for i, r in enumerate(rows)))
+    with pytest.raises(MalformedRowError, match="row 2"):
+        load_unpaired_dataset(str(bad))
+    assert len(load_unpaired_dataset(str(bad), skip_malformed=True)) == 3
+    paired = tmp_path / "pairs.jsonl"  # pairs load as pairs: the trainer unpairs them as TRL does
+    paired.write_text("".join(json.dumps(r) + "\n" for r in PAIRED_ROWS))
+    assert load_unpaired_dataset(str(paired)).column_names == ["prompt", "chosen", "rejected"]
