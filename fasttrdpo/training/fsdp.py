@@ -118,11 +118,17 @@ class ShardedModels:
         self.mesh = init_device_mesh(trainer.device.type, (trainer.world_size,))
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if trainer.config.bf16 else MixedPrecisionPolicy())
-        # every rank shards the same weights: rank 0's (as DDP broadcasts them)
+        # every rank shards the same weights: rank 0's (as DDP broadcasts them). The models are still in
+        # host memory; NCCL only moves device tensors, so each tensor travels through a device buffer.
         for module in (trainer.model, trainer.ref_model, trainer.init_model):
             if module is not None:
                 for t in list(module.parameters()) + list(module.buffers()):
-                    dist.broadcast(t.data, src=0)
+                    if t.device == trainer.device or trainer.device.type == "cpu":
+                        dist.broadcast(t.data, src=0)
+                    else:
+                        buf = t.data.to(trainer.device)
+                        dist.broadcast(buf, src=0)
+                        t.data.copy_(buf)
         self.policy = PolicyLoss(trainer.model)
         _shard(self.policy, trainer.model, self.mesh, mp)
         self.ref = FrozenHidden(trainer.ref_model)
