@@ -506,6 +506,9 @@ def cmd_eval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     state = _checkpoint_state(args.model)
+    if state.get("sharded"):
+        raise UsageError(f"{args.model} is a sharded (--fsdp) checkpoint: `fasttrdpo export {args.model} OUT_DIR` "
+                         "writes folders that `fasttrdpo eval --model OUT_DIR` takes")
     config = eval_config(args, state.get("config") or {})
     model, tokenizer = load_model_and_tokenizer(args.model, seed=config.seed, bf16=config.bf16,
                                                 attn_implementation=args.attn_implementation)

@@ -218,6 +218,19 @@ def test_bf16_mixed_precision_trains_under_fsdp(runs):
     assert dtypes == {"": "float32", "reference": "bfloat16"}  # fp32 master weights, bf16 reference
 
 
+def test_export_writes_folders_that_eval_takes_and_eval_refuses_the_shards(runs, capsys):
+    from fasttrdpo import cli
+
+    ckpt = str(runs["fsdp"] / f"checkpoint-{STEPS}")
+    assert cli.main(["eval", "--model", ckpt]) == 2
+    assert "fasttrdpo export" in capsys.readouterr().err
+    out = runs["fsdp"].parent / "eval.json"
+    assert cli.main(["eval", "--model", str(runs["export_fsdp"]), "--eval-size", "16", "--output", str(out)]) == 0
+    assert json.load(open(out))["eval_pairs"] == 16
+    assert cli.main(["export", ckpt, str(runs["export_fsdp"])]) == 2  # never writes into a used folder
+    assert "not empty" in capsys.readouterr().err
+
+
 def test_fsdp_refuses_what_no_test_proves():
     from fasttrdpo.tiny import tiny_model, tiny_tokenizer
     from fasttrdpo.trainer import TRDPOConfig, TRDPOTrainer
