@@ -3,8 +3,9 @@
 TRL's callback loops over parameters with `mul_` + `add_` (two kernels per tensor, 10 B/element in
 bf16), gathers everything to rank 0 under ZeRO-3, forgets the reference on resume and refuses PEFT.
 This one runs one fused `blend_` over all parameters through `fasttrdpo.RefModelUpdater` (DDP: every
-rank blends its copy; FSDP2: local shards only), saves the reference beside every checkpoint and
-restores it on resume, and updates a PEFT reference adapter.
+rank blends its copy; FSDP2: local shards only; DeepSpeed ZeRO-3: each rank's own partitions, in place, see
+sharding.Zero3RefModelUpdater), saves the reference beside every checkpoint (one file per rank when sharded,
+refused on resume at another world size) and restores it on resume, and updates a PEFT reference adapter.
 
 `FusedDPOTrainer(..., args=DPOConfig(sync_ref_model=True, ...))` uses it without further ado. Swap it into
 TRL's own DPOTrainer, GRPOTrainer, RLOOTrainer or KTOTrainer (each adds TRL's callback for
@@ -33,7 +34,8 @@ import os
 import torch
 from transformers import TrainerCallback
 
-from ...ref_update import RefModelUpdater, _is_dtensor, unwrap_model
+from ...ref_update import RefModelUpdater, unwrap_model
+from .sharding import Zero3RefModelUpdater, make_updater, sharded_reference
 
 STATE_FILE = "fasttrdpo_ref_update.pt"
 _log = logging.getLogger("fasttrdpo")
@@ -106,13 +108,14 @@ class FusedSyncRefModelCallback(TrainerCallback):
             raise ValueError("alpha and tau must be given, or the training args must define "
                              "ref_model_mixup_alpha and ref_model_sync_steps (TRL's DPOConfig does)")
         ref = self.ref_model if self.ref_model is not None else policy  # None: a PEFT reference adapter
-        return RefModelUpdater(policy=policy, ref=ref, alpha=alpha, tau=tau, check_finite=self.check_finite,
-                               backend=self.backend, policy_adapter=self.policy_adapter,
-                               ref_adapter=self.ref_adapter, lora_soft=self.lora_soft)
+        # ZeRO-3: Zero3RefModelUpdater (each rank's partitions); otherwise RefModelUpdater (FSDP2: local shards)
+        return make_updater(policy=policy, ref=ref, alpha=alpha, tau=tau, check_finite=self.check_finite,
+                            backend=self.backend, policy_adapter=self.policy_adapter,
+                            ref_adapter=self.ref_adapter, lora_soft=self.lora_soft)
 
     def _state_path(self, folder: str, args) -> str:
-        # DDP ranks hold identical references (rank 0 writes); FSDP2 ranks hold different shards.
-        sharded = self.updater is not None and any(_is_dtensor(p) for p in self.updater._tensors()[0])
+        # DDP ranks hold identical references (rank 0 writes); FSDP2 / ZeRO-3 ranks hold different shards.
+        sharded = self.updater is not None and sharded_reference(self.updater)
         rank = int(getattr(args, "process_index", 0) or 0)
         return os.path.join(folder, f"{STATE_FILE[:-3]}.rank{rank}.pt" if sharded else STATE_FILE)
 
@@ -123,8 +126,14 @@ class FusedSyncRefModelCallback(TrainerCallback):
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if folder is not None:
             path = self._state_path(folder, args)
+            if sharded_reference(self.updater):
+                self._check_world_size(folder)
             if os.path.isfile(path):
-                self.updater.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                if sharded_reference(self.updater) and not isinstance(self.updater, Zero3RefModelUpdater):
+                    saved = dict(saved)
+                    self._check_layout(saved.pop("partitions", None), path)  # FSDP2 shards of this rank/world
+                self.updater.load_state_dict(saved)
             else:
                 raise FileNotFoundError(
                     f"resuming at step {state.global_step} but {path} does not exist: the reference weights "
@@ -135,6 +144,31 @@ class FusedSyncRefModelCallback(TrainerCallback):
             self.updater = self._build(args, model)
         self.updater.step(global_step=state.global_step)
 
+    @staticmethod
+    def _layout() -> dict:
+        import torch.distributed as dist
+
+        return {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
+
+    def _check_world_size(self, folder: str) -> None:
+        """Sharded references are saved one file per rank: refuse a checkpoint written by another world size
+        (its shards / partitions do not line up with this run's) before anything is loaded."""
+        here = self._layout()["world_size"]
+        files = sorted(f for f in os.listdir(folder) if f.startswith(STATE_FILE[:-3] + ".rank")) \
+            if os.path.isdir(folder) else []
+        if files and len(files) != here:
+            raise ValueError(
+                f"{folder} holds the sharded reference of {len(files)} processes ({files[0]}, ...) but this run has "
+                f"{here}: the reference shards/partitions cannot be resumed at another world size; resume with "
+                f"{len(files)} processes")
+
+    def _check_layout(self, saved, path: str) -> None:
+        here = self._layout()
+        if saved != here:
+            raise ValueError(f"{path} holds the reference shards of rank {(saved or {}).get('rank')} of "
+                             f"{(saved or {}).get('world_size')} processes, this is rank {here['rank']} of "
+                             f"{here['world_size']}: resume with the same number of processes")
+
     def on_save(self, args, state, control, **kwargs):
         if self.updater is None:
             return
@@ -143,5 +177,10 @@ class FusedSyncRefModelCallback(TrainerCallback):
         if path.endswith(STATE_FILE) and not state.is_world_process_zero:
             return
         os.makedirs(folder, exist_ok=True)
-        torch.save(self.updater.state_dict(), path + ".tmp")
+        saved = self.updater.state_dict()
+        if sharded_reference(self.updater) and "partitions" not in saved:  # FSDP2 (ZeRO-3's updater records its own)
+            saved["partitions"] = self._layout()
+            # this rank's local shards as plain tensors (what load_state_dict copies into to_local())
+            saved["ref"] = {n: (t.to_local() if hasattr(t, "to_local") else t) for n, t in saved["ref"].items()}
+        torch.save(saved, path + ".tmp")
         os.replace(path + ".tmp", path)

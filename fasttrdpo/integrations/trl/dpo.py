@@ -19,6 +19,11 @@ With `sync_ref_model=True` the fused trainer replaces TRL's SyncRefModelCallback
 reference backbones run under accelerate's autocast exactly as TRL runs them; TRDPOLoss then does fp32
 math on their fp32 hidden states (TRL's head rounds its logits tiles to bf16 instead).
 
+Sharded training (accelerate FSDP2, DeepSpeed ZeRO-3; `sharding.py`): the policy's loss is computed inside its
+forward, as a call of its head module, so the framework holds the full head weight there and reduces its gradient
+like any other; the reference's head is read inside the reference's forward. Settings no test proves under
+sharding (ZeRO stages 0-2, offload, FSDP1, mixed precision, PEFT) raise at construction.
+
 Supported: every `loss_type` of TRL 1.16 and weighted lists (`loss_weights`, e.g. RPO = ["sigmoid", "sft"]),
 `discopop_tau`, `label_smoothing` where TRL applies it (exo_pair, robust, aot, aot_unpaired), the standard
 reverse-KL DPO, no `ld_alpha`, no WPO weighting, no precomputed reference log-probs, no MoE auxiliary loss;
@@ -40,6 +45,7 @@ from trl.trainer.utils import use_adapter
 
 from ...loss import LOSS_TYPES, TRDPOLoss
 from ...loss.preference import check_loss_config
+from .sharding import NONE, head_snapshot, run_in_head, sharding_mode
 
 try:  # PEFT is optional
     from peft import PeftModel
@@ -69,10 +75,34 @@ def _logit_transform(model):
     return (1.0 if scale is None else float(scale)), (None if softcap is None else float(softcap))
 
 
+class HeadRequest:
+    """What a hidden-state forward should do with the backbone's last hidden state [B, T, H], inside the forward:
+    kind "reference": return (hidden[:, :-1], head weight, head bias) read inside the call of the head module
+    (copied when `copy_head`: the sharding framework frees the full weight when the forward returns);
+    kind "loss": return `loss_fn(hidden[:, :-1], head.weight, head.bias)` = (loss, metrics), computed inside
+    the call of the head module, so FSDP2/ZeRO-3 hold the full weight and reduce its gradient (sharding.py)."""
+
+    def __init__(self, kind: str, *, copy_head: bool = False, loss_fn=None):
+        if kind not in ("reference", "loss"):
+            raise ValueError(f"kind must be 'reference' or 'loss', got {kind!r}")
+        self.kind, self.copy_head, self.loss_fn = kind, copy_head, loss_fn
+
+
+def _answer(model, request, hidden):
+    if request is True:  # plain hidden states (the PEFT reference path, unsharded)
+        return hidden
+    if request.kind == "reference":
+        return run_in_head(model, hidden, lambda head, h: (h[:, :-1],) + head_snapshot(head, request.copy_head))
+    return run_in_head(model, hidden, lambda head, h: request.loss_fn(h[:, :-1], head.weight,
+                                                                     getattr(head, "bias", None)))
+
+
 def add_hidden_state_forward(model, *, mixed_precision=None) -> None:
     """Patch `model.forward` so that `model(..., fasttrdpo_hidden=True)` returns the backbone's last hidden
-    state [B, T, H] (no lm_head). Calls go through the (possibly DDP/PEFT-wrapped) model as usual, so
-    gradient synchronization and adapters still apply; without the flag the previous forward runs.
+    state [B, T, H] (no lm_head), and `model(..., fasttrdpo_hidden=HeadRequest(...))` does what the request
+    says with it inside the forward. Calls go through the (possibly DDP/FSDP2/DeepSpeed/PEFT-wrapped) model as
+    usual, so gradient synchronization, sharding hooks and adapters still apply; without the flag the previous
+    forward runs.
 
     mixed_precision: a context-manager factory (e.g. `accelerator.autocast`) to run the hidden branch under,
     with half-precision outputs returned in fp32. Needed when `model.forward` was ALREADY wrapped by
@@ -87,14 +117,15 @@ def add_hidden_state_forward(model, *, mixed_precision=None) -> None:
 
     @functools.wraps(type(model).forward)
     def forward(self, *args, **kwargs):
-        if not kwargs.pop(_HIDDEN_FLAG, False):
+        request = kwargs.pop(_HIDDEN_FLAG, None)
+        if request is None or request is False:
             return previous_forward(*args, **kwargs)
         kwargs["use_cache"] = False
         with precision():
             hidden = self.base_model(*args, **kwargs).last_hidden_state
         if mixed_precision is not None and hidden.dtype in (torch.float16, torch.bfloat16):
             hidden = hidden.float()  # as accelerate's convert_outputs_to_fp32 does for the wrapped forward
-        return hidden
+        return _answer(self, request, hidden)
 
     model.forward = types.MethodType(forward, model)
     model._fasttrdpo_hidden_forward = True
@@ -141,6 +172,7 @@ def _check_supported(trainer) -> None:
 def use_trdpo_loss(trainer, *, backend: str = "auto") -> "DPOTrainer":
     """Switch an existing DPOTrainer to compute its loss with TRDPOLoss (in place; returns the trainer)."""
     _check_supported(trainer)
+    trainer._fasttrdpo_sharding = sharding_mode(trainer)  # raises for sharded set-ups no test proves
     policy = trainer.model.get_base_model() if _is_peft(trainer.model) else trainer.model
     add_hidden_state_forward(policy)
     if trainer.ref_model is not None:
@@ -178,28 +210,28 @@ def _compute_loss(self, model, inputs, return_outputs):
     completion_mask = inputs["completion_mask"]
     # TRL's labels: completion tokens only; label t (after the shift) is the token position t predicts
     labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)[:, 1:]
+    sharded = getattr(self, "_fasttrdpo_sharding", NONE) != NONE
 
-    hidden = model(**model_kwargs, **{_HIDDEN_FLAG: True})[:, :-1]
-    policy_model = self.accelerator.unwrap_model(self.model)
-    if _is_peft(policy_model):
-        policy_model = policy_model.get_base_model()
-    weight, bias = _head(policy_model)
-
+    # The reference first (no grad): its hidden states and its head, read inside its own forward.
     with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
         if self.ref_model is None:  # PEFT: the reference is the model with its adapter off (or the "ref" adapter)
             unwrapped = self.accelerator.unwrap_model(self.model)
+            policy_model = unwrapped.get_base_model() if _is_peft(unwrapped) else unwrapped
             with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
                 ref_hidden = self.model(**model_kwargs, **{_HIDDEN_FLAG: True})[:, :-1]
                 ref_weight, ref_bias = (t.detach() if t is not None else None for t in _head(policy_model))
         else:
-            ref_hidden = self.ref_model(**model_kwargs, **{_HIDDEN_FLAG: True})[:, :-1]
-            ref_weight, ref_bias = _head(self.accelerator.unwrap_model(self.ref_model))
+            ref_hidden, ref_weight, ref_bias = self.ref_model(
+                **model_kwargs, **{_HIDDEN_FLAG: HeadRequest("reference", copy_head=sharded)})
 
-    hidden = hidden.to(weight.device)
-    ref_hidden = ref_hidden.to(ref_weight.device)
-    labels = labels.to(weight.device)
-    loss, metrics = self._trdpo_loss(hidden, weight, labels, ref_hidden, ref_weight, policy_bias=bias,
-                                     ref_bias=ref_bias)
+    def policy_loss(hidden, weight, bias):
+        # Runs inside the policy's forward, in the call of its head module (sharding.run_in_head).
+        device = weight.device
+        return self._trdpo_loss(hidden.to(device), weight, labels.to(device), ref_hidden.to(device),
+                                ref_weight.to(device), policy_bias=bias,
+                                ref_bias=None if ref_bias is None else ref_bias.to(device))
+
+    loss, metrics = model(**model_kwargs, **{_HIDDEN_FLAG: HeadRequest("loss", loss_fn=policy_loss)})
 
     # TRL's logging: gathered across processes, then .item() (TRL syncs here too)
     gather = self.accelerator.gather_for_metrics
