@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads")
     ev.add_argument("--output", default=None, metavar="FILE.json", help="write the metrics as JSON here")
     _add_config_flags(ev, EVAL_FLAGS)
+
+    ex = sub.add_parser("export", help="a sharded (--fsdp) checkpoint -> plain save_pretrained folders")
+    ex.add_argument("checkpoint", help="checkpoint-<step> directory of an --fsdp run")
+    ex.add_argument("out_dir", help="new folder: the policy, and reference/ (both load with from_pretrained)")
     return parser
 
 
@@ -406,7 +410,8 @@ def cmd_train(args) -> int:
         summary = _summary(final, time.perf_counter() - t0, config.output_dir, config, plotted)
         with open(os.path.join(config.output_dir, "final_metrics.json"), "w") as f:
             json.dump({**final, "seconds": time.perf_counter() - t0, "world_size": trainer.world_size,
-                       "fingerprints": trainer.fingerprints(), "rank_fingerprints": trainer.rank_fingerprints},
+                       "fingerprints": trainer.fingerprints(), "rank_fingerprints": trainer.rank_fingerprints,
+                       "rank_state_bytes": trainer.rank_state_bytes},
                       f, indent=1)
         print(summary, flush=True)
     return 0
@@ -506,6 +511,9 @@ def cmd_eval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     state = _checkpoint_state(args.model)
+    if state.get("sharded"):
+        raise UsageError(f"{args.model} is a sharded (--fsdp) checkpoint: `fasttrdpo export {args.model} OUT_DIR` "
+                         "writes folders that `fasttrdpo eval --model OUT_DIR` takes")
     config = eval_config(args, state.get("config") or {})
     kto = config.trainer == "kto"
     if not kto and "per_device_train_batch_size" in vars(args):
@@ -546,6 +554,13 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .training.sharded_checkpoint import export_checkpoint
+
+    print(export_checkpoint(args.checkpoint, args.out_dir), flush=True)
+    return 0
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .data import MalformedRowError
     from .training.output_dir import OutputDirError
@@ -565,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="[fasttrdpo] %(message)s")
     try:
-        return cmd_train(args) if args.command == "train" else cmd_eval(args)
+        return {"train": cmd_train, "eval": cmd_eval, "export": cmd_export}[args.command](args)
     except _user_errors() as e:
         if os.environ.get("FASTTRDPO_DEBUG"):
             raise

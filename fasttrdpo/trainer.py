@@ -26,6 +26,7 @@ from .data import PreferenceCollator, TokenizedPair, tokenize_dataset
 from .training import checkpoint as _ckpt
 from .training import distributed as _dist
 from .training import final as _final
+from .training import fsdp as _fsdp
 from .training import lora as _lora
 from .training.checkpoint import CHECKPOINT_RE, find_latest_checkpoint, load_weights, save_weights
 from .training.config import DTYPES as _DTYPES
@@ -86,6 +87,7 @@ class TRDPOTrainer:
         self.config = config
         self.tokenizer = tokenizer
         self.world_size, self.rank, self._owns_process_group = _dist.init_distributed(config.device)
+        _fsdp.check_fsdp_config(config, self.world_size)
         self.device = _dist.pick_device(config.device)
         self.ref_dtype = _DTYPES[config.ref_dtype] if config.ref_dtype else None
 
@@ -103,8 +105,11 @@ class TRDPOTrainer:
         if self.lora is None:
             _lora.check_no_lora(config)
         else:
+            if config.fsdp:  # no test proves adapters under fully_shard yet
+                raise ValueError("fsdp with LoRA is not supported yet: train LoRA with DDP (torchrun without --fsdp)")
             model = self.lora.model
-        self.model = model.to(self.device)
+        # under FSDP the models stay where they are until fully_shard moves each unit's shards
+        self.model = model if config.fsdp else model.to(self.device)
         if config.disable_dropout:  # before the copies below: reference and initial model inherit it
             disable_dropout(self.model)
             if ref_model is not None:
@@ -118,11 +123,12 @@ class TRDPOTrainer:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
         self.policy = _HiddenStates(self.model)
+        place = (lambda m: m) if config.fsdp else (lambda m: m.to(self.device))
         if self.lora is not None:
             self.ref_model = self.lora.reference(_frozen_copy, ref_model, self.ref_dtype, self.device)
         else:
             self.ref_model = (_frozen_copy(self.model, self.ref_dtype) if ref_model is None
-                              else _frozen_copy(ref_model.to(self.device), self.ref_dtype))
+                              else _frozen_copy(place(ref_model), self.ref_dtype))
         self.ref_backbone, self.ref_head = causal_lm_parts(self.ref_model)
         # the initial policy, kept only to report KL(policy || initial) at evaluation
         if init_model is False or not (config.eval_kl and self.eval_pairs):
@@ -130,8 +136,12 @@ class TRDPOTrainer:
         elif init_model is None:
             self.init_model = self.lora.initial() if self.lora is not None else _frozen_copy(self.model, self.ref_dtype)
         else:
-            self.init_model = _frozen_copy(init_model.to(self.device), self.ref_dtype)
-        if self.world_size > 1:
+            self.init_model = _frozen_copy(place(init_model), self.ref_dtype)
+        self.sharded = None  # fasttrdpo.training.fsdp.ShardedModels under FSDP2
+        if config.fsdp:
+            self.sharded = _fsdp.ShardedModels(self)
+            self.policy_ddp = self.sharded
+        elif self.world_size > 1:
             _dist.broadcast_frozen(self.ref_model, self.init_model)
             self.policy_ddp = _dist.wrap_ddp(self.policy, self.device)
         else:
@@ -176,6 +186,7 @@ class TRDPOTrainer:
         self.num_tokens = 0  # TRL's num_tokens: non-padding tokens of every rank's training rows so far (saved)
         self.history: list[dict] = []
         self.rank_fingerprints: list[dict] | None = None
+        self.rank_state_bytes: list[dict] | None = None  # set at the end of train() (gather_state_bytes)
         self.is_main = self.rank == 0
         self.metrics_path = os.path.join(config.output_dir, "metrics.jsonl")
         self.run_id: str | None = None  # set by train(): new uuid, or the resumed checkpoint's
@@ -277,6 +288,8 @@ class TRDPOTrainer:
         return out.last_hidden_state
 
     def _loss(self, batch, policy_module):
+        if self.sharded is not None:  # the fused loss inside the policy's FSDP forward
+            return self.sharded.loss(batch)
         # the backbones run under autocast (bf16 activations); the loss does its own fp32 math on them
         with self._autocast():
             hidden = policy_module(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
@@ -387,6 +400,7 @@ class TRDPOTrainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+            grad_norm = _fsdp.full_tensor(grad_norm)  # a DTensor under FSDP
             lr = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
             if self.schedule is not None:
@@ -418,6 +432,7 @@ class TRDPOTrainer:
         bar.close()
         if self.world_size > 1:
             self.check_ranks_agree()
+        self.rank_state_bytes = self.gather_state_bytes()
         final = self._last_train_record()
         if self.eval_pairs:
             final = self.evaluate()
@@ -511,13 +526,29 @@ class TRDPOTrainer:
     # --- ranks (fasttrdpo.training.distributed) ---------------------------------------------------------
 
     def fingerprints(self) -> dict[str, str]:
-        """sha256 of the policy's and the reference's parameter bytes (to compare ranks or runs)."""
+        """sha256 of the policy's and the reference's parameter bytes (to compare ranks or runs). Under
+        FSDP: of the gathered weights, as computed by the last check_ranks_agree()."""
+        if self.sharded is not None:
+            return getattr(self, "_gathered_fingerprints", None) or {}
         return _dist.fingerprints(policy=self.model, reference=self.ref_model)
 
     def check_ranks_agree(self) -> list[dict]:
-        """Under DDP: gather every rank's fingerprints; raise if the policy or the reference differ."""
-        self.rank_fingerprints = _dist.gather_and_compare(self.fingerprints(), self.world_size)
+        """Under DDP: gather every rank's fingerprints; raise if the policy or the reference differ.
+        Under FSDP: every rank hashes the gathered policy and reference; the hashes must agree."""
+        if self.sharded is not None:
+            self.rank_fingerprints = _fsdp.check_ranks_agree(self)
+        else:
+            self.rank_fingerprints = _dist.gather_and_compare(self.fingerprints(), self.world_size)
         return self.rank_fingerprints
+
+    def gather_state_bytes(self) -> list[dict]:
+        """Per rank: bytes of the policy's parameters (local shards), optimizer state and reference."""
+        mine = _fsdp.local_state_bytes(self)
+        if self.world_size == 1:
+            return [mine]
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        return gathered
 
     def _barrier(self):
         _dist.barrier(self.world_size)

@@ -212,13 +212,19 @@ def _save_checkpoint(trainer, final: str, tmp: str) -> str:
     # averages the same steps as the uninterrupted run's
     torch.save({"steps": [t.detach().cpu() for t in trainer._window], "seconds": trainer._window_seconds},
                os.path.join(tmp, f"log_window_{trainer.rank}.pt"))
+    sharded = getattr(trainer, "sharded", None) is not None
+    if sharded:  # FSDP2: every rank writes its shards (fasttrdpo.training.sharded_checkpoint)
+        from .sharded_checkpoint import save_tensors
+
+        save_tensors(trainer, tmp)
     if trainer.is_main:
-        with _quiet_progress_bars():
-            if getattr(trainer, "lora", None) is not None:  # adapters only (fasttrdpo.training.lora)
-                trainer.lora.save_checkpoint_weights(trainer, tmp)
-            else:
-                save_weights(trainer.model, tmp)
-                save_weights(trainer.ref_model, os.path.join(tmp, "reference"))
+        if not sharded:
+            with _quiet_progress_bars():
+                if getattr(trainer, "lora", None) is not None:  # adapters only (fasttrdpo.training.lora)
+                    trainer.lora.save_checkpoint_weights(trainer, tmp)
+                else:
+                    save_weights(trainer.model, tmp)
+                    save_weights(trainer.ref_model, os.path.join(tmp, "reference"))
         # every model folder is self-contained: `from_pretrained(folder)` finds its tokenizer
         trainer.tokenizer.save_pretrained(tmp)
         if getattr(trainer, "lora", None) is None:
@@ -232,7 +238,8 @@ def _save_checkpoint(trainer, final: str, tmp: str) -> str:
             "data_position": {"epoch": trainer.global_step // trainer.steps_per_epoch,
                               "batch_in_epoch": trainer.global_step % trainer.steps_per_epoch,
                               "global_batch_size": trainer.global_batch_size},
-            "optimizer": trainer.optimizer.state_dict(),
+            "optimizer": None if sharded else trainer.optimizer.state_dict(),  # sharded: in sharded/
+            "sharded": sharded,
             "scheduler": trainer.scheduler.state_dict(),
             "schedule": trainer.schedule.state_dict(trainer.last_lr) if trainer.schedule is not None else None,
             # the reference weights are saved apart (reference/)
@@ -245,8 +252,8 @@ def _save_checkpoint(trainer, final: str, tmp: str) -> str:
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({k: state[k] for k in ("run_id", "run_name", "run_info", "global_step", "total_steps",
-                                             "data_position", "ref_updates", "num_tokens", "world_size", "config")},
-                      f, indent=1)
+                                             "data_position", "ref_updates", "num_tokens", "world_size", "sharded",
+                                             "config")}, f, indent=1)
     trainer._barrier()
     if trainer.is_main:
         fsync_tree(tmp)
@@ -276,16 +283,27 @@ def load_checkpoint(trainer, path: str) -> None:
     if state["data_position"]["global_batch_size"] != trainer.global_batch_size:
         raise ValueError(f"checkpoint was written with global batch {state['data_position']['global_batch_size']}, "
                          f"this run has {trainer.global_batch_size}: the data position would not match")
+    if state.get("sharded") and getattr(trainer, "sharded", None) is None:
+        raise ValueError(f"{path} is a sharded (fsdp) checkpoint: resume it with fsdp=True, or turn it into "
+                         "plain folders with `fasttrdpo export`")
+    if state.get("sharded") and state.get("world_size") != trainer.world_size:  # untested: refused
+        raise ValueError(f"{path} was saved by {state.get('world_size')} FSDP ranks; this run has "
+                         f"{trainer.world_size}: resume with the same number of processes")
     saved_updater = state["updater"]
     if trainer.updater is not None and saved_updater is not None:
         # strict=False: this run's tau/alpha win (validated before anything is written)
         trainer.updater.load_state_dict(saved_updater, strict=False)
-    if getattr(trainer, "lora", None) is not None:
+    if getattr(trainer, "sharded", None) is not None:
+        from .sharded_checkpoint import load_tensors
+
+        load_tensors(trainer, path)
+    elif getattr(trainer, "lora", None) is not None:
         trainer.lora.load_checkpoint_weights(trainer, path)
+        trainer.optimizer.load_state_dict(state["optimizer"])
     else:
         load_weights(trainer.model, path)
         load_weights(trainer.ref_model, os.path.join(path, "reference"))
-    trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.global_step = state["global_step"]
     trainer.last_lr = (state.get("schedule") or {}).get("last_lr")

@@ -130,6 +130,8 @@ class TRDPOConfig:
     resume_from_checkpoint: str | None = option(None, "resume from 'latest' or a checkpoint directory",
                                                 flag="--resume", const="latest", metavar="latest|CHECKPOINT_DIR")
     device: str = option("auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N", eval="flag")
+    fsdp: bool = option(False, "FSDP2 under torchrun: policy, its optimizer state, reference and initial model "
+                        "sharded over the ranks (fasttrdpo.training.fsdp)")
 
     def __post_init__(self):
         # lists as lists (a tuple from Python code, a list from JSON: the same config, the same record)

@@ -29,6 +29,10 @@ def evaluate(trainer) -> dict:
     """The evaluation record of `trainer` (a TRDPOTrainer) on its eval pairs, sharded over ranks."""
     if not trainer.eval_pairs:
         raise ValueError("evaluate() needs an eval_dataset")
+    if getattr(trainer, "sharded", None) is not None:
+        from .fsdp import evaluate_sharded
+
+        return evaluate_sharded(trainer)
     c = trainer.config
     was_training = trainer.model.training
     trainer.model.eval()
@@ -66,7 +70,14 @@ def evaluate(trainer) -> dict:
             sums[n_metrics + 3] += int(mask.sum())
     if trainer.world_size > 1:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    s = sums.tolist()
+    if was_training:
+        trainer.model.train()
+    return finish_record(trainer, sums.tolist(), n_metrics)
+
+
+def finish_record(trainer, s: list[float], n_metrics: int) -> dict:
+    """The evaluation record from the summed figures (all ranks summed)."""
+    c = trainer.config
     pairs_total = max(s[n_metrics], 1.0)
     record = {"step": trainer.global_step, "eval_loss": s[0] / pairs_total}
     record.update({f"eval_{k}": v / pairs_total for k, v in zip(TRL_METRICS, s[1:n_metrics])})
@@ -80,6 +91,4 @@ def evaluate(trainer) -> dict:
             record["eval_init_rewards/margins"] = s[n_metrics + 5] / pairs_total
     record["eval_pairs"] = int(s[n_metrics])
     record["ref_updates"] = trainer.ref_updates
-    if was_training:
-        trainer.model.train()
     return record

@@ -49,7 +49,16 @@ def save_final(trainer) -> str:
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a save cut by a kill
         os.makedirs(tmp)
         with _quiet_progress_bars():
-            if getattr(trainer, "lora", None) is not None:
+            if getattr(trainer, "sharded", None) is not None:
+                # FSDP2: rank 0 gathers the step's sharded checkpoint from disk (one full policy and reference
+                # in its host memory, as `fasttrdpo export` does); the loop saved that checkpoint just before
+                from .sharded_checkpoint import export_checkpoint
+
+                os.rmdir(tmp)
+                export_checkpoint(os.path.join(c.output_dir, f"checkpoint-{trainer.global_step}"), tmp)
+                if not c.save_reference:
+                    shutil.rmtree(os.path.join(tmp, "reference"))
+            elif getattr(trainer, "lora", None) is not None:
                 trainer.lora.save_final(tmp, trainer.ref_model, c.save_reference)
             else:
                 save_weights(trainer.model, tmp)
