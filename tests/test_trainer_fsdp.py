@@ -254,4 +254,6 @@ def test_fsdp_refuses_what_no_test_proves():
             check_fsdp_config(config, world_size=2)
     with pytest.raises(ValueError, match="kto"):
         check_fsdp_config(TRDPOConfig(fsdp=True, trainer="kto"), world_size=2)
+    with pytest.raises(ValueError, match="LoRA"):
+        check_fsdp_config(TRDPOConfig(fsdp=True, lora_r=4, sync_ref_model=False), world_size=2)
     check_fsdp_config(TRDPOConfig(fsdp=True), world_size=2)  # what the runs above prove

@@ -46,6 +46,9 @@ def check_fsdp_config(config, world_size: int) -> None:
     for name in ("packing", "share_prompt"):
         if getattr(config, name, False):
             raise ValueError(f"TRDPOConfig: fsdp=True with {name}=True is not supported (untested)")
+    if getattr(config, "lora_r", 0) > 0:  # a PeftModel passed in is refused where the trainer sets LoRA up
+        raise ValueError("TRDPOConfig: fsdp=True with LoRA (lora_r > 0) is not supported (untested): train LoRA "
+                         "with DDP (torchrun without --fsdp)")
 
 
 def decoder_layers(model) -> list[nn.Module]:
