@@ -519,6 +519,8 @@ def cmd_eval(args) -> int:
     if not kto and "per_device_train_batch_size" in vars(args):
         raise UsageError("--per-device-train-batch-size applies to the evaluation of TR-KTO (--trainer kto) only: "
                          "it sets the blocks the KL rows are paired in")
+    if os.path.exists(os.path.join(args.model, "adapter_config.json")):
+        return _eval_lora(args, state, config)
     model, tokenizer = load_model_and_tokenizer(args.model, seed=config.seed, bf16=config.bf16,
                                                 attn_implementation=args.attn_implementation)
     ref_path = args.ref_model
@@ -536,6 +538,51 @@ def cmd_eval(args) -> int:
     trainer_cls = TRKTOTrainer if kto else TRDPOTrainer
     trainer = trainer_cls(model, tokenizer, None, config, ref_model=ref_model, eval_dataset=data,
                           init_model=init_model if init_model is not None else False)
+    return _run_eval(args, state, config, trainer)
+
+
+# the recorded fields that rebuild a LoRA run's network and reference exactly as its trainer built them
+LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_reference", "lora_soft",
+               "sync_ref_model", "alpha", "tau", "ref_dtype", "disable_dropout")
+
+
+def _eval_lora(args, state: dict, config: TRDPOConfig) -> int:
+    """A LoRA checkpoint (adapters only): the base model its run recorded + the trainer's own LoRA set-up,
+    then the checkpoint's adapters (and merged reference layers) restored bit for bit, so the reference is the
+    run's: base = adapters off, adapter = the 'ref' adapter, merged = the saved merged weights."""
+    from .trainer import TRDPOTrainer, TRKTOTrainer
+
+    recorded = state.get("config") or {}
+    if not recorded.get("lora_r"):
+        raise UsageError(f"{args.model} holds a LoRA adapter but no trainer_state.json recording its run's LoRA "
+                         "settings (e.g. final/ saved as an adapter): evaluating it is not supported; evaluate a "
+                         "checkpoint-N of the run, or save the final model with save_merged=True")
+    if args.ref_model is not None:
+        raise UsageError(f"--ref-model does not apply to a LoRA checkpoint: its reference is the run's "
+                         f"(lora_reference={recorded.get('lora_reference') or 'base'})")
+    with open(os.path.join(args.model, "adapter_config.json")) as f:
+        base = (state.get("run_info") or {}).get("model") or json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise UsageError(f"{args.model}: neither trainer_state.json nor adapter_config.json names the base model")
+    config = dataclasses.replace(config, **{k: recorded[k] for k in LORA_FIELDS if k in recorded})
+    model, tokenizer = load_model_and_tokenizer(base, seed=config.seed, bf16=config.bf16,
+                                                attn_implementation=args.attn_implementation)
+    init_model = None
+    if args.init_model:
+        init_model, _ = load_model_and_tokenizer(args.init_model, seed=config.seed, bf16=config.bf16,
+                                                 attn_implementation=args.attn_implementation, with_tokenizer=False)
+    data = _eval_data(args, state, config)
+    trainer_cls = TRKTOTrainer if config.trainer == "kto" else TRDPOTrainer
+    trainer = trainer_cls(model, tokenizer, None, config, eval_dataset=data,
+                          init_model=init_model if init_model is not None else False)
+    if trainer.lora is None:
+        raise UsageError(f"{args.model}: the recorded config (lora_r={recorded.get('lora_r')}) built no LoRA model")
+    trainer.lora.load_checkpoint_weights(trainer, args.model)
+    return _run_eval(args, state, config, trainer)
+
+
+def _run_eval(args, state: dict, config: TRDPOConfig, trainer) -> int:
+    kto = config.trainer == "kto"
     try:
         result = trainer.evaluate()
     finally:

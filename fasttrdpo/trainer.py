@@ -86,6 +86,11 @@ class TRDPOTrainer:
             causal_lm_parts(ref_model)
         self.config = config
         self.tokenizer = tokenizer
+        if _lora.lora_requested(model, config) and _dist.requested_world_size() > 1:
+            # untested: the adapter views, the merged reference and their broadcast under DDP are not proven equal
+            # to one process, so the combination is refused rather than run unchecked
+            raise ValueError(f"LoRA (lora_r={config.lora_r}) under distributed training (world size "
+                             f"{_dist.requested_world_size()}) is not supported yet: run LoRA in one process")
         self.world_size, self.rank, self._owns_process_group = _dist.init_distributed(config.device)
         _fsdp.check_fsdp_config(config, self.world_size)
         self.device = _dist.pick_device(config.device)

@@ -9,6 +9,13 @@ import torch
 import torch.distributed as dist
 
 
+def requested_world_size() -> int:
+    """The world size a trainer built now would run with (torchrun's WORLD_SIZE, or the live group's)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device_pref: str) -> tuple[int, int, bool]:
     """(world_size, rank, owns_process_group): initialises the group itself under torchrun."""
     owns = False
