@@ -296,3 +296,21 @@ def test_merged_updater_validates_before_writing_the_reference(tmp_path):
     with pytest.raises(ValueError, match="missing \\['num_updates'\\]"):
         updater.load_state_dict(state)
     assert unchanged()
+
+
+def test_the_adapters_random_start_follows_config_seed(tmp_path):
+    """Two trainers with the same config start from the same adapter whatever the global RNG held before
+    (peft draws lora_A at random), and the caller's RNG stream is left where it was."""
+    tok, rows = tiny_tokenizer(), _rows()
+    adapters = []
+    for burn in (0, 5):
+        torch.manual_seed(1234)
+        torch.rand(burn)
+        before = torch.get_rng_state()
+        trainer = TRDPOTrainer(tiny_model(0, **SMALL), tok, rows, _config(tmp_path, name=f"seed{burn}",
+                                                                          sync_ref_model=False))
+        assert torch.equal(torch.get_rng_state(), before)
+        adapters.append(get_peft_model_state_dict(trainer.model))
+    assert adapters[0].keys() == adapters[1].keys()
+    assert any(bool(t.abs().sum() > 0) for t in adapters[0].values())  # lora_A is random, not zero
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])

@@ -213,9 +213,14 @@ class LoraSetup:
             targets = config.lora_target_modules
             if targets == ["all-linear"]:
                 targets = "all-linear"
-            peft_model = get_peft_model(model, LoraConfig(
-                r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                target_modules=targets, task_type="CAUSAL_LM"))
+            # the adapter's random start follows config.seed, not whatever the global RNG holds (a run is
+            # reproducible from its config); the caller's RNG streams are left as they were
+            cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(config.seed)
+                peft_model = get_peft_model(model, LoraConfig(
+                    r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                    target_modules=targets, task_type="CAUSAL_LM"))
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         if isinstance(peft_model.get_output_embeddings(), BaseTunerLayer):
