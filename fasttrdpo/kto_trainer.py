@@ -75,10 +75,17 @@ class TRKTOTrainer(TRDPOTrainer):
                          init_model=init_model)
         self.collator = UnpairedCollator(tokenizer.pad_token_id, config.max_length)
         self.loss_fn = KTOLoss(beta=config.beta, desirable_weight=config.desirable_weight,
-                               undesirable_weight=config.undesirable_weight, ignore_index=self.collator.ignore_index)
+                               undesirable_weight=config.undesirable_weight, ignore_index=self.collator.ignore_index,
+                               token_stats=config.log_token_stats)
         self._eval_kl_sources = kl_partners(len(self.eval_pairs), config.per_device_train_batch_size)
         if self.train_pairs and self.is_main:
             _warn_weights(self.train_pairs, config.desirable_weight, config.undesirable_weight)
+
+    @property
+    def step_metric_names(self) -> tuple:
+        """KTO_METRICS, plus TRL's KTO `entropy` with config.log_token_stats (TRL's KTOTrainer logs no
+        mean_token_accuracy)."""
+        return self.metric_names + (("entropy",) if self.loss_fn.token_stats else ())
 
     def _tokenize(self, dataset) -> list[TokenizedExample]:
         if dataset is None:
@@ -125,6 +132,12 @@ class TRKTOTrainer(TRDPOTrainer):
         loss, metrics = self.loss_fn(hidden, head.weight, batch["labels"], ref_hidden[:B], ref_head.weight,
                                      batch["desirable"], policy_kl, ref_kl, policy_bias=head.bias,
                                      ref_bias=ref_head.bias)
+        if "entropy" in metrics and self.world_size > 1 and self.model.training:
+            # TRL: Σ entropy and Σ tokens gathered over ranks, then divided (a token-weighted mean per micro-batch)
+            tokens = (batch["labels"] != self.collator.ignore_index).sum().float()
+            sums = torch.stack([metrics["entropy"] * tokens, tokens])
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+            metrics["entropy"] = sums[0] / sums[1].clamp(min=1.0)
         return loss, metrics
 
     @torch.no_grad()
@@ -138,7 +151,7 @@ class TRKTOTrainer(TRDPOTrainer):
         c = self.config
         was_training = self.model.training
         self.model.eval()
-        M = len(self.metric_names)
+        M = len(self.step_metric_names)
         # [loss·rows, rows, metric sums (M), metric counts (M), kl_ref, kl_init, tokens]
         sums = torch.zeros(2 + 2 * M + 3, dtype=torch.float64, device=self.device)
         mine = list(range(self.rank, len(self.eval_pairs), self.world_size))
@@ -148,7 +161,7 @@ class TRKTOTrainer(TRDPOTrainer):
                                 [self.eval_pairs[self._eval_kl_sources[i]] for i in idx])
             hidden, kl_hidden, ref_hidden = self._hiddens(batch, self.policy)
             loss, metrics = self._kto(batch, hidden, kl_hidden, ref_hidden)
-            vec = torch.stack([metrics[k].double().reshape(()) for k in self.metric_names])
+            vec = torch.stack([metrics[k].double().reshape(()) for k in self.step_metric_names])
             sums[0] += loss.double() * len(idx)
             sums[1] += len(idx)
             sums[2:2 + M] += vec.nan_to_num(0.0)
@@ -168,7 +181,7 @@ class TRKTOTrainer(TRDPOTrainer):
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         s = sums.tolist()
         record = {"step": self.global_step, "eval_loss": s[0] / max(s[1], 1.0)}
-        record.update({f"eval_{k}": s[2 + i] / s[2 + M + i] for i, k in enumerate(self.metric_names)
+        record.update({f"eval_{k}": s[2 + i] / s[2 + M + i] for i, k in enumerate(self.step_metric_names)
                        if s[2 + M + i] > 0})
         if c.eval_kl:
             record["eval_kl/ref"] = s[-3] / max(s[-1], 1.0)

@@ -212,7 +212,9 @@ def test_same_numbers_as_trl_kto_trainer(tmp_path):
     # fp32 sums over <= 48 tokens x V=384 that differ from TRL's in summation order only (~1e-7 relative per
     # log-prob); 3 Adam steps at lr 3e-3 keep the trajectories within 1e-5 relative
     torch.testing.assert_close(get(our_logs, "loss"), loss, rtol=1e-5, atol=0)
-    for key in ("logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"):
+    # entropy (log_token_stats, on by default): TRL's per-micro-batch Σ entropy / Σ completion tokens, fp32 per
+    # token as the log-probs, so the same bound
+    for key in ("logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy"):
         torch.testing.assert_close(get(our_logs, key), get(trl_logs, key), rtol=1e-5, atol=1e-6, msg=key)
     # rewards = β·(π − π_ref) and kl = mean(π − π_ref) on the KL rows: differences of two fp32 sums each held to
     # 1e-5 relative above, so the bound is absolute, from the log-probs' magnitude (as test_loss_family derives)
@@ -359,7 +361,7 @@ def test_kto_loss_matches_a_float64_reference(backend):
     desirable = torch.tensor([True, False, True, True])
     beta, wd, wu = 0.3, 1.3, 0.7
 
-    fn = KTOLoss(beta=beta, desirable_weight=wd, undesirable_weight=wu, backend=backend)
+    fn = KTOLoss(beta=beta, desirable_weight=wd, undesirable_weight=wu, backend=backend, token_stats=True)
     pol_kl, ref_kl = fn.kl_logps(kl_hidden, weight, kl_labels, kl_ref_hidden, ref_weight, policy_bias=bias)
     loss, metrics = fn(hidden, weight, labels, ref_hidden, ref_weight, desirable, pol_kl, ref_kl, policy_bias=bias)
     loss.backward()
@@ -388,6 +390,13 @@ def test_kto_loss_matches_a_float64_reference(backend):
     mask = labels != -100
     chosen_tok = mask & desirable[:, None]
     torch.testing.assert_close(metrics["logits/chosen"].double(), mean_logit[chosen_tok].mean(), rtol=0, atol=1e-5)
+    # TRL's entropy: mean over every row's completion tokens of −Σ p log p (fp32 per token, ≤ log V ≈ 3.6, over 12
+    # tokens: ~1e-6 absolute)
+    logp64 = torch.log_softmax(h64.detach() @ w64.detach().T + b64.detach(), -1)
+    ent64 = -(logp64.exp() * logp64).sum(-1)
+    torch.testing.assert_close(metrics["entropy"].double(), ent64[mask].mean(), rtol=0, atol=1e-5)
+    with pytest.raises(TypeError, match="token_stats"):
+        KTOLoss(token_stats=1)
     for got, want in ((hidden.grad, h64.grad), (weight.grad, w64.grad), (bias.grad, b64.grad)):
         torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
     assert float(hidden.grad[3].abs().sum()) == 0.0  # a row with no completion token gets no gradient

@@ -61,7 +61,7 @@ def test_same_loss_trajectory_as_trl(tmp_path, loss_type):
     assert float((trl_loss[0] - trl_loss[-1]).abs()) > 1e-3 * float(trl_loss[0].abs())
     torch.testing.assert_close(our_loss, trl_loss, rtol=1e-4, atol=0)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
-                "logits/chosen", "logits/rejected", "rewards/accuracies"):
+                "logits/chosen", "logits/rejected", "rewards/accuracies", "entropy", "mean_token_accuracy"):
         a = torch.tensor([h[key] for h in ours_logs], dtype=torch.float64)
         b = torch.tensor([h[key] for h in trl_logs], dtype=torch.float64)
         # metrics of a step are computed before its update, from the same weights up to the trajectory drift

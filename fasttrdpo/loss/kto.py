@@ -14,6 +14,9 @@ Metrics (TRL's KTO names, one value per micro-batch as TRL appends them): kl, re
 rewards/margins, logps/chosen, logps/rejected, logits/chosen, logits/rejected. "chosen" = desirable rows. A metric
 TRL would not append for this batch (no desirable, or no undesirable, row) is NaN here: the trainer averages the
 values present, as TRL's `log` averages its lists.
+With token_stats=True the metrics also hold TRL's `entropy`: the mean policy entropy over the rows' completion
+tokens (TRL's KTOTrainer logs it from its fused head; here `fasttrdpo.ops.linear_token_stats` recomputes it from
+the policy's hidden states without grad, one more policy logits GEMM over the completion tokens).
 """
 from __future__ import annotations
 
@@ -46,8 +49,12 @@ class KTOLoss(nn.Module):
     """
 
     def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-                 ignore_index: int = -100, *, backend: str = "auto", validate: bool = True):
+                 ignore_index: int = -100, *, backend: str = "auto", validate: bool = True,
+                 token_stats: bool = False):
         super().__init__()
+        if not isinstance(token_stats, bool):
+            raise TypeError(f"token_stats must be a bool, got {type(token_stats).__name__}")
+        self.token_stats = token_stats
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
             raise ValueError(f"beta must be a number > 0, got {beta!r}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -104,7 +111,19 @@ class KTOLoss(nn.Module):
         with torch.no_grad():
             metrics = self._metrics(policy_hidden, policy_weight, policy_bias, labels, desirable,
                                     policy_logps.detach(), rewards, kl)
+            if self.token_stats:
+                metrics["entropy"] = self._entropy(policy_hidden, policy_weight, policy_bias, labels)
         return losses.mean(), metrics
+
+    def _entropy(self, policy_hidden, policy_weight, policy_bias, labels):
+        """TRL's KTO `entropy`: Σ entropy / Σ tokens over the rows' completion tokens (0.0 without any, as TRL)."""
+        from ..ops.linear import linear_token_stats
+
+        entropy, _ = linear_token_stats(policy_hidden.detach(), policy_weight.detach(), labels,
+                                        bias=None if policy_bias is None else policy_bias.detach(),
+                                        ignore_index=self.ignore_index, validate=False, backend=self.backend)
+        tokens = (labels != self.ignore_index).sum().float()
+        return (entropy.sum() / tokens.clamp(min=1.0)).float()
 
     def _metrics(self, policy_hidden, policy_weight, policy_bias, labels, desirable, policy_logps, rewards, kl):
         B = labels.shape[0]

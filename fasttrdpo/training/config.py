@@ -125,7 +125,8 @@ class TRDPOConfig:
                                         "none: metrics.jsonl only); see fasttrdpo.training.reporting",
                                         metavar="none|tensorboard|wandb[,...]")
     log_token_stats: bool = option(True, "log TRL's entropy and mean_token_accuracy of the policy, computed in the "
-                                   "fused loss without logits (trainer dpo; TR-KTO's loss does not compute them)")
+                                   "fused loss without logits (trainer kto: TRL's KTO entropy only, one more "
+                                   "no-grad policy head pass)")
     disable_tqdm: bool = option(False, "no progress bar")
     resume_from_checkpoint: str | None = option(None, "resume from 'latest' or a checkpoint directory",
                                                 flag="--resume", const="latest", metavar="latest|CHECKPOINT_DIR")

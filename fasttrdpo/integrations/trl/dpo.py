@@ -12,8 +12,10 @@ reference handling, PEFT adapters, logging) is TRL's.
 
 or switch an existing trainer: `use_trdpo_loss(trainer)`.
 
-Logged metrics: TRL's `rewards/*`, `logps/*`, `logits/*` and `num_tokens` (TRL's definitions).
-`entropy` and `mean_token_accuracy` need extra per-token outputs of TRL's kernel and are not logged.
+Logged metrics: TRL's `rewards/*`, `logps/*`, `logits/*`, `num_tokens`, `entropy` (mean policy entropy over all
+completion tokens) and `mean_token_accuracy` (top-1 accuracy over the chosen completion tokens), TRL's
+definitions; the last two are computed in TRDPOLoss's pass (token_stats=True, no logits kept) and reduced as
+TRL reduces them: token sums and token counts gathered over processes, then divided.
 With `sync_ref_model=True` the fused trainer replaces TRL's SyncRefModelCallback by
 `FusedSyncRefModelCallback` itself. Under `DPOConfig(bf16=True)` (TRL's default) the policy and the
 reference backbones run under accelerate's autocast exactly as TRL runs them; TRDPOLoss then does fp32
@@ -189,11 +191,11 @@ def use_trdpo_loss(trainer, *, backend: str = "auto") -> "DPOTrainer":
     if len(loss_types) == 1 and weights == [1.0]:  # one type: TRDPOLoss's plain form (no list, no weight)
         trainer._trdpo_loss = TRDPOLoss(beta=trainer.beta, loss_type=loss_types[0], label_smoothing=eps[0],
                                         discopop_tau=trainer.args.discopop_tau, logit_scale=scale, softcap=softcap,
-                                        backend=backend)
+                                        backend=backend, token_stats=True)
     else:
         trainer._trdpo_loss = TRDPOLoss(beta=trainer.beta, loss_type=loss_types, label_smoothing=eps,
                                         loss_weights=weights, discopop_tau=trainer.args.discopop_tau,
-                                        logit_scale=scale, softcap=softcap, backend=backend)
+                                        logit_scale=scale, softcap=softcap, backend=backend, token_stats=True)
     trainer._compute_loss = types.MethodType(_compute_loss, trainer)
     return trainer
 
@@ -235,8 +237,18 @@ def _compute_loss(self, model, inputs, return_outputs):
 
     # TRL's logging: gathered across processes, then .item() (TRL syncs here too)
     gather = self.accelerator.gather_for_metrics
+    # entropy / mean_token_accuracy: TRL divides the gathered token sums by the gathered token counts (all
+    # completion tokens / the chosen ones; 0.0 without any), not a mean of per-process means
+    completion_tokens = (labels != -100).sum(1).to(loss.device)
+    counts = {"entropy": completion_tokens.sum(),
+              "mean_token_accuracy": completion_tokens[:labels.shape[0] // 2].sum()}  # rows: chosen, then rejected
     for key, value in metrics.items():
-        self._metrics[mode][key].append(gather(value.reshape(1)).mean().item())
+        if key in counts:
+            total = gather(counts[key].float().reshape(1)).sum()
+            token_sum = gather((value * counts[key]).float().reshape(1)).sum()
+            self._metrics[mode][key].append((token_sum / total).item() if total > 0 else 0.0)
+        else:
+            self._metrics[mode][key].append(gather(value.reshape(1)).mean().item())
     if mode == "train":
         n_tokens = gather(inputs["attention_mask"].sum()).sum().item()
         self._total_train_tokens += n_tokens // self._tp_size
