@@ -500,3 +500,97 @@ def test_load_unpaired_dataset(tmp_path):
     paired = tmp_path / "pairs.jsonl"  # pairs load as pairs: the trainer unpairs them as TRL does
     paired.write_text("".join(json.dumps(r) + "\n" for r in PAIRED_ROWS))
     assert load_unpaired_dataset(str(paired)).column_names == ["prompt", "chosen", "rejected"]
+
+
+_DDP_SCRIPT = r'''
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from test_kto_trainer import _config, _models, _text_rows
+from fasttrdpo.tiny import tiny_tokenizer
+from fasttrdpo.trainer import TRKTOTrainer
+rows = json.load(open(sys.argv[2]))
+cfg = _config(__import__("pathlib").Path(sys.argv[3]), output_dir=sys.argv[3], max_steps=1,
+              per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3, sync_ref_model=False)
+model, ref = _models()
+TRKTOTrainer(model, tiny_tokenizer(), rows, cfg, ref_model=ref).train()
+'''
+
+
+def test_ddp_metrics_divide_global_class_sums_by_global_counts(tmp_path):
+    """2 ranks (gloo), 2 micro-batches of 4 rows per rank with unequal desirable counts per rank (micro-batch 0:
+    1 vs 3; micro-batch 1: 0 vs 2, so rank 0 measures no rewards/chosen there): each logged metric is TRL's, the
+    mean over micro-batches of (class sum over BOTH ranks' rows / class count over both ranks), computed here in
+    float64 from the same rows. Per-rank means averaged over ranks (the old reduction) are off by O(1)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    n, B, W, A = 16, 4, 2, 2
+    probe = SimpleNamespace(config=SimpleNamespace(seed=0, data_seed=None, per_device_train_batch_size=B,
+                                                   gradient_accumulation_steps=A),
+                            steps_per_epoch=1, train_pairs=range(n), global_batch_size=B * A * W, world_size=W)
+    probe._step_rows = lambda step: TRKTOTrainer._step_rows(probe, step)
+    where = {}  # (micro-batch, rank) -> row indices, from the trainer's own step -> rows map
+    for r in range(W):
+        probe.rank = r
+        for a, idx in enumerate(TRKTOTrainer._step_indices(probe, 0)):
+            where[a, r] = idx
+    desirable_per = {(0, 0): 1, (0, 1): 3, (1, 0): 0, (1, 1): 2}
+    rows = _text_rows(n, [0] * n)
+    for key, idx in where.items():
+        for j, i in enumerate(idx):
+            rows[i]["label"] = j < desirable_per[key]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    script = tmp_path / "run.py"
+    script.write_text(_DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
+           str(script), os.path.dirname(__file__), str(tmp_path / "rows.json"), str(tmp_path / "out")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    logged = next(json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl") if "loss" in json.loads(line))
+
+    # float64 reference on the initial weights (both micro-batches precede the only optimizer step)
+    model, ref = _models()
+    model, ref = model.double().eval(), ref.double().eval()
+    tok = tiny_tokenizer()
+    cfg = _config(tmp_path)
+    examples = tokenize_unpaired_dataset(rows, tok, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                                         truncation_mode=cfg.truncation_mode)
+    collate = UnpairedCollator(tok.pad_token_id, cfg.max_length)
+    per_mb = {k: [] for k in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected",
+                              "logits/chosen", "logits/rejected", "rewards/margins")}
+    with torch.no_grad():
+        for a in range(A):
+            idx = where[a, 0] + where[a, 1]  # the pooled rows of micro-batch a
+            batch = collate([examples[i] for i in idx], None)
+            mask = batch["labels"] != collate.ignore_index
+            lab = batch["labels"].clamp(min=0).unsqueeze(-1)
+
+            def seq(m):
+                logits = m(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                return (logits.log_softmax(-1).gather(-1, lab).squeeze(-1) * mask).sum(1), logits
+            lp, logits = seq(model)
+            rlp, _ = seq(ref)
+            rewards = 0.1 * (lp - rlp)
+            logit_sums = (logits.mean(-1) * mask).sum(1)
+            tokens = mask.sum(1).double()
+            d = batch["desirable"]
+            for name, sel in (("chosen", d), ("rejected", ~d)):
+                if sel.any():
+                    per_mb[f"rewards/{name}"].append(rewards[sel].sum() / sel.sum())
+                    per_mb[f"logps/{name}"].append(lp[sel].sum() / sel.sum())
+                    per_mb[f"logits/{name}"].append(logit_sums[sel].sum() / tokens[sel].sum())
+            if d.any() and (~d).any():
+                per_mb["rewards/margins"].append(per_mb["rewards/chosen"][-1] - per_mb["rewards/rejected"][-1])
+    assert len(per_mb["rewards/chosen"]) == 2 and len(per_mb["rewards/margins"]) == 2
+    # fp32 log-prob sums over <= 48 tokens x V=384 vs float64: ~1e-7 relative each (as in
+    # test_same_numbers_as_trl_kto_trainer, held there to 1e-5 relative); rewards = 0.1·(π − π_ref) is a difference
+    # of two such sums, so its bound is absolute: 2·0.1·1e-5·|logps|
+    mag = max(abs(float(x)) for k in ("logps/chosen", "logps/rejected") for x in per_mb[k])
+    for key, vals in per_mb.items():
+        want = float(torch.stack(vals).mean())
+        tol = 2 * 2 * 0.1 * 1e-5 * mag if key.startswith("rewards") else 1e-5 * abs(want) + 1e-6
+        assert abs(logged[key] - want) <= tol, (key, logged[key], want, tol)
