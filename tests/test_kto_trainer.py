@@ -375,19 +375,51 @@ def test_kto_loss_matches_a_float64_reference(backend):
                            wu * (1 - torch.sigmoid(beta * (z - r)))).mean()
     ref_loss.backward()
     assert float(z) > 0  # the KL term is active
-    # fp32 log-probs over ≤ 6 tokens × V=37 with |z| ≲ 10: per-token error ~1e-6, summed; the loss is a
-    # sigmoid of β·r (slope ≤ β/4), so 1e-5 absolute bounds it with margin
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=0, atol=1e-5)
-    torch.testing.assert_close(metrics["kl"].double(), z, rtol=0, atol=1e-4)
+    # Tolerances: fp32 rounding bounds (unit roundoff u = 2^-24) computed from this data, worst case (γ_n ≈ n·u).
+    # A token's log-prob is logit_y − logsumexp(logits): each logit is an H-term dot product plus a bias, off by
+    # ≤ (H+1)·u·A with A = max_v Σ_i |h_i·w_vi| + |b_v|; logit_y and the logsumexp shift by that each (2·(H+1)·u·A),
+    # the V-term sum of exps adds ≤ (V+2)·u to its log, and the final subtraction u·|log-prob|. A row's sum over
+    # its n tokens adds n·u·|sum|.
+    u = 2.0 ** -24
+
+    def seq_err(h, w, b, lab):
+        h, w, b = h.detach().double(), w.detach().double(), None if b is None else b.detach().double()
+        A = h.abs() @ w.abs().T + (0 if b is None else b.abs())
+        tok = 2 * (H + 1) * u * A.amax(-1) + (V + 2) * u + u * torch.log_softmax(h @ w.T + (0 if b is None else b),
+                                                                                  -1).abs().amax(-1)
+        n = (lab != -100).sum(1)
+        return torch.where(lab != -100, tok, 0.0).sum(1) + n * u * seq64(h, w, b, lab).abs()
+
+    e_r = seq_err(hidden, weight, bias, labels) + seq_err(ref_hidden, ref_weight, None, labels)  # r = π − π_ref
+    e_kl = seq_err(kl_hidden, weight, bias, kl_labels) + seq_err(kl_ref_hidden, ref_weight, None, kl_labels)
+    e_z = float(e_kl.max())  # z is a mean of the KL rows' differences; clamp(min=0) is 1-Lipschitz
+    # the loss is a mean of w·σ(±β·(r − z)), slope ≤ w·β/4, plus a few roundings of a value ≤ max(w)
+    e_loss = max(wd, wu) * beta / 4 * (float(e_r.max()) + e_z) + 4 * u * max(wd, wu)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=0, atol=e_loss)
+    torch.testing.assert_close(metrics["kl"].double(), z, rtol=0, atol=e_z)
     rewards = beta * r.detach()
-    torch.testing.assert_close(metrics["rewards/chosen"].double(), rewards[desirable].mean(), rtol=0, atol=1e-5)
-    torch.testing.assert_close(metrics["rewards/rejected"].double(), rewards[~desirable].mean(), rtol=0, atol=1e-5)
+    # rewards = β·r, averaged over a class (a mean of values each within β·e_r, plus its own 2 roundings)
+    for name, sel in (("chosen", desirable), ("rejected", ~desirable)):
+        e = beta * float(e_r[sel].max()) + 2 * u * float(rewards[sel].abs().max())
+        torch.testing.assert_close(metrics[f"rewards/{name}"].double(), rewards[sel].mean(), rtol=0, atol=e)
     mean_logit = (h64.detach() @ w64.detach().T + b64.detach()).mean(-1)
     mask = labels != -100
     chosen_tok = mask & desirable[:, None]
-    torch.testing.assert_close(metrics["logits/chosen"].double(), mean_logit[chosen_tok].mean(), rtol=0, atol=1e-5)
-    for got, want in ((hidden.grad, h64.grad), (weight.grad, w64.grad), (bias.grad, b64.grad)):
-        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
+    # mean logit = h·mean_v(W) + mean(b): mean over V rows (V·u relative of max|w|), an H-term dot product ((H+1)·u
+    # of Σ|h|·|mean w|), then a mean over the class's tokens (n·u)
+    A_mean = float((h64.detach().abs() @ w64.detach().abs().T + b64.detach().abs()).amax())
+    e_logit = (V + H + 2 + int(chosen_tok.sum())) * u * A_mean
+    torch.testing.assert_close(metrics["logits/chosen"].double(), mean_logit[chosen_tok].mean(), rtol=0, atol=e_logit)
+    # gradients: d loss/d logit_v = c·(p_v − [v = y]) with |c| ≤ max(w)·β/4 / R; p_v carries the log-prob's error
+    # (relative e_tok ≤ max row error), c the error of σ' at β·(r − z) (≤ β/4·β·(e_r + e_z) relative, tiny); the
+    # back-products through W (H or V terms) add (V+H)·u of their magnitude. Bound per entry:
+    c = max(wd, wu) * beta / 4 / R
+    e_p = float(e_r.max()) + e_z
+    for got, want, scale in ((hidden.grad, h64.grad, float(w64.detach().abs().max())),
+                             (weight.grad, w64.grad, float(h64.detach().abs().max()) * T),
+                             (bias.grad, b64.grad, float(T))):
+        e = 2 * c * scale * (e_p + (V + H + 2) * u)
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=e)
     assert float(hidden.grad[3].abs().sum()) == 0.0  # a row with no completion token gets no gradient
     # a batch without undesirable rows: TRL appends no rejected metrics (NaN here), the loss is still defined
     _, only = fn(hidden, weight, labels, ref_hidden, ref_weight, torch.ones(R, dtype=torch.bool), pol_kl, ref_kl,
