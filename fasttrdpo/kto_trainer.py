@@ -4,7 +4,9 @@ The TR-DPO paper applies the reference update to KTO as well: every tau optimize
 `RefModelUpdater` blends the policy into the reference (θ_ref ← θ_ref + α·(θ − θ_ref)). Everything else is
 TRL 1.16's KTOTrainer: its data processing (`fasttrdpo.unpaired_data`), its KL estimate from mismatched rows of
 the batch (row i's prompt with row i−1's completion; z averaged over ranks before the clamp, as TRL gathers it),
-its loss and its metric names (`fasttrdpo.loss.KTOLoss`). The loop, optimizer, schedule, checkpoints, DDP and
+its loss and its metric names (`fasttrdpo.loss.KTOLoss`, class sums all-reduced over ranks before dividing), its
+data order (train_sampling_strategy "sequential" by default: dataset order, so each micro-batch is one of TRL's fixed
+per-device KL blocks; "random" reshuffles every epoch). The loop, optimizer, schedule, checkpoints, DDP and
 logging are TRDPOTrainer's; this class supplies the data, the batch and the loss.
 
     config = TRDPOConfig(trainer="kto", beta=0.1, alpha=0.6, tau=64, desirable_weight=1.0, ...)
@@ -79,6 +81,19 @@ class TRKTOTrainer(TRDPOTrainer):
         c = self.config
         return tokenize_unpaired_dataset(dataset, self.tokenizer, max_length=c.max_length,
                                          max_prompt_length=c.max_prompt_length, truncation_mode=c.truncation_mode)
+
+    def _step_rows(self, step: int) -> list[int]:
+        """train_sampling_strategy sequential/auto (TRL's KTOConfig default): global batch `step` is the next
+        rows in dataset order, every epoch the same order (an incomplete last global batch is dropped, as the
+        loop does). With the loop's micro-batch split (rank r's micro-batch a of step s is per-device block
+        (s·accum + a)·world + r, as accelerate shards a sequential loader) each micro-batch is one of TRL's
+        per_device_train_batch_size blocks, so rotating inside it gives TRL's fixed KL partners. random: the
+        loop's per-epoch permutation, KL partners rotated inside each shuffled micro-batch."""
+        if self.config.train_sampling_strategy == "random":
+            return TRDPOTrainer._step_rows(self, step)
+        G = self.global_batch_size
+        batch = step % self.steps_per_epoch
+        return list(range(batch * G, (batch + 1) * G))
 
     def _row_tokens(self, example: TokenizedExample) -> int:
         # TRL counts the rows' attention_mask only (not the KL rows')

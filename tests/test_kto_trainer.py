@@ -179,6 +179,7 @@ def test_same_numbers_as_trl_kto_trainer(tmp_path):
     n = STEPS * B * ACCUM
     cfg = _config(tmp_path, sync_ref_model=False)
     order = _our_order(cfg, n)
+    assert cfg.train_sampling_strategy == "auto" and order == list(range(n))  # TRL's sequential order
     # labels by training position: micro-batch 1 is all desirable (TRL logs no rewards/rejected for it, and the
     # step's value is the other micro-batch's alone), the others mixed
     labels_in_order = [1, 1, 1, 1] + [1, 0, 0, 1] + [0, 1, 0, 0] + [1, 0, 1, 0] + [0, 0, 1, 1] + [1, 0, 0, 0]
@@ -197,7 +198,7 @@ def test_same_numbers_as_trl_kto_trainer(tmp_path):
                      use_cpu=True, seed=0, beta=0.1, max_length=48, save_strategy="no", disable_tqdm=True,
                      dataloader_num_workers=0, bf16=False, fp16=False, gradient_checkpointing=False,
                      desirable_weight=1.3, undesirable_weight=0.7, sync_ref_model=False)
-    trl = KTOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list([rows[i] for i in order]),
+    trl = KTOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
                      processing_class=tiny_tokenizer())
     trl.train()
     trl_logs = [h for h in trl.state.log_history if "loss" in h and "train_runtime" not in h]
@@ -560,7 +561,8 @@ def test_ddp_metrics_divide_global_class_sums_by_global_counts(tmp_path):
     import sys
 
     n, B, W, A = 16, 4, 2, 2
-    probe = SimpleNamespace(config=SimpleNamespace(seed=0, data_seed=None, per_device_train_batch_size=B,
+    probe = SimpleNamespace(config=SimpleNamespace(seed=0, data_seed=None, train_sampling_strategy="auto",
+                                                   per_device_train_batch_size=B,
                                                    gradient_accumulation_steps=A),
                             steps_per_epoch=1, train_pairs=range(n), global_batch_size=B * A * W, world_size=W)
     probe._step_rows = lambda step: TRKTOTrainer._step_rows(probe, step)
