@@ -628,3 +628,13 @@ def test_ddp_metrics_divide_global_class_sums_by_global_counts(tmp_path):
         want = float(torch.stack(vals).mean())
         tol = 2 * 2 * 0.1 * 1e-5 * mag if key.startswith("rewards") else 1e-5 * abs(want) + 1e-6
         assert abs(logged[key] - want) <= tol, (key, logged[key], want, tol)
+
+
+def test_train_sampling_strategy_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="train_sampling_strategy='sequential' applies to trainer='kto' only"):
+        TRDPOConfig(trainer="dpo", train_sampling_strategy="sequential")
+    with pytest.raises(ValueError, match="train_sampling_strategy must be"):
+        _config(tmp_path, train_sampling_strategy="group_by_length")
+    # random: the loop's seeded per-epoch permutation (not the dataset order)
+    assert _our_order(_config(tmp_path, train_sampling_strategy="random"), STEPS * B * ACCUM) != list(
+        range(STEPS * B * ACCUM))
