@@ -4,7 +4,9 @@ The TR-DPO paper applies the reference update to KTO as well: every tau optimize
 `RefModelUpdater` blends the policy into the reference (θ_ref ← θ_ref + α·(θ − θ_ref)). Everything else is
 TRL 1.16's KTOTrainer: its data processing (`fasttrdpo.unpaired_data`), its KL estimate from mismatched rows of
 the batch (row i's prompt with row i−1's completion; z averaged over ranks before the clamp, as TRL gathers it),
-its loss and its metric names (`fasttrdpo.loss.KTOLoss`). The loop, optimizer, schedule, checkpoints, DDP and
+its loss and its metric names (`fasttrdpo.loss.KTOLoss`, class sums all-reduced over ranks before dividing), its
+data order (train_sampling_strategy "sequential" by default: dataset order, so each micro-batch is one of TRL's fixed
+per-device KL blocks; "random" reshuffles every epoch). The loop, optimizer, schedule, checkpoints, DDP and
 logging are TRDPOTrainer's; this class supplies the data, the batch and the loss.
 
     config = TRDPOConfig(trainer="kto", beta=0.1, alpha=0.6, tau=64, desirable_weight=1.0, ...)
@@ -17,7 +19,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from .loss.kto import KTO_METRICS, KTOLoss
+from .loss.kto import KTO_METRICS, KTO_SUMS, KTOLoss, kto_metrics_from_sums
 from .trainer import TRDPOTrainer
 from .training.config import TRDPOConfig
 from .training.evaluate import kl_sum
@@ -94,6 +96,19 @@ class TRKTOTrainer(TRDPOTrainer):
         return tokenize_unpaired_dataset(dataset, self.tokenizer, max_length=c.max_length,
                                          max_prompt_length=c.max_prompt_length, truncation_mode=c.truncation_mode)
 
+    def _step_rows(self, step: int) -> list[int]:
+        """train_sampling_strategy sequential/auto (TRL's KTOConfig default): global batch `step` is the next
+        rows in dataset order, every epoch the same order (an incomplete last global batch is dropped, as the
+        loop does). With the loop's micro-batch split (rank r's micro-batch a of step s is per-device block
+        (s·accum + a)·world + r, as accelerate shards a sequential loader) each micro-batch is one of TRL's
+        per_device_train_batch_size blocks, so rotating inside it gives TRL's fixed KL partners. random: the
+        loop's per-epoch permutation, KL partners rotated inside each shuffled micro-batch."""
+        if self.config.train_sampling_strategy == "random":
+            return TRDPOTrainer._step_rows(self, step)
+        G = self.global_batch_size
+        batch = step % self.steps_per_epoch
+        return list(range(batch * G, (batch + 1) * G))
+
     def _row_tokens(self, example: TokenizedExample) -> int:
         # TRL counts the rows' attention_mask only (not the KL rows')
         return len(example.prompt) + len(example.completion)
@@ -122,16 +137,22 @@ class TRKTOTrainer(TRDPOTrainer):
             ref_hidden = self._ref_hidden(self.ref_model, both)
         return hidden, kl_hidden, ref_hidden
 
-    def _kto(self, batch, hidden, kl_hidden, ref_hidden):
+    def _all_reduce_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        return sums
+
+    def _kto(self, batch, hidden, kl_hidden, ref_hidden, reduce_sums=None):
         B = batch["input_ids"].shape[0]
         head, ref_head = self.policy.head, self.ref_head
         policy_kl, ref_kl = self.loss_fn.kl_logps(kl_hidden, head.weight, batch["kl_labels"], ref_hidden[B:],
                                                   ref_head.weight, policy_bias=head.bias, ref_bias=ref_head.bias)
         if self.world_size > 1 and self.model.training:  # TRL averages z over processes (equal rows per rank)
             policy_kl, ref_kl = self._gather_kl(policy_kl), self._gather_kl(ref_kl)
+            # and divides the metrics' class sums by the global class counts: every rank logs the same value
+            reduce_sums = self._all_reduce_sums
         loss, metrics = self.loss_fn(hidden, head.weight, batch["labels"], ref_hidden[:B], ref_head.weight,
                                      batch["desirable"], policy_kl, ref_kl, policy_bias=head.bias,
-                                     ref_bias=ref_head.bias)
+                                     ref_bias=ref_head.bias, reduce_sums=reduce_sums)
         if "entropy" in metrics and self.world_size > 1 and self.model.training:
             # TRL: Σ entropy and Σ tokens gathered over ranks, then divided (a token-weighted mean per micro-batch)
             tokens = (batch["labels"] != self.collator.ignore_index).sum().float()
@@ -145,27 +166,39 @@ class TRKTOTrainer(TRDPOTrainer):
         """eval_loss (mean over rows) and TRL's KTO metrics (mean over eval batches of those measured), plus, with
         eval_kl, the exact per-token KL(policy || reference) and KL(policy || initial) over completion tokens.
         Under DDP each rank's batches use their own z (ranks may hold different numbers of eval batches, so no
-        collective runs per batch); the sums are reduced at the end."""
+        collective runs per batch); eval batch j of all ranks is one global batch whose class sums and counts are
+        all-reduced at the end and divided once (as TRL gathers them before dividing)."""
         if not self.eval_pairs:
             raise ValueError("evaluate() needs an eval_dataset")
         c = self.config
         was_training = self.model.training
         self.model.eval()
-        M = len(self.step_metric_names)
-        # [loss·rows, rows, metric sums (M), metric counts (M), kl_ref, kl_init, tokens]
-        sums = torch.zeros(2 + 2 * M + 3, dtype=torch.float64, device=self.device)
+        Be, S = c.per_device_eval_batch_size, len(KTO_SUMS)
         mine = list(range(self.rank, len(self.eval_pairs), self.world_size))
-        for start in range(0, len(mine), c.per_device_eval_batch_size):
-            idx = mine[start:start + c.per_device_eval_batch_size]
+        # eval batch j of every rank is one global batch (as TRL's distributed eval steps): its class sums are
+        # kept apart and reduced once at the end, then divided per global batch, as TRL gathers before dividing
+        n_batches = -(-len(range(0, len(self.eval_pairs), self.world_size)) // Be)  # rank 0 holds the most rows
+        batch_sums = torch.zeros(n_batches, S, dtype=torch.float64, device=self.device)
+        ent_sums = torch.zeros(n_batches, 2, dtype=torch.float64, device=self.device)  # Σ entropy·tokens, tokens
+        # [loss·rows, rows, kl sum, kl count, kl_ref, kl_init, tokens]
+        sums = torch.zeros(7, dtype=torch.float64, device=self.device)
+        for j, start in enumerate(range(0, len(mine), Be)):
+            idx = mine[start:start + Be]
             batch = self._batch([self.eval_pairs[i] for i in idx],
                                 [self.eval_pairs[self._eval_kl_sources[i]] for i in idx])
             hidden, kl_hidden, ref_hidden = self._hiddens(batch, self.policy)
-            loss, metrics = self._kto(batch, hidden, kl_hidden, ref_hidden)
-            vec = torch.stack([metrics[k].double().reshape(()) for k in self.step_metric_names])
+            captured = []
+            loss, metrics = self._kto(batch, hidden, kl_hidden, ref_hidden,
+                                      reduce_sums=lambda v: captured.append(v) or v)
+            batch_sums[j] += captured[0].double()
+            if "entropy" in metrics:
+                tokens = int((batch["labels"] != self.collator.ignore_index).sum())
+                ent_sums[j] += torch.tensor([float(metrics["entropy"]) * tokens, tokens], dtype=torch.float64,
+                                            device=self.device)
             sums[0] += loss.double() * len(idx)
             sums[1] += len(idx)
-            sums[2:2 + M] += vec.nan_to_num(0.0)
-            sums[2 + M:2 + 2 * M] += (~vec.isnan()).double()
+            sums[2] += metrics["kl"].double()  # each rank's z of its batch (no collective per batch)
+            sums[3] += 1
             if c.eval_kl:
                 mask = batch["labels"] != self.collator.ignore_index
                 h = hidden[mask]
@@ -179,10 +212,21 @@ class TRKTOTrainer(TRDPOTrainer):
                 sums[-1] += int(mask.sum())
         if self.world_size > 1:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+            dist.all_reduce(batch_sums, op=dist.ReduceOp.SUM)
+        per_batch = kto_metrics_from_sums(torch.zeros(n_batches), batch_sums.float())
         s = sums.tolist()
         record = {"step": self.global_step, "eval_loss": s[0] / max(s[1], 1.0)}
-        record.update({f"eval_{k}": s[2 + i] / s[2 + M + i] for i, k in enumerate(self.step_metric_names)
-                       if s[2 + M + i] > 0})
+        for k in self.metric_names:  # the mean over global batches of those that measured k (TRL's log)
+            v = torch.tensor([s[2] / s[3]]) if k == "kl" else per_batch[k].double().cpu()
+            present = v[~v.isnan()]
+            if present.numel():
+                record[f"eval_{k}"] = float(present.mean())
+        if "entropy" in self.step_metric_names:  # per global batch: gathered sums / gathered tokens (TRL's)
+            if self.world_size > 1:
+                dist.all_reduce(ent_sums, op=dist.ReduceOp.SUM)
+            measured = ent_sums[ent_sums[:, 1] > 0]
+            if measured.numel():
+                record["eval_entropy"] = float((measured[:, 0] / measured[:, 1]).mean())
         if c.eval_kl:
             record["eval_kl/ref"] = s[-3] / max(s[-1], 1.0)
             if self.init_model is not None:

@@ -181,6 +181,7 @@ def test_same_numbers_as_trl_kto_trainer(tmp_path):
     n = STEPS * B * ACCUM
     cfg = _config(tmp_path, sync_ref_model=False)
     order = _our_order(cfg, n)
+    assert cfg.train_sampling_strategy == "auto" and order == list(range(n))  # TRL's sequential order
     # labels by training position: micro-batch 1 is all desirable (TRL logs no rewards/rejected for it, and the
     # step's value is the other micro-batch's alone), the others mixed
     labels_in_order = [1, 1, 1, 1] + [1, 0, 0, 1] + [0, 1, 0, 0] + [1, 0, 1, 0] + [0, 0, 1, 1] + [1, 0, 0, 0]
@@ -199,7 +200,7 @@ def test_same_numbers_as_trl_kto_trainer(tmp_path):
                      use_cpu=True, seed=0, beta=0.1, max_length=48, save_strategy="no", disable_tqdm=True,
                      dataloader_num_workers=0, bf16=False, fp16=False, gradient_checkpointing=False,
                      desirable_weight=1.3, undesirable_weight=0.7, sync_ref_model=False)
-    trl = KTOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list([rows[i] for i in order]),
+    trl = KTOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
                      processing_class=tiny_tokenizer())
     trl.train()
     trl_logs = [h for h in trl.state.log_history if "loss" in h and "train_runtime" not in h]
@@ -379,17 +380,41 @@ def test_kto_loss_matches_a_float64_reference(backend):
                            wu * (1 - torch.sigmoid(beta * (z - r)))).mean()
     ref_loss.backward()
     assert float(z) > 0  # the KL term is active
-    # fp32 log-probs over ≤ 6 tokens × V=37 with |z| ≲ 10: per-token error ~1e-6, summed; the loss is a
-    # sigmoid of β·r (slope ≤ β/4), so 1e-5 absolute bounds it with margin
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=0, atol=1e-5)
-    torch.testing.assert_close(metrics["kl"].double(), z, rtol=0, atol=1e-4)
+    # Tolerances: fp32 rounding bounds (unit roundoff u = 2^-24) computed from this data, worst case (γ_n ≈ n·u).
+    # A token's log-prob is logit_y − logsumexp(logits): each logit is an H-term dot product plus a bias, off by
+    # ≤ (H+1)·u·A with A = max_v Σ_i |h_i·w_vi| + |b_v|; logit_y and the logsumexp shift by that each (2·(H+1)·u·A),
+    # the V-term sum of exps adds ≤ (V+2)·u to its log, and the final subtraction u·|log-prob|. A row's sum over
+    # its n tokens adds n·u·|sum|.
+    u = 2.0 ** -24
+
+    def seq_err(h, w, b, lab):
+        h, w, b = h.detach().double(), w.detach().double(), None if b is None else b.detach().double()
+        A = h.abs() @ w.abs().T + (0 if b is None else b.abs())
+        tok = 2 * (H + 1) * u * A.amax(-1) + (V + 2) * u + u * torch.log_softmax(h @ w.T + (0 if b is None else b),
+                                                                                  -1).abs().amax(-1)
+        n = (lab != -100).sum(1)
+        return torch.where(lab != -100, tok, 0.0).sum(1) + n * u * seq64(h, w, b, lab).abs()
+
+    e_r = seq_err(hidden, weight, bias, labels) + seq_err(ref_hidden, ref_weight, None, labels)  # r = π − π_ref
+    e_kl = seq_err(kl_hidden, weight, bias, kl_labels) + seq_err(kl_ref_hidden, ref_weight, None, kl_labels)
+    e_z = float(e_kl.max())  # z is a mean of the KL rows' differences; clamp(min=0) is 1-Lipschitz
+    # the loss is a mean of w·σ(±β·(r − z)), slope ≤ w·β/4, plus a few roundings of a value ≤ max(w)
+    e_loss = max(wd, wu) * beta / 4 * (float(e_r.max()) + e_z) + 4 * u * max(wd, wu)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=0, atol=e_loss)
+    torch.testing.assert_close(metrics["kl"].double(), z, rtol=0, atol=e_z)
     rewards = beta * r.detach()
-    torch.testing.assert_close(metrics["rewards/chosen"].double(), rewards[desirable].mean(), rtol=0, atol=1e-5)
-    torch.testing.assert_close(metrics["rewards/rejected"].double(), rewards[~desirable].mean(), rtol=0, atol=1e-5)
+    # rewards = β·r, averaged over a class (a mean of values each within β·e_r, plus its own 2 roundings)
+    for name, sel in (("chosen", desirable), ("rejected", ~desirable)):
+        e = beta * float(e_r[sel].max()) + 2 * u * float(rewards[sel].abs().max())
+        torch.testing.assert_close(metrics[f"rewards/{name}"].double(), rewards[sel].mean(), rtol=0, atol=e)
     mean_logit = (h64.detach() @ w64.detach().T + b64.detach()).mean(-1)
     mask = labels != -100
     chosen_tok = mask & desirable[:, None]
-    torch.testing.assert_close(metrics["logits/chosen"].double(), mean_logit[chosen_tok].mean(), rtol=0, atol=1e-5)
+    # mean logit = h·mean_v(W) + mean(b): mean over V rows (V·u relative of max|w|), an H-term dot product ((H+1)·u
+    # of Σ|h|·|mean w|), then a mean over the class's tokens (n·u)
+    A_mean = float((h64.detach().abs() @ w64.detach().abs().T + b64.detach().abs()).amax())
+    e_logit = (V + H + 2 + int(chosen_tok.sum())) * u * A_mean
+    torch.testing.assert_close(metrics["logits/chosen"].double(), mean_logit[chosen_tok].mean(), rtol=0, atol=e_logit)
     # TRL's entropy: mean over every row's completion tokens of −Σ p log p (fp32 per token, ≤ log V ≈ 3.6, over 12
     # tokens: ~1e-6 absolute)
     logp64 = torch.log_softmax(h64.detach() @ w64.detach().T + b64.detach(), -1)
@@ -397,8 +422,16 @@ def test_kto_loss_matches_a_float64_reference(backend):
     torch.testing.assert_close(metrics["entropy"].double(), ent64[mask].mean(), rtol=0, atol=1e-5)
     with pytest.raises(TypeError, match="token_stats"):
         KTOLoss(token_stats=1)
-    for got, want in ((hidden.grad, h64.grad), (weight.grad, w64.grad), (bias.grad, b64.grad)):
-        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
+    # gradients: d loss/d logit_v = c·(p_v − [v = y]) with |c| ≤ max(w)·β/4 / R; p_v carries the log-prob's error
+    # (relative e_tok ≤ max row error), c the error of σ' at β·(r − z) (≤ β/4·β·(e_r + e_z) relative, tiny); the
+    # back-products through W (H or V terms) add (V+H)·u of their magnitude. Bound per entry:
+    c = max(wd, wu) * beta / 4 / R
+    e_p = float(e_r.max()) + e_z
+    for got, want, scale in ((hidden.grad, h64.grad, float(w64.detach().abs().max())),
+                             (weight.grad, w64.grad, float(h64.detach().abs().max()) * T),
+                             (bias.grad, b64.grad, float(T))):
+        e = 2 * c * scale * (e_p + (V + H + 2) * u)
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=e)
     assert float(hidden.grad[3].abs().sum()) == 0.0  # a row with no completion token gets no gradient
     # a batch without undesirable rows: TRL appends no rejected metrics (NaN here), the loss is still defined
     _, only = fn(hidden, weight, labels, ref_hidden, ref_weight, torch.ones(R, dtype=torch.bool), pol_kl, ref_kl,
@@ -511,3 +544,108 @@ def test_load_unpaired_dataset(tmp_path):
     paired = tmp_path / "pairs.jsonl"  # pairs load as pairs: the trainer unpairs them as TRL does
     paired.write_text("".join(json.dumps(r) + "\n" for r in PAIRED_ROWS))
     assert load_unpaired_dataset(str(paired)).column_names == ["prompt", "chosen", "rejected"]
+
+
+_DDP_SCRIPT = r'''
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from test_kto_trainer import _config, _models, _text_rows
+from fasttrdpo.tiny import tiny_tokenizer
+from fasttrdpo.trainer import TRKTOTrainer
+rows = json.load(open(sys.argv[2]))
+cfg = _config(__import__("pathlib").Path(sys.argv[3]), output_dir=sys.argv[3], max_steps=1,
+              per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3, sync_ref_model=False)
+model, ref = _models()
+TRKTOTrainer(model, tiny_tokenizer(), rows, cfg, ref_model=ref).train()
+'''
+
+
+def test_ddp_metrics_divide_global_class_sums_by_global_counts(tmp_path):
+    """2 ranks (gloo), 2 micro-batches of 4 rows per rank with unequal desirable counts per rank (micro-batch 0:
+    1 vs 3; micro-batch 1: 0 vs 2, so rank 0 measures no rewards/chosen there): each logged metric is TRL's, the
+    mean over micro-batches of (class sum over BOTH ranks' rows / class count over both ranks), computed here in
+    float64 from the same rows. Per-rank means averaged over ranks (the old reduction) are off by O(1)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    n, B, W, A = 16, 4, 2, 2
+    probe = SimpleNamespace(config=SimpleNamespace(seed=0, data_seed=None, train_sampling_strategy="auto",
+                                                   per_device_train_batch_size=B,
+                                                   gradient_accumulation_steps=A),
+                            steps_per_epoch=1, train_pairs=range(n), global_batch_size=B * A * W, world_size=W)
+    probe._step_rows = lambda step: TRKTOTrainer._step_rows(probe, step)
+    where = {}  # (micro-batch, rank) -> row indices, from the trainer's own step -> rows map
+    for r in range(W):
+        probe.rank = r
+        for a, idx in enumerate(TRKTOTrainer._step_indices(probe, 0)):
+            where[a, r] = idx
+    desirable_per = {(0, 0): 1, (0, 1): 3, (1, 0): 0, (1, 1): 2}
+    rows = _text_rows(n, [0] * n)
+    for key, idx in where.items():
+        for j, i in enumerate(idx):
+            rows[i]["label"] = j < desirable_per[key]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    script = tmp_path / "run.py"
+    script.write_text(_DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
+           str(script), os.path.dirname(__file__), str(tmp_path / "rows.json"), str(tmp_path / "out")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    logged = next(json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl") if "loss" in json.loads(line))
+
+    # float64 reference on the initial weights (both micro-batches precede the only optimizer step)
+    model, ref = _models()
+    model, ref = model.double().eval(), ref.double().eval()
+    tok = tiny_tokenizer()
+    cfg = _config(tmp_path)
+    examples = tokenize_unpaired_dataset(rows, tok, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                                         truncation_mode=cfg.truncation_mode)
+    collate = UnpairedCollator(tok.pad_token_id, cfg.max_length)
+    per_mb = {k: [] for k in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected",
+                              "logits/chosen", "logits/rejected", "rewards/margins")}
+    with torch.no_grad():
+        for a in range(A):
+            idx = where[a, 0] + where[a, 1]  # the pooled rows of micro-batch a
+            batch = collate([examples[i] for i in idx], None)
+            mask = batch["labels"] != collate.ignore_index
+            lab = batch["labels"].clamp(min=0).unsqueeze(-1)
+
+            def seq(m):
+                logits = m(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                return (logits.log_softmax(-1).gather(-1, lab).squeeze(-1) * mask).sum(1), logits
+            lp, logits = seq(model)
+            rlp, _ = seq(ref)
+            rewards = 0.1 * (lp - rlp)
+            logit_sums = (logits.mean(-1) * mask).sum(1)
+            tokens = mask.sum(1).double()
+            d = batch["desirable"]
+            for name, sel in (("chosen", d), ("rejected", ~d)):
+                if sel.any():
+                    per_mb[f"rewards/{name}"].append(rewards[sel].sum() / sel.sum())
+                    per_mb[f"logps/{name}"].append(lp[sel].sum() / sel.sum())
+                    per_mb[f"logits/{name}"].append(logit_sums[sel].sum() / tokens[sel].sum())
+            if d.any() and (~d).any():
+                per_mb["rewards/margins"].append(per_mb["rewards/chosen"][-1] - per_mb["rewards/rejected"][-1])
+    assert len(per_mb["rewards/chosen"]) == 2 and len(per_mb["rewards/margins"]) == 2
+    # fp32 log-prob sums over <= 48 tokens x V=384 vs float64: ~1e-7 relative each (as in
+    # test_same_numbers_as_trl_kto_trainer, held there to 1e-5 relative); rewards = 0.1·(π − π_ref) is a difference
+    # of two such sums, so its bound is absolute: 2·0.1·1e-5·|logps|
+    mag = max(abs(float(x)) for k in ("logps/chosen", "logps/rejected") for x in per_mb[k])
+    for key, vals in per_mb.items():
+        want = float(torch.stack(vals).mean())
+        tol = 2 * 2 * 0.1 * 1e-5 * mag if key.startswith("rewards") else 1e-5 * abs(want) + 1e-6
+        assert abs(logged[key] - want) <= tol, (key, logged[key], want, tol)
+
+
+def test_train_sampling_strategy_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="train_sampling_strategy='sequential' applies to trainer='kto' only"):
+        TRDPOConfig(trainer="dpo", train_sampling_strategy="sequential")
+    with pytest.raises(ValueError, match="train_sampling_strategy must be"):
+        _config(tmp_path, train_sampling_strategy="group_by_length")
+    # random: the loop's seeded per-epoch permutation (not the dataset order)
+    assert _our_order(_config(tmp_path, train_sampling_strategy="random"), STEPS * B * ACCUM) != list(
+        range(STEPS * B * ACCUM))

@@ -11,9 +11,12 @@ completion, cyclically). `kl_logps` computes the two KL sums without autograd; t
 ranks (TRL averages z over processes before the clamp) and passes them to `forward`.
 
 Metrics (TRL's KTO names, one value per micro-batch as TRL appends them): kl, rewards/chosen, rewards/rejected,
-rewards/margins, logps/chosen, logps/rejected, logits/chosen, logits/rejected. "chosen" = desirable rows. A metric
-TRL would not append for this batch (no desirable, or no undesirable, row) is NaN here: the trainer averages the
-values present, as TRL's `log` averages its lists.
+rewards/margins, logps/chosen, logps/rejected, logits/chosen, logits/rejected. "chosen" = desirable rows. TRL
+gathers per-class sums and counts over all ranks and divides once (rewards/logps by the global number of
+desirable / undesirable rows, logits by the global number of their completion tokens): `forward(reduce_sums=...)`
+receives those sums (`KTO_SUMS` layout) and may all-reduce them before the division. A metric TRL would not append
+for this batch (no desirable, or no undesirable, row anywhere) is NaN here: the trainer averages the values present,
+as TRL's `log` averages its lists.
 With token_stats=True the metrics also hold TRL's `entropy`: the mean policy entropy over the rows' completion
 tokens (TRL's KTOTrainer logs it from its fused head; here `fasttrdpo.ops.linear_token_stats` recomputes it from
 the policy's hidden states without grad, one more policy logits GEMM over the completion tokens).
@@ -29,6 +32,23 @@ from .preference import kto_loss
 # per-micro-batch metric names, in the order KTOLoss returns them (TRL 1.16's KTOTrainer names)
 KTO_METRICS = ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
                "logits/chosen", "logits/rejected")
+# the per-class sums and counts the ratio metrics are made of, in the order of the vector KTOLoss reduces
+KTO_SUMS = ("rewards/chosen_sum", "rewards/rejected_sum", "logps/chosen_sum", "logps/rejected_sum",
+            "logits/chosen_sum", "logits/rejected_sum", "count/chosen", "count/rejected", "tokens/chosen",
+            "tokens/rejected")
+
+
+def kto_metrics_from_sums(kl: torch.Tensor, sums: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL's KTO metrics from a `KTO_SUMS` vector (summed over whatever rows / ranks it covers): class sums over
+    class counts, 0/0 = NaN where a class is absent (TRL appends nothing then); margins = chosen − rejected."""
+    s = dict(zip(KTO_SUMS, sums.float().unbind(-1)))
+    out = {"kl": kl.float()}
+    for name in ("chosen", "rejected"):
+        out[f"rewards/{name}"] = s[f"rewards/{name}_sum"] / s[f"count/{name}"]
+        out[f"logps/{name}"] = s[f"logps/{name}_sum"] / s[f"count/{name}"]
+        out[f"logits/{name}"] = s[f"logits/{name}_sum"] / s[f"tokens/{name}"]
+    out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return {k: out[k].detach() for k in KTO_METRICS}
 
 
 def _weight(name: str, w) -> float:
@@ -41,10 +61,12 @@ class KTOLoss(nn.Module):
     """KTO of a policy against a (trust-region) reference, from hidden states.
 
     forward(policy_hidden [B, T, H], policy_weight [V, H], labels [B, T], ref_hidden [B, T, H'], ref_weight [V, H'],
-            desirable [B] bool, policy_kl_logps [K], ref_kl_logps [K], *, policy_bias=None, ref_bias=None)
-        -> (loss, metrics)
+            desirable [B] bool, policy_kl_logps [K], ref_kl_logps [K], *, policy_bias=None, ref_bias=None,
+            reduce_sums=None) -> (loss, metrics)
     loss = mean over rows of w·(1 − σ(β·(r − z))) (desirable) or w·(1 − σ(β·(z − r))) (undesirable), as TRL's
     `losses.nanmean()`; metrics as the module docstring says (detached tensors, no host sync).
+    reduce_sums: optional callable given this batch's `KTO_SUMS` vector [10] (fp32) and returning the vector to
+    divide (e.g. its all-reduce over ranks, as TRL gathers before dividing); None = this batch's rows alone.
     Labels are shifted (label t is the token position t predicts); ignore_index marks prompt and padding.
     """
 
@@ -97,7 +119,7 @@ class KTOLoss(nn.Module):
                                     None if policy_bias is None else policy_bias.detach(), ref_bias)
 
     def forward(self, policy_hidden, policy_weight, labels, ref_hidden, ref_weight, desirable, policy_kl_logps,
-                ref_kl_logps, *, policy_bias=None, ref_bias=None):
+                ref_kl_logps, *, policy_bias=None, ref_bias=None, reduce_sums=None):
         if not isinstance(desirable, torch.Tensor) or desirable.dtype != torch.bool:
             raise TypeError("desirable must be a bool torch.Tensor (True = desirable row)")
         if isinstance(labels, torch.Tensor) and tuple(desirable.shape) != tuple(labels.shape[:1]):
@@ -109,8 +131,11 @@ class KTOLoss(nn.Module):
                                        ref_kl_logps, beta=self.beta, desirable_weight=self.desirable_weight,
                                        undesirable_weight=self.undesirable_weight)
         with torch.no_grad():
-            metrics = self._metrics(policy_hidden, policy_weight, policy_bias, labels, desirable,
-                                    policy_logps.detach(), rewards, kl)
+            sums = self._metric_sums(policy_hidden, policy_weight, policy_bias, labels, desirable,
+                                     policy_logps.detach(), rewards)
+            if reduce_sums is not None:
+                sums = reduce_sums(sums)
+            metrics = kto_metrics_from_sums(kl, sums)
             if self.token_stats:
                 metrics["entropy"] = self._entropy(policy_hidden, policy_weight, policy_bias, labels)
         return losses.mean(), metrics
@@ -125,7 +150,7 @@ class KTOLoss(nn.Module):
         tokens = (labels != self.ignore_index).sum().float()
         return (entropy.sum() / tokens.clamp(min=1.0)).float()
 
-    def _metrics(self, policy_hidden, policy_weight, policy_bias, labels, desirable, policy_logps, rewards, kl):
+    def _metric_sums(self, policy_hidden, policy_weight, policy_bias, labels, desirable, policy_logps, rewards):
         B = labels.shape[0]
         flat = labels.reshape(B, -1)
         mask = flat != self.ignore_index
@@ -137,12 +162,11 @@ class KTOLoss(nn.Module):
         logit_sums = torch.where(mask, mean_logit, torch.zeros((), device=mean_logit.device)).sum(1)
         tokens = mask.sum(1).float()
         d = desirable.to(rewards.device)
-        out = {"kl": kl.float()}
+        parts = {}
         for name, rows in (("chosen", d), ("rejected", ~d)):
-            n = rows.sum().float()  # 0/0 = NaN: TRL appends nothing for a batch without such rows
-            out[f"rewards/{name}"] = torch.where(rows, rewards, 0.0).sum() / n
-            out[f"logps/{name}"] = torch.where(rows, policy_logps, 0.0).sum() / n
-            tok = torch.where(rows, tokens, 0.0).sum()
-            out[f"logits/{name}"] = torch.where(rows, logit_sums, 0.0).sum() / tok
-        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
-        return {k: out[k].detach().float() for k in KTO_METRICS}
+            parts[f"rewards/{name}_sum"] = torch.where(rows, rewards, 0.0).sum()
+            parts[f"logps/{name}_sum"] = torch.where(rows, policy_logps, 0.0).sum()
+            parts[f"logits/{name}_sum"] = torch.where(rows, logit_sums, 0.0).sum()
+            parts[f"count/{name}"] = rows.sum()
+            parts[f"tokens/{name}"] = torch.where(rows, tokens, 0.0).sum()
+        return torch.stack([parts[k].float() for k in KTO_SUMS])

@@ -100,6 +100,11 @@ class TRDPOConfig:
     gradient_checkpointing: bool = option(False, "activation checkpointing in the policy")
     seed: int = option(42, "model and RNG seed", eval="recorded")
     data_seed: int | None = option(None, "data order seed (none: seed)")
+    train_sampling_strategy: str = option("auto", "training row order: random (a permutation per epoch), "
+                                          "sequential (dataset order every epoch: TRL's KTOConfig default, which "
+                                          "also fixes the KL partners in per-device-batch blocks; trainer kto "
+                                          "only) or auto (sequential for kto, random for dpo)",
+                                          choices=("auto", "random", "sequential"))
     # data
     max_length: int = option(512, "prompt + completion tokens kept", eval="recorded")
     max_prompt_length: int | None = option(None, "prompt tokens kept (none: no separate prompt limit)",
@@ -163,6 +168,10 @@ class TRDPOConfig:
                          and self.discopop_tau == type(self).discopop_tau),
              "trainer='kto' has its own loss: loss_type, label_smoothing, loss_weights and discopop_tau apply to "
              "trainer='dpo'"),
+            (self.train_sampling_strategy in ("auto", "random", "sequential"),
+             "train_sampling_strategy must be 'auto', 'random' or 'sequential'"),
+            (kto or self.train_sampling_strategy != "sequential",
+             "train_sampling_strategy='sequential' applies to trainer='kto' only"),
             (self.beta > 0, "beta must be > 0"),
             (0.0 <= self.alpha <= 1.0, "alpha must be in [0, 1]"),
             (self.tau >= 1, "tau must be >= 1"),
