@@ -91,6 +91,18 @@ def _is_lora_factor(name: str) -> bool:
     return any(p.startswith("lora_") for p in parts[:-1])
 
 
+def pair_by_name(policy_params: dict, ref_params: dict) -> list[tuple[str, str]]:
+    """[(ref name, policy name)] of two models' parameters, which must carry the same names (ValueError otherwise)."""
+    only_policy = sorted(set(policy_params) - set(ref_params))
+    only_ref = sorted(set(ref_params) - set(policy_params))
+    if only_policy or only_ref:
+        raise ValueError(
+            "policy and ref parameters do not pair up by name: "
+            f"{len(only_policy)} only in policy (e.g. {only_policy[:3]}), "
+            f"{len(only_ref)} only in ref (e.g. {only_ref[:3]})")
+    return [(n, n) for n in policy_params]
+
+
 class RefModelUpdater:
     """Blend the reference model toward the policy every `tau` optimizer steps (see module docstring).
 
@@ -144,14 +156,7 @@ class RefModelUpdater:
                 raise ValueError("policy_adapter/ref_adapter apply when policy and ref are the same PeftModel "
                                  "(a reference adapter beside the trained one); here they are different modules")
             ref_params = dict(unwrap_model(self.ref).named_parameters())
-            only_policy = sorted(set(policy_params) - set(ref_params))
-            only_ref = sorted(set(ref_params) - set(policy_params))
-            if only_policy or only_ref:
-                raise ValueError(
-                    "policy and ref parameters do not pair up by name: "
-                    f"{len(only_policy)} only in policy (e.g. {only_policy[:3]}), "
-                    f"{len(only_ref)} only in ref (e.g. {only_ref[:3]})")
-            pairs = [(n, n) for n in policy_params]
+            pairs = pair_by_name(policy_params, ref_params)
         if not pairs:
             raise ValueError("no parameters to update: policy and ref have no parameters")
         for ref_name, pol_name in pairs:

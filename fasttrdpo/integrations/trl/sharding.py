@@ -32,7 +32,7 @@ import contextlib
 
 import torch
 
-from ...ref_update import RefModelUpdater, _is_dtensor, unwrap_model
+from ...ref_update import RefModelUpdater, _is_dtensor, pair_by_name, unwrap_model
 
 NONE, FSDP2, ZERO3 = "none", "fsdp2", "zero3"
 _UNTESTED = ("is not tested with fasttrdpo's TRL integration, so it is refused rather than risk a silently wrong "
@@ -155,13 +155,7 @@ class Zero3RefModelUpdater(RefModelUpdater):
         """[(ref name, policy name)]: every name pairs (ZeRO-3 `.shape` is an empty placeholder outside a gather, so
         shapes are compared through `ds_shape`) and every pair is partitioned alike."""
         policy_params, ref_params = self._params()
-        only_policy = sorted(set(policy_params) - set(ref_params))
-        only_ref = sorted(set(ref_params) - set(policy_params))
-        if only_policy or only_ref:
-            raise ValueError("policy and ref parameters do not pair up by name: "
-                             f"{len(only_policy)} only in policy (e.g. {only_policy[:3]}), "
-                             f"{len(only_ref)} only in ref (e.g. {only_ref[:3]})")
-        pairs = [(n, n) for n in policy_params]
+        pairs = pair_by_name(policy_params, ref_params)
         if not pairs:
             raise ValueError("no parameters to update: policy and ref have no parameters")
         for ref_name, pol_name in pairs:
