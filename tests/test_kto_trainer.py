@@ -6,6 +6,7 @@
    paired rows (unpaired in TRL's order) and keep_start truncation (long prompts dropped, sequences cut).
 2. End to end with sync_ref_model=False: TRL's KTOTrainer and TRKTOTrainer, same weights, same rows in the same
    order, fp32, 3 optimizer steps of 2 micro-batches: every logged value (loss and TRL's KTO metric names) per step.
+   The same in bf16 (TRL's default bf16=True), 2 steps, within a bound derived from bf16 rounding of TRL's head.
 3. Sync on: every update is θ_ref ← θ_ref + α·(θ − θ_ref) of the policy at that step (float64 reference), and
    with α = 1 the next step's rewards and KL are exactly 0 (the loss reads the moved reference).
 """
@@ -231,6 +232,75 @@ def test_same_numbers_as_trl_kto_trainer(tmp_path):
     # integers, equal exactly (rows of different lengths: padding, KL rows or prompts miscounted would show)
     assert [h["num_tokens"] for h in our_logs] == [h["num_tokens"] for h in trl_logs]
 
+
+
+def test_same_numbers_as_trl_kto_trainer_in_bf16(tmp_path):
+    """TRL's default bf16=True: both run the same backbone under bf16 autocast; 2 steps, every KTO metric per step."""
+    steps, n = 2, 2 * B * ACCUM
+    cfg = _config(tmp_path, sync_ref_model=False, bf16=True, max_steps=steps)
+    assert _our_order(cfg, n)[:n] == list(range(n))  # TRL's sequential order
+    rows = _text_rows(n, [1, 1, 1, 1] + [1, 0, 0, 1] + [0, 1, 0, 0] + [1, 0, 1, 0])
+
+    model, ref = _models()
+    ours = TRKTOTrainer(model, tiny_tokenizer(), rows, cfg, ref_model=ref)
+    # the tolerance's scale, measured before training on the autocast hidden states of every row and KL row:
+    # A = max over tokens and vocabulary of sum_k |h_k| |W_jk| (policy head on its hiddens, reference head on its),
+    # T = the most completion tokens of a row
+    A, T = 0.0, 0
+    for s in range(steps):
+        for idx in TRKTOTrainer._step_indices(ours, s):
+            batch = ours._batch([ours.train_pairs[i] for i in idx])
+            with torch.no_grad():
+                hidden, kl_hidden, ref_hidden = ours._hiddens(batch, ours.policy)
+            Bm = hidden.shape[0]
+            for h, w, lab in ((hidden, ours.policy.head.weight, batch["labels"]),
+                              (kl_hidden, ours.policy.head.weight, batch["kl_labels"]),
+                              (ref_hidden[:Bm], ours.ref_head.weight, batch["labels"]),
+                              (ref_hidden[Bm:], ours.ref_head.weight, batch["kl_labels"])):
+                valid = lab != -100
+                A = max(A, float((h[valid].float().abs() @ w.float().abs().t()).max()))
+                T = max(T, int(valid.sum(1).max()))
+    ours.train()
+    our_logs = [h for h in ours.history if "loss" in h]
+
+    model, ref = _models()
+    args = KTOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=B, gradient_accumulation_steps=ACCUM,
+                     max_steps=steps, learning_rate=LR, lr_scheduler_type="constant", logging_steps=1, report_to=[],
+                     use_cpu=True, seed=0, beta=0.1, max_length=48, save_strategy="no", disable_tqdm=True,
+                     dataloader_num_workers=0, bf16=True, fp16=False, gradient_checkpointing=False,
+                     desirable_weight=1.3, undesirable_weight=0.7, sync_ref_model=False)
+    trl = KTOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
+                     processing_class=tiny_tokenizer())
+    trl.train()
+    trl_logs = [h for h in trl.state.log_history if "loss" in h and "train_runtime" not in h]
+    assert len(our_logs) == len(trl_logs) == steps
+    get = lambda logs, k: torch.tensor([h[k] for h in logs], dtype=torch.float64)  # noqa: E731
+    assert bool((get(trl_logs, "kl") > 0.1).all())  # z is active
+
+    # Derivation. The backbones are the same modules under the same autocast, so their (fp32, after the final
+    # LayerNorm) hidden states agree; the heads differ: TRL's fused head (trl.kernels.chunked_logprob) casts hidden
+    # and W to the autocast dtype and writes the logits in bf16, ours keeps fp32 logits. With u = 2^-8 (bf16's unit
+    # roundoff) each TRL logit is off by at most (2u for the two rounded inputs + u for the rounded output) * A =
+    # 3uA (fp32 accumulation of H = 32 products adds ~1e-6, negligible). A token's log-prob l_y - logsumexp(l) and
+    # its entropy move by at most twice the largest logit error: e_tok = 6uA. W's rounding is the same for every
+    # token (not independent across tokens), so a row's sum of T log-probs moves by at most seq = T e_tok. This is
+    # a worst case: the measured differences are ~1e-3 of it (rounding errors mostly cancel). Step 2 starts from
+    # Adam's first step lr*sign(g) of either run; the signs differ only on gradient components below the rounding
+    # noise, so the same bound is used.
+    u = 2.0 ** -8
+    e_tok = 6 * u * A
+    seq = T * e_tok
+    beta, w_max = 0.1, 1.3
+    bounds = {"logps/chosen": seq, "logps/rejected": seq,  # means of row sums
+              "rewards/chosen": beta * 2 * seq, "rewards/rejected": beta * 2 * seq,  # beta (pi - pi_ref)
+              "rewards/margins": beta * 4 * seq, "kl": 2 * seq,  # mean of pi - pi_ref over the KL rows
+              "logits/chosen": 3 * u * A, "logits/rejected": 3 * u * A,  # means of logits
+              "entropy": e_tok,  # token mean of per-token entropies
+              # w (1 - sigmoid(beta (d - z))) has slope <= w beta / 4 in d and z, each off by <= 2 seq
+              "loss": w_max * beta / 4 * 4 * seq}
+    for key, bound in bounds.items():
+        err = (get(our_logs, key) - get(trl_logs, key)).abs()
+        assert bool((err <= bound).all()), (key, err.tolist(), bound)
 
 def test_sync_on_blends_the_reference_per_update(tmp_path):
     rows = _text_rows(8, [1, 0, 0, 1, 1, 1, 0, 0])
