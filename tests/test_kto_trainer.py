@@ -290,6 +290,9 @@ def test_same_numbers_as_trl_kto_trainer_in_bf16(tmp_path):
     u = 2.0 ** -8
     e_tok = 6 * u * A
     seq = T * e_tok
+    # below one token's log-prob (~log 384 = 5.95 for these near-uniform models): a mask, shift or KL-row pairing
+    # error moves logps/* and kl by whole tokens and fails
+    assert seq < 1.0, seq
     beta, w_max = 0.1, 1.3
     bounds = {"logps/chosen": seq, "logps/rejected": seq,  # means of row sums
               "rewards/chosen": beta * 2 * seq, "rewards/rejected": beta * 2 * seq,  # beta (pi - pi_ref)
