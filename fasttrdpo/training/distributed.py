@@ -60,13 +60,16 @@ def barrier(world_size: int) -> None:
 
 
 def fingerprints(**modules) -> dict[str, str]:
-    """sha256 of each module's parameter bytes (to compare ranks or runs)."""
+    """sha256 of each module's parameter bytes (to compare ranks or runs). A sharded (DTensor) parameter is
+    hashed whole: a collective then, every rank must call it."""
     out = {}
     for name, module in modules.items():
         h = hashlib.sha256()
         for pname, p in module.named_parameters():
+            p = p.detach()
+            p = p.full_tensor() if hasattr(p, "full_tensor") else p  # an FSDP2 shard: the whole parameter
             h.update(pname.encode())
-            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(p.cpu().contiguous().view(torch.uint8).numpy().tobytes())
         out[name] = h.hexdigest()
     return out
 

@@ -21,7 +21,6 @@ Each rank loads the whole model into host memory before sharding (no meta-device
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from types import SimpleNamespace
 
 import torch
@@ -253,18 +252,6 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def gathered_fingerprints(**modules) -> dict[str, str]:
-    """sha256 of each module's gathered (full) parameters: a collective, every rank must call it."""
-    out = {}
-    for name, module in modules.items():
-        h = hashlib.sha256()
-        for pname, p in module.named_parameters():
-            h.update(pname.encode())
-            h.update(full_tensor(p.detach()).cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        out[name] = h.hexdigest()
-    return out
-
-
 def local_state_bytes(trainer) -> dict[str, int]:
     """Bytes this rank holds, counted from the tensors: parameter shards of the policy, the optimizer's
     state, the reference (and the initial model)."""
@@ -279,7 +266,9 @@ def local_state_bytes(trainer) -> dict[str, int]:
 
 def check_ranks_agree(trainer) -> list[dict]:
     """Every rank gathers the policy and the reference and hashes them; all hashes must agree."""
-    mine = gathered_fingerprints(policy=trainer.model, reference=trainer.ref_model)
+    from .distributed import fingerprints
+
+    mine = fingerprints(policy=trainer.model, reference=trainer.ref_model)  # gathered: a collective
     trainer._gathered_fingerprints = mine
     gathered: list = [None] * trainer.world_size
     dist.all_gather_object(gathered, mine)
