@@ -214,3 +214,54 @@ def test_linear_token_stats_op_matches_float64(backend):
     assert corr.double().tolist() == exp_corr.tolist()
     assert corr[0, 3] == 1.0 and corr[0, 4] == 0.0
     assert bool((ent[~mask] == 0).all()) and bool((corr[~mask] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_middle_in_row_blocks_matches_float64(monkeypatch, dtype):
+    """The eager middle of trdpo_loss_from_tokens works on L2-sized blocks of rows: forced to 3 rows a block
+    (11 rows: 4 blocks, the last partial), with a row of −inf logits (masked vocabulary), ties and a huge
+    logit, its log-probs, lse, entropy, argmax flags and onehot − p equal float64 within derived bounds.
+    Bounds: lse from a sum of V exps, relative error ≤ (V + 2)·u32, so |Δlogp| ≤ (V + 2)·u32 + u32·(|z_y| + |lse|);
+    onehot − p: |Δp_v| ≤ p_v·((V + 4)·u32 + u32·(|z_v| + |lse|)) + u32·|onehot − p| (the add of the onehot), plus
+    one rounding into a bf16 tile (u = 2^-8)."""
+    from fasttrdpo.loss import token_list
+
+    n, V = 11, 67
+    monkeypatch.setattr(token_list, "EAGER_BLOCK_BYTES", 3 * 4 * V)
+    assert token_list._eager_block_rows(V) == 3
+    g = torch.Generator().manual_seed(7)
+    z = (torch.randn(n, V, generator=g) * 4).to(dtype)
+    zr = (torch.randn(n, V, generator=g) * 4).to(dtype)
+    z[2, :30] = float("-inf")
+    z[5, 3] = z[5, 9] = 25.0  # tie: argmax is the first
+    z[8, 0] = 80.0            # p ~ onehot: exp underflows everywhere else
+    y = torch.randint(0, V, (n,), generator=g)
+    y[2], y[5], y[8] = 40, 9, 0
+    logp, lse, rlogp, ent, corr = (torch.full((n,), 7.0) for _ in range(5))
+    token_list._EagerMiddle.forward(z, zr, y, logp, lse, rlogp, ent, corr)
+    z64, zr64 = z.double(), zr.double()
+    lsm, rlsm = z64.log_softmax(-1), zr64.log_softmax(-1)
+    lse64 = z64.logsumexp(-1)
+    u = U32
+    for got, want, zz in ((logp, lsm.gather(1, y[:, None]).squeeze(1), z64), (rlogp, rlsm.gather(1, y[:, None]).squeeze(1), zr64)):
+        l64 = zz.logsumexp(-1)
+        tol = (V + 2) * u + u * (zz.gather(1, y[:, None]).squeeze(1).abs() + l64.abs())
+        assert bool(((got.double() - want).abs() <= tol).all()), (got, want)
+    assert bool(((lse.double() - lse64).abs() <= (V + 2) * u + u * lse64.abs()).all())
+    exp_ent = -torch.where(lsm > -math.inf, lsm.exp() * lsm, torch.zeros((), dtype=torch.float64)).sum(-1)
+    tol = entropy_tolerance(torch.where(torch.isinf(z64), -1e30, z64))
+    assert bool(((ent.double() - exp_ent).abs() <= tol).all()), (ent, exp_ent, tol)
+    assert corr.tolist() == (z64.argmax(-1) == y).double().tolist()
+    assert corr[5] == 0.0 and corr[8] == 1.0
+
+    d = z.clone()
+    token_list._EagerMiddle.backward_(d, lse, y, torch.ones(n))
+    p64 = lsm.exp()
+    want = torch.nn.functional.one_hot(y, V).double() - p64
+    zabs = torch.where(torch.isinf(z64), torch.zeros((), dtype=torch.float64), z64.abs())
+    tol = p64 * ((V + 4) * u + u * (zabs + lse64.abs()[:, None])) + u * want.abs()  # + the onehot add's rounding
+    if dtype != torch.float32:
+        tol = tol + 2.0 ** -8 * want.abs()
+    tol = tol + torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # the tile's subnormal spacing
+    assert d.dtype == dtype
+    assert bool(((d.double() - want).abs() <= tol).all()), float(((d.double() - want).abs() - tol).max())
