@@ -201,3 +201,17 @@ def test_plan_and_token_counts():
     assert counts.padded == 2 * 2 * 14 + 2 * 2 * 10  # longest rows: 2+8+... = 14 and 1+9 = 10
     assert counts.shared == sum(p + c + r for p, c, r in ((10, 3, 4), (2, 8, 6), (5, 5, 5), (1, 2, 9)))
     assert counts.packed_computed >= counts.packed and counts.shared_computed >= counts.shared
+
+
+def test_plan_balances_bins_when_that_narrows_the_widest():
+    """Rows 6, 5 | 4, 3 | 2, 2 at max_length 10: first fit decreasing needs 3 bins (6+4, 5+3+2, 2: widest
+    10, 30 positions in the mask layout); longest first into the least-filled of 3 bins gives 6+2, 5+2, 4+3
+    (widest 8, 24 positions). When balancing would not narrow the widest bin, first fit's bins stay."""
+    pairs = [TokenizedPair([1], [2] * c, [3] * r) for c, r in ((5, 4), (3, 2), (1, 1))]
+    plan = plan_packing(pairs, 10)
+    assert sorted(plan.bin_lengths) == [7, 7, 8] and plan.width == 8 and plan.computed_tokens == 24
+    assert [[(u.pair, u.kind, u.start) for u in b] for b in plan.bins] == [
+        [(0, "chosen", 0), (2, "rejected", 6)], [(0, "rejected", 0), (2, "chosen", 5)],
+        [(1, "chosen", 0), (1, "rejected", 4)]]
+    even = [TokenizedPair([1], [2] * 4, [3] * 4)] * 2  # four rows of 5: 5+5, 5+5 both ways
+    assert plan_packing(even, 10).bin_lengths == [10, 10]

@@ -8,7 +8,8 @@
 The padded path runs every pair as two rows, prompt ‖ chosen and prompt ‖ rejected, each padded to the
 longest row of the micro-batch. Here:
 
-- packing: the same rows, without padding, first-fit-decreasing into bins of at most max_length tokens
+- packing: the same rows, without padding, in bins of at most max_length tokens (as many as first fit
+  decreasing needs; then longest first into the least-filled bin when that narrows the widest bin)
   (bins, not one long sequence: attention cost grows with the square of a sequence's length). Each row
   keeps its own position ids (0, 1, ...) and attends only to itself (causally).
 - share_prompt: each pair is ONE unit prompt ‖ chosen ‖ rejected. Chosen attends to the prompt and
@@ -104,8 +105,9 @@ def _check_pair(i: int, pair, max_length: int) -> None:
 
 def plan_packing(pairs: Sequence[TokenizedPair], max_length: int, *, share_prompt: bool = False) -> PackPlan:
     """Pack a micro-batch's rows (or, with share_prompt, its prompt ‖ chosen ‖ rejected units) into bins of
-    at most max_length tokens, first fit over the units sorted by decreasing length (ties: batch order),
-    so the plan depends on the lengths only. Pairs must already fit max_length (`tokenize_dataset`
+    at most max_length tokens: as many bins as first fit over the units sorted by decreasing length needs
+    (ties: batch order), the units then balanced over them (longest first into the least-filled bin) when
+    that narrows the widest bin, so the plan depends on the lengths only. Pairs must already fit max_length (`tokenize_dataset`
     truncates them); a shared unit that does not fit is split into the pair's two rows (`unshared_pairs`)."""
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
@@ -125,6 +127,37 @@ def plan_packing(pairs: Sequence[TokenizedPair], max_length: int, *, share_promp
             unshared += share_prompt
             units += [(i, CHOSEN, lc), (i, REJECTED, lr)]
     order = sorted(range(len(units)), key=lambda k: (-units[k][2], k))
+    # first fit decreasing: how many bins
+    fill: list[int] = []
+    for k in order:
+        b = next((j for j, used in enumerate(fill) if used + units[k][2] <= max_length), None)
+        if b is None:
+            fill.append(0)
+            b = len(fill) - 1
+        fill[b] += units[k][2]
+    ffd_width = max(fill)
+    # then the same units, longest first, each into the least-filled of as many bins (ties: the first): the
+    # "mask" layout pads every bin to the widest, so a narrower widest bin is fewer computed positions
+    # (on HH, 8 pairs a batch: 0.918 -> 0.879 M packed, 0.671 -> 0.644 M shared). Kept when it fits max_length
+    # and is narrower; else first fit's bins.
+    balanced = _least_filled(units, order, len(fill))
+    if max(sum(u.length for u in b) for b in balanced) >= ffd_width:
+        balanced = _first_fit(units, order, max_length)
+    return PackPlan(max_length, share_prompt, tuple(tuple(b) for b in balanced), unshared)
+
+
+def _least_filled(units, order, n_bins: int) -> list[list[Unit]]:
+    bins: list[list[Unit]] = [[] for _ in range(n_bins)]
+    fill = [0] * n_bins
+    for k in order:
+        i, kind, length = units[k]
+        b = min(range(n_bins), key=lambda j: (fill[j], j))
+        bins[b].append(Unit(i, kind, fill[b], length))
+        fill[b] += length
+    return bins
+
+
+def _first_fit(units, order, max_length: int) -> list[list[Unit]]:
     bins: list[list[Unit]] = []
     fill: list[int] = []
     for k in order:
@@ -136,7 +169,7 @@ def plan_packing(pairs: Sequence[TokenizedPair], max_length: int, *, share_promp
             b = len(bins) - 1
         bins[b].append(Unit(i, kind, fill[b], length))
         fill[b] += length
-    return PackPlan(max_length, share_prompt, tuple(tuple(b) for b in bins), unshared)
+    return bins
 
 
 @dataclass(frozen=True)
