@@ -196,7 +196,11 @@ def run_trl(shape, warmup, repeats, device, meter, seed=0):
                     ref_model_mixup_alpha=ALPHA, logging_steps=10 ** 6, save_strategy="no", report_to=[],
                     use_cpu=device.type == "cpu", seed=seed, dataloader_num_workers=0,
                     max_length=shape.get("max_length"), disable_dropout=True, lr_scheduler_type="constant",
-                    warmup_steps=0, **extra)
+                    warmup_steps=0,
+                    # TRL 1.16 defaults to bf16 autocast and gradient checkpointing; fasttrdpo's trainer to
+                    # neither: both off here, so that the two trainers do the same fp32 computation (the
+                    # first-step losses agree to ~1e-6; with TRL's defaults they differ by ~2e-3)
+                    bf16=False, gradient_checkpointing=False, **extra)
     clock = _StepClock(warmup, meter)
     losses = []
 

@@ -60,6 +60,10 @@ MIN_RATIO_BASE = 16 * MB
 # 1e-3 of each quantity's scale sits between the two: a real bug (a missing term, a wrong sign, a
 # gradient off by a factor) shows up as O(1e-2..1) and is caught.
 NUMERICS_RTOL = 1e-3
+# e2e cases: first-step losses of trainers doing the same fp32 computation (same weights, same tokens) differ only
+# by summation order: measured 4.4e-6 (TRL vs padded, HH shape), ~1e-6 between layouts. bf16 autocast in one of
+# them shows as >= 3.7e-4 (measured), so the bound sits between: 1e-4.
+E2E_LOSS_RTOL = 1e-4
 # bf16 shapes (the GPU check): gradients are stored in bf16 (0.5 ulp = 2^-9 relative) and an implementation
 # may hold the logits in a bf16 tile, which moves each logit by <= 2^-9·|z| and so each softmax term by a
 # relative ~2^-9·max|z| (logits here have std 2, max|z| over 128k columns ~ 9: 1.8e-2); with the output
@@ -513,7 +517,7 @@ def analyse(results):
                     d = _rel(ref["first_loss"], r["first_loss"], max(abs(ref["first_loss"]), 1e-6))
                     same_tokens = r["token_counts"][:1] == ref["token_counts"][:1]
                     r["numerics_max_rel_diff"] = d
-                    r["numerics_ok"] = d <= NUMERICS_RTOL if same_tokens else None
+                    r["numerics_ok"] = d <= E2E_LOSS_RTOL if same_tokens else None
                     r["numerics_note"] = (f"first-step loss vs fasttrdpo (padded): rel diff {d:.2e}"
                                           + ("" if same_tokens else " (first batches differ in tokens: not compared)"))
         elif case == "e2e":
@@ -524,7 +528,7 @@ def analyse(results):
                     d = _rel(ref["first_loss"], r["first_loss"], max(abs(ref["first_loss"]), 1e-6))
                     r["numerics_max_rel_diff"] = d
                     # both start from the same weights and batch: the first step's loss is the same function
-                    r["numerics_ok"] = d <= NUMERICS_RTOL
+                    r["numerics_ok"] = d <= E2E_LOSS_RTOL
                     r["numerics_note"] = f"first-step loss vs trl-dpotrainer: rel diff {d:.2e}"
     return results
 
@@ -1096,9 +1100,11 @@ def _descriptions():
     from _cases import CASES
 
     d = {case: dict(cls.DESCRIPTIONS) for case, cls in CASES.items()}
-    d["e2e"] = {"trl-dpotrainer": "trl.DPOTrainer(sync_ref_model=True, ref_model_sync_steps=2), fp32, CPU",
+    d["e2e"] = {"trl-dpotrainer": "trl.DPOTrainer(sync_ref_model=True, ref_model_sync_steps=2), fp32 (bf16=False), no "
+                                     "gradient checkpointing (TRL 1.16 turns both on by default), CPU",
                 "fasttrdpo": "fasttrdpo.trainer.TRDPOTrainer (TRDPOLoss + RefModelUpdater), same model and data"}
-    d["e2e_hh"] = {"trl-dpotrainer": "trl.DPOTrainer(sync_ref_model=True, ref_model_sync_steps=2), fp32, sequential "
+    d["e2e_hh"] = {"trl-dpotrainer": "trl.DPOTrainer(sync_ref_model=True, ref_model_sync_steps=2), fp32 (bf16=False), no "
+                                     "gradient checkpointing (TRL 1.16 turns both on by default), sequential "
                                      "sampler, max_length 512 (keep_start)",
                    "fasttrdpo": "TRDPOTrainer, padded rows (today's layout), max_length 512 (keep_start, as TRL)",
                    "fasttrdpo-packed": "TRDPOTrainer(packing=True): rows packed into bins of <= max_length tokens",
