@@ -224,11 +224,11 @@ def test_eager_middle_in_row_blocks_matches_float64(monkeypatch, dtype):
     Bounds: lse from a sum of V exps, relative error ≤ (V + 2)·u32, so |Δlogp| ≤ (V + 2)·u32 + u32·(|z_y| + |lse|);
     onehot − p: |Δp_v| ≤ p_v·((V + 4)·u32 + u32·(|z_v| + |lse|)) + u32·|onehot − p| (the add of the onehot), plus
     one rounding into a bf16 tile (u = 2^-8)."""
-    from fasttrdpo.loss import token_list
+    from fasttrdpo.loss import _chunked, token_list
 
     n, V = 11, 67
-    monkeypatch.setattr(token_list, "EAGER_BLOCK_BYTES", 3 * 4 * V)
-    assert token_list._eager_block_rows(V) == 3
+    monkeypatch.setattr(_chunked, "EAGER_BLOCK_BYTES", 3 * 4 * V)
+    assert _chunked.eager_block_rows(V) == 3
     g = torch.Generator().manual_seed(7)
     z = (torch.randn(n, V, generator=g) * 4).to(dtype)
     zr = (torch.randn(n, V, generator=g) * 4).to(dtype)

@@ -78,6 +78,7 @@ import torch
 
 from .._backend import resolve_backend
 from .._validate import check_float, check_label_range, check_same_device
+from . import _chunked
 from ._chunked import _plan_pair_chunks, _types, batch_mean_chosen_length, loss_config, pair_losses_and_grads
 from .preference import needs_all_logps
 
@@ -90,9 +91,6 @@ GRAD_W_BLOCK_ROWS = 32768
 # Label value the kernels treat as "ignored": every token handed to them is valid, so none may match.
 _NO_IGNORE = -(2 ** 31)
 _HALF = (torch.bfloat16, torch.float16)
-# The eager middle's block of fp32 rows: with its scratch buffer it stays in a core's L2 (2 MiB here); smaller
-# blocks pay torch's per-op cost (measured on 2 cores, V = 50304: 256 KiB blocks 2-3x slower than 1 MiB).
-EAGER_BLOCK_BYTES = 1 << 20
 
 
 def gemm_dtype(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> torch.dtype:
@@ -146,8 +144,8 @@ class _EagerMiddle:
     """The same two steps in fp32 torch ops (the token-list entry point on CPU without the interpreter).
 
     By bytes, as the kernels: the tiles ([n, V], tens to hundreds of MB) are read from memory once per step
-    and every further pass runs on a block of EAGER_BLOCK_BYTES of rows (L2-sized) held in one reused fp32
-    buffer: forward = per block max, exp(z − max) into the buffer, its sum, the label's logit; with stats
+    and every further pass runs on a block of `_chunked.EAGER_BLOCK_BYTES` of rows (L2-sized) held in one
+    reused fp32 buffer: forward = per block max, exp(z − max) into the buffer, its sum, the label's logit; with stats
     Σ exp(z − max)·(max − z) and argmax on the same block. Backward = exp(z − lse) in place per block. (Whole-
     tile torch ops instead allocate [n, V] temporaries and stream each pass from memory: 3-5x slower on CPU.)
     entropy = log S + T/S with S = Σ e^(z−m), T = Σ e^(z−m)·(m − z): two non-negative terms, no cancellation;
@@ -157,7 +155,7 @@ class _EagerMiddle:
     def forward(zp, zr, y, logp, lse, rlogp, entropy=None, correct=None):
         n, V = zp.shape
         f32 = torch.float32
-        rows = _eager_block_rows(V)
+        rows = _chunked.eager_block_rows(V)
         buf = torch.empty(min(rows, n), V, dtype=f32, device=zp.device)
         buf2 = torch.empty(min(rows, n), V, dtype=f32, device=zp.device) if entropy is not None else None
         for s in range(0, n, rows):
@@ -184,7 +182,7 @@ class _EagerMiddle:
     @staticmethod
     def backward_(zp, lse, y, ones):
         n, V = zp.shape
-        rows = _eager_block_rows(V)
+        rows = _chunked.eager_block_rows(V)
         arange = torch.arange(min(rows, n), device=zp.device)
         for s in range(0, n, rows):
             e = min(s + rows, n)
@@ -192,10 +190,6 @@ class _EagerMiddle:
             d[arange[: e - s], y[s:e]] += 1.0
             if zp.dtype != torch.float32:  # half tile: fp32 math, one rounding (nearest even) into it
                 zp[s:e].copy_(d)
-
-
-def _eager_block_rows(V: int) -> int:
-    return max(1, EAGER_BLOCK_BYTES // (4 * V))
 
 
 _MIDDLES = {"triton": _TritonMiddle, "eager": _EagerMiddle}
