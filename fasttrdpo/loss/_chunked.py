@@ -40,6 +40,7 @@ from .preference import LOSS_TYPES, check_loss_config, needs_all_logps, preferen
 # to finish its loss without recompute), up to MAX_PAIR_BYTES; a pair longer than that is done in two
 # passes over chunk-sized token blocks (its policy logits formed twice), so memory stays bounded.
 DEFAULT_CHUNK_BYTES = 32 << 20
+DEFAULT_MAX_PAIR_BYTES = 256 << 20
 # The eager paths' block of fp32 rows for passes after the GEMM (softmax statistics, entropy): with a scratch
 # buffer it stays in a core's L2 (2 MiB here); smaller blocks pay torch's per-op cost (measured on 2 cores,
 # V = 50304: 256 KiB blocks 2-3x slower than 1 MiB).
@@ -49,7 +50,6 @@ EAGER_BLOCK_BYTES = 1 << 20
 def eager_block_rows(V: int) -> int:
     """Rows of a [*, V] fp32 block of EAGER_BLOCK_BYTES (at least 1)."""
     return max(1, EAGER_BLOCK_BYTES // (4 * V))
-DEFAULT_MAX_PAIR_BYTES = 256 << 20
 
 
 def loss_config(beta, loss_type, label_smoothing, loss_weights, discopop_tau) -> dict:

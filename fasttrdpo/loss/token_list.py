@@ -145,9 +145,9 @@ class _EagerMiddle:
 
     By bytes, as the kernels: the tiles ([n, V], tens to hundreds of MB) are read from memory once per step
     and every further pass runs on a block of `_chunked.EAGER_BLOCK_BYTES` of rows (L2-sized) held in one
-    reused fp32 buffer: forward = per block max, exp(z − max) into the buffer, its sum, the label's logit; with stats
-    Σ exp(z − max)·(max − z) and argmax on the same block. Backward = exp(z − lse) in place per block. (Whole-
-    tile torch ops instead allocate [n, V] temporaries and stream each pass from memory: 3-5x slower on CPU.)
+    reused fp32 buffer: forward = per block max, exp(z − max) into the buffer, its sum, the label's logit;
+    with stats Σ exp(z − max)·(max − z) and argmax on the same block. Backward = exp(z − lse) in place per
+    block. (Whole-tile torch ops allocate [n, V] temporaries and stream each pass from memory: 3-5x slower.)
     entropy = log S + T/S with S = Σ e^(z−m), T = Σ e^(z−m)·(m − z): two non-negative terms, no cancellation;
     a −inf logit contributes 0 (its 0·inf is set to 0)."""
 
