@@ -157,6 +157,12 @@ def test_fsdp2_matches_one_process_and_updates_local_shards(tmp_path, single):
 def test_zero3_matches_one_process_and_updates_local_partitions(tmp_path, single):
     ranks = run_workers("zero3", tmp_path)
     _check_against_single(ranks, single, "Zero3RefModelUpdater")
+    # TRL's per-token means (logits/*, entropy, mean_token_accuracy) pool token sums and counts over the ranks;
+    # ZeRO-3 here has no accumulation, so they equal the one-process run's (a mean of the two ranks' own means
+    # differs: the ranks' pairs have different completion lengths; that failed here before the fix: 2.4e-2 relative on logits/*)
+    for res in ranks:
+        torch.testing.assert_close(torch.tensor(res["token_means"], dtype=torch.float64),
+                                   torch.tensor(single["token_means"], dtype=torch.float64), rtol=1e-5, atol=1e-7)
     init = _init_weights()
     for rank, res in enumerate(ranks):
         _check_collectives(res)

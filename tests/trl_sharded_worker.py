@@ -24,6 +24,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 STEPS, GLOBAL_PAIRS, ALPHA, LR = 3, 4, 0.6, 0.5
+# TRL's per-token means: token sums over all processes / their token counts
+TOKEN_MEANS = ("logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
 
 
 def dataset(n=STEPS * GLOBAL_PAIRS):
@@ -160,6 +162,7 @@ def run(mode, out_dir):
 
     logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     result = {"loss": [h["loss"] for h in logs], "margins": [h["rewards/margins"] for h in logs],
+              "token_means": [[h[k] for k in TOKEN_MEANS] for h in logs],
               "fired": fired, "collectives": dict(counter.counts) if counter else {},
               "policy": gathered(trainer.model, mode), "ref": gathered(trainer.ref_model, mode)}
     if distributed:

@@ -14,8 +14,9 @@ or switch an existing trainer: `use_trdpo_loss(trainer)`.
 
 Logged metrics: TRL's `rewards/*`, `logps/*`, `logits/*`, `num_tokens`, `entropy` (mean policy entropy over all
 completion tokens) and `mean_token_accuracy` (top-1 accuracy over the chosen completion tokens), TRL's
-definitions; the last two are computed in TRDPOLoss's pass (token_stats=True, no logits kept) and reduced as
-TRL reduces them: token sums and token counts gathered over processes, then divided.
+definitions; the last two are computed in TRDPOLoss's pass (token_stats=True, no logits kept). Per-token means
+(`logits/*`, `entropy`, `mean_token_accuracy`) are reduced as TRL reduces them: token sums and token counts
+gathered over processes, then divided; the per-pair ones (`rewards/*`, `logps/*`) as TRL: gathered, then mean.
 With `sync_ref_model=True` the fused trainer replaces TRL's SyncRefModelCallback by
 `FusedSyncRefModelCallback` itself. Under `DPOConfig(bf16=True)` (TRL's default) the policy and the
 reference backbones run under accelerate's autocast exactly as TRL runs them; TRDPOLoss then does fp32
@@ -237,11 +238,12 @@ def _compute_loss(self, model, inputs, return_outputs):
 
     # TRL's logging: gathered across processes, then .item() (TRL syncs here too)
     gather = self.accelerator.gather_for_metrics
-    # entropy / mean_token_accuracy: TRL divides the gathered token sums by the gathered token counts (all
-    # completion tokens / the chosen ones; 0.0 without any), not a mean of per-process means
+    # logits/*, entropy, mean_token_accuracy: TRL divides the gathered token sums by the gathered token counts
+    # (the chosen / rejected / all / chosen completion tokens; 0.0 without any), not a mean of per-process means
     completion_tokens = (labels != -100).sum(1).to(loss.device)
-    counts = {"entropy": completion_tokens.sum(),
-              "mean_token_accuracy": completion_tokens[:labels.shape[0] // 2].sum()}  # rows: chosen, then rejected
+    half = labels.shape[0] // 2  # rows: chosen, then rejected
+    counts = {"logits/chosen": completion_tokens[:half].sum(), "logits/rejected": completion_tokens[half:].sum(),
+              "entropy": completion_tokens.sum(), "mean_token_accuracy": completion_tokens[:half].sum()}
     for key, value in metrics.items():
         if key in counts:
             total = gather(counts[key].float().reshape(1)).sum()
