@@ -117,18 +117,19 @@ def run_trl(tmp_path, rows, *, lr, **kw):
 
 # --- float64 metrics after the backbone, and the head's worst-case arithmetic error ------------------------------
 
+@torch.no_grad()
 def _head64(state, batch, bf16):
-    """Hidden states (the backbone as the trainers run it) and float64 logits [rows, T, V]; hidden, weight too."""
+    """The backbone as the trainers run it (fp32, or under bf16 autocast), then float64: logits [rows, T, V] and,
+    per token, S = max_v sum_k |h_k||W_vk| (the scale of the head's rounding)."""
     if not _TEMPLATE:
-        _TEMPLATE.append(tiny_model(**MODEL))
+        _TEMPLATE.append(tiny_model(**MODEL).eval())
     model = _TEMPLATE[0]
     model.load_state_dict(state)
-    model.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   use_cache=False).last_hidden_state
     h, w = hidden.double(), model.get_output_embeddings().weight.double()
-    return h @ w.T, (h.abs() @ w.abs().T).amax(-1)  # logits, per token S = max_v sum_k |h_k||W_vk|
+    return h @ w.T, (h.abs() @ w.abs().T).amax(-1)
 
 
 def _token_stats(z, labels):
@@ -161,7 +162,8 @@ def metrics64(policy_state, ref_state, batch, bf16):
          "logps/rejected": float(pl[P:].mean()), "logits/chosen": float(tp["mean_logit"][:P][mask[:P]].mean()),
          "logits/rejected": float(tp["mean_logit"][P:][mask[P:]].mean()), "entropy": float(tp["entropy"][mask].mean()),
          "mean_token_accuracy": float(tp["top1"][chosen].double().mean())}
-    return m, dict(mask=mask, P=P, policy=(tp, sp), ref=(tr, sr), margins=(cr - rr).abs())
+    return m, dict(mask=mask, P=P, V=zp.shape[-1], H=MODEL["hidden_size"], policy=(tp, sp), ref=(tr, sr),
+                   margins=(cr - rr).abs())
 
 
 def head_error_bounds(data, head):
@@ -170,8 +172,9 @@ def head_error_bounds(data, head):
     head "fp32": logits formed in fp32 from fp32 hidden and weight (TRDPOTrainer's eager TRDPOLoss, and TRL's fused
     head without autocast): each logit is off by at most dz = (gamma_H + 2u)·S, S = max_v sum_k |h_k||W_vk|
     (`tests/helpers.py` dot_error_bound). head "bf16": TRL's head under bf16 autocast rounds h and W to bf16
-    (2u_bf16·S), writes the logit tile in bf16 (u_bf16·S) and accumulates in fp32: dz = 3.1·u_bf16·S for H = 32
-    (`test_trl_dpo_integration._bf16_head_bound`, here with the measured S of each token).
+    (2u_bf16·S), writes the logit tile in bf16 (u_bf16·S) and accumulates in fp32 (with the u_bf16^2 terms, under
+    0.1·u_bf16·S for H = 32): dz = 3.1·u_bf16·S (`test_trl_dpo_integration._bf16_head_bound`, here with each
+    token's own S instead of a bound on it).
     A token's log-prob moves by at most 2·dz (label logit and log-sum-exp), plus the fp32 arithmetic of the
     log-softmax, u·(8·(|lse| + max|z|) + V + 4) (`tests/helpers.py` logprob_tolerance, V sequential adds);
     its entropy lse - sum_v p_v z_v moves by at most (max z - min z)·dz (dH/dz_v = -p_v (z_v - E_p z)) plus the
@@ -179,12 +182,10 @@ def head_error_bounds(data, head):
     their terms; rewards = beta·(policy - ref); margins add both rows; the sigmoid loss is 1-Lipschitz in
     beta·margin; a discrete metric can only change where a row's margin or a token's top-2 logit gap is within
     its error (counted)."""
-    mask, P = data["mask"], data["P"]
-    V = 384
+    mask, P, V, H = data["mask"], data["P"], data["V"], data["H"]
     out = {}
     for role in ("policy", "ref"):
         t, S = data[role]
-        H = 32
         dz = 3.1 * U_BF16 * S if head == "bf16" else (H * U32 / (1 - H * U32) + 2 * U32) * S
         arith = U32 * (8 * t["scale"] + V + 4)
         tok = 2 * dz + arith
