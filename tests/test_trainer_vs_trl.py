@@ -19,10 +19,14 @@ on OUR batch of step k, so TRL having seen other rows at step k fails. At step 1
 The drift measures how far the trajectories have separated, which the tests bound separately: fp32, below the
 rounding yardstick head_err (the runs differ by rounding only); bf16, through Adam's worst-case step on the weights.
 
+The reference syncs are checked element by element across the runs (`_assert_same_blends`), the policies against
+Adam's worst case.
+
 Deliberate errors, checked by hand against these tests (TRDPOTrainer run with the error, TRL as here):
-fp32: alpha 0.5 instead of 0.6 -> rewards at step 4 161x their bound; the first sync missed (tau 4) or a sync at step
-3 -> rewards at step 3 280x; steps 2 and 3 of data exchanged -> num_tokens differ, logps 1e4x. bf16: the same sync
-errors -> reference weights 18x (alpha) and 47x (sync) Adam's bound; the exchanged steps -> num_tokens, logps 42x.
+alpha 0.5 instead of 0.6 -> the blend check fails by 2e5x its bound (fp32 and bf16; 51x with a bf16-stored
+reference), fp32 rewards at step 4 by 161x; the first sync missed (tau 4) or a sync at step 3 -> blend check 1e6x
+(253x bf16-stored), fp32 rewards at step 3 280x; steps 2 and 3 of data exchanged -> num_tokens differ, and logps
+by 1e4x (fp32) / 42x (bf16) their bound.
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ CONTINUOUS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "
               "logits/chosen", "logits/rejected", "entropy")
 DISCRETE = ("rewards/accuracies", "mean_token_accuracy")
 U32, U_BF16 = 2.0 ** -24, 2.0 ** -8  # unit roundoffs
-_TEMPLATE: list = []  # one model object the recorded weights are loaded into
+_TEMPLATES: dict = {}  # per dtype, one model object the recorded weights are loaded into
 
 
 def _rows(n=STEPS * BATCH):
@@ -66,14 +70,14 @@ def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def run_ours(tmp_path, *, bf16, lr, alpha=ALPHA, tau=TAU, order=None):
+def run_ours(tmp_path, *, bf16, lr, alpha=ALPHA, tau=TAU, order=None, ref_dtype=None):
     """TRDPOTrainer. Returns (trainer, per-step records, [(batch, policy state, ref state)] before each step, the
     rows in the order it walked them). `order`: walk these row indices instead (only to check by hand that a
     deliberate error fails the comparison)."""
     cfg = TRDPOConfig(output_dir=str(tmp_path / "ours"), max_steps=STEPS, per_device_train_batch_size=BATCH,
                       learning_rate=lr, lr_scheduler_type="constant", beta=BETA, alpha=alpha, tau=tau,
                       max_length=MAX_LENGTH, truncation_mode="keep_start", bf16=bf16, logging_steps=1, save_steps=0,
-                      plot=False, disable_tqdm=True)
+                      plot=False, disable_tqdm=True, ref_dtype=ref_dtype)
     assert not cfg.gradient_checkpointing  # fasttrdpo's default (TRL's is True): the values do not depend on it
     policy, ref = _models()
     rows = _rows()
@@ -102,7 +106,7 @@ class _Snapshots(TrainerCallback):
         self.states.append((_state(self.trainer.model), _state(self.trainer.ref_model)))
 
 
-def run_trl(tmp_path, rows, *, lr, **kw):
+def run_trl(tmp_path, rows, *, lr, ref_dtype=None, **kw):
     """TRL's DPOTrainer over `rows` in their order (sequential sampler); kw: DPOConfig overrides (bf16 and
     gradient_checkpointing are left at TRL's defaults unless given). Returns (trainer, records, snapshots)."""
     args = dict(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=BATCH, max_steps=STEPS,
@@ -112,6 +116,8 @@ def run_trl(tmp_path, rows, *, lr, **kw):
                 ref_model_mixup_alpha=ALPHA)
     args.update(kw)
     policy, ref = _models()
+    if ref_dtype is not None:  # TRL keeps the reference in the dtype it is given
+        ref = ref.to(ref_dtype)
     snapshots = _Snapshots()
     trainer = DPOTrainer(model=policy, ref_model=ref, args=DPOConfig(**args), train_dataset=Dataset.from_list(rows),
                          processing_class=tiny_tokenizer(), callbacks=[snapshots])
@@ -126,9 +132,10 @@ def run_trl(tmp_path, rows, *, lr, **kw):
 def _head64(state, batch, bf16):
     """The backbone as the trainers run it (fp32, or under bf16 autocast), then float64: logits [rows, T, V] and,
     per token, S = max_v sum_k |h_k||W_vk| (the scale of the head's rounding)."""
-    if not _TEMPLATE:
-        _TEMPLATE.append(tiny_model(**MODEL).eval())
-    model = _TEMPLATE[0]
+    dtype = state["lm_head.weight"].dtype  # a bf16-stored reference runs its backbone in bf16 storage
+    if dtype not in _TEMPLATES:
+        _TEMPLATES[dtype] = tiny_model(dtype=dtype, **MODEL).eval()
+    model = _TEMPLATES[dtype]
     model.load_state_dict(state)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -257,27 +264,41 @@ def _params(model) -> dict:
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
-def reference_bound(lr, max_abs):
-    """Most the two references can differ by after the syncs of steps 2 and 4, given that the policies differ by at
-    most D_k = 2·sum_{t<=k} lr·c_t (`adam_step_bounds`: each run moves each parameter by at most lr·c_t per step)
-    and the references start equal: ref <- ref + alpha·(policy - ref) gives alpha·D_2 after step 2, then
-    (1 - alpha)·alpha·D_2 + alpha·D_4 after step 4; plus the blends' fp32 rounding, TRL's mul_/add_ and ours each
-    within 4u·(|ref| + |policy|) per sync (`tests/helpers.py` blend_tolerance)."""
-    steps = adam_step_bounds(lr)
-    d2, d4 = 2 * sum(steps[:2]), 2 * sum(steps)
-    return (1 - ALPHA) * ALPHA * d2 + ALPHA * d4 + 2 * 2 * 4 * U32 * 2 * max_abs
+def _assert_same_blends(ours, seen, trl, trl_states, *, lr):
+    """The reference syncs, across the two runs, element by element. Each run's reference after a sync is
+    blend(r, p) = r + alpha·(p - r) of its own reference r and policy p, up to the blend's rounding, so
 
+        |blend_ours - blend_TRL| <= (1 - alpha)·|r_ours - r_TRL| + alpha·|p_ours - p_TRL| + e_ours + e_TRL
 
-def _assert_weights_within_adam_bounds(ours, trl, lr):
-    policy, ref = _params(ours.model), _params(trl.model)
-    d4 = 2 * sum(adam_step_bounds(lr))
-    policy_gap = _max_gap(policy, ref)
+    with e <= 4u·(|r| + |p|) for the fp32 arithmetic (`tests/helpers.py` blend_tolerance; TRL's mul_ then add_ is
+    two roundings of the same size) and, for a bf16-stored reference, the storage roundings: ours rounds the result
+    once (fasttrdpo.blend_), TRL rounds r·(1 - alpha) and then the result, 1.01·u_bf16·(|result| + (1 - alpha)·|r|).
+    The inputs are the recorded weights around steps 2 and 4: a wrong alpha or a sync at another step breaks it by
+    ~0.1·|p - r|, far above the rounding. Between the syncs the references must not change. The policies: within
+    Adam's worst case (`adam_step_bounds`: each run moves each weight by at most lr·c_t per step)."""
+    final = ((_state(ours.model), _state(ours.ref_model)), (_state(trl.model), _state(trl.ref_model)))
+    ours_at = [(pol, ref) for _, pol, ref in seen] + [final[0]]  # (policy, ref) before steps 1..4, and at the end
+    trl_at = list(trl_states) + [final[1]]
+    names = [n for n, _ in ours.ref_model.named_parameters()]  # buffers (rotary tables) are not blended
+    for k in range(STEPS):  # weights before step k+1 -> before step k+2 (or the end)
+        synced = (k + 1) % TAU == 0
+        for name in names:
+            (p_o, r_o), (p_t, r_t) = [(pol[name].double(), ref[name].double())
+                                      for pol, ref in (ours_at[k + 1], trl_at[k + 1])]
+            if not synced:  # the reference is untouched by an optimizer step without a sync
+                assert torch.equal(ours_at[k + 1][1][name], ours_at[k][1][name]), (k + 1, name)
+                assert torch.equal(trl_at[k + 1][1][name], trl_at[k][1][name]), (k + 1, name)
+                continue
+            r0_o, r0_t = ours_at[k][1][name].double(), trl_at[k][1][name].double()  # references before the sync
+            bf16 = ours_at[k + 1][1][name].dtype == torch.bfloat16
+            err = lambda r, p, res: (4 * U32 * (r.abs() + p.abs())  # noqa: E731
+                                     + (1.01 * U_BF16 * (res.abs() + (1 - ALPHA) * r.abs()) if bf16 else 0.0))
+            bound = ((1 - ALPHA) * (r0_o - r0_t).abs() + ALPHA * (p_o - p_t).abs()
+                     + err(r0_o, p_o, r_o) + err(r0_t, p_t, r_t))
+            gap = (r_o - r_t).abs()
+            assert bool((gap <= bound).all()), (f"sync after step {k + 1}", name, float((gap - bound).max()))
+    policy_gap, d4 = _max_gap(final[0][0], final[1][0]), 2 * sum(adam_step_bounds(lr))
     assert policy_gap <= d4, (policy_gap, d4)
-    our_ref, trl_ref = _params(ours.ref_model), _params(trl.ref_model)
-    max_abs = max(float(t.abs().max()) for d in (our_ref, trl_ref, policy, ref) for t in d.values())
-    ref_gap, bound = _max_gap(our_ref, trl_ref), reference_bound(lr, max_abs)
-    assert ref_gap <= bound, (ref_gap, bound)
-    return policy_gap, ref_gap
 
 
 LR_FP32 = 1e-3
@@ -291,8 +312,8 @@ def test_fp32_every_metric_and_both_final_models_match_trl_over_two_reference_sy
     (before every step, and the final policy and reference on every step's batch) may move the float64 metrics by
     no more than the same yardstick: this is not a worst case (Adam's normalisation can amplify the rounding of a
     near-zero gradient component) but the runs differ by rounding only, and every deliberate error tried (module
-    docstring) exceeds it 50x-1e4x. Measured: logged gaps <= 7.6e-6 (logps), 1.2e-6 (rewards); drift <= 3e-7;
-    weights <= 2.2e-6 apart at lr 1e-3 (also checked against Adam's worst case, loose: 8e-3)."""
+    docstring) exceeds it 50x-1e4x. The references: `_assert_same_blends`. Measured: logged gaps <= 7.6e-6 (logps),
+    1.2e-6 (rewards); drift <= 3e-7; weights <= 2.2e-6 apart at lr 1e-3."""
     ours, ours_logs, seen, rows = run_ours(tmp_path, bf16=False, lr=LR_FP32)
     trl, trl_logs, trl_states = run_trl(tmp_path, rows, lr=LR_FP32, bf16=False, gradient_checkpointing=False)
     assert [h["ref_updates"] for h in ours_logs] == [0, 1, 1, 2]
@@ -306,13 +327,14 @@ def test_fp32_every_metric_and_both_final_models_match_trl_over_two_reference_sy
     for batch, _, _ in seen:
         for key, (_, bound, drift) in _gaps(None, None, *finals, batch, False).items():
             assert drift <= bound, ("final", key, drift, bound)
-    _assert_weights_within_adam_bounds(ours, trl, LR_FP32)  # loose (any two Adam runs), here as a sanity check
+    _assert_same_blends(ours, seen, trl, trl_states, lr=LR_FP32)
 
 
 LR_BF16 = 1e-4
 
 
-def test_bf16_in_trls_default_configuration(tmp_path):
+@pytest.mark.parametrize("ref_dtype", [None, "bfloat16"])
+def test_bf16_in_trls_default_configuration(tmp_path, ref_dtype):
     """DPOConfig with bf16 and gradient_checkpointing at TRL 1.16's defaults (both on) against TRDPOConfig(bf16=True).
 
     What is the same: both backbones (policy and reference) run under bf16 autocast; both references stay in the
@@ -325,13 +347,21 @@ def test_bf16_in_trls_default_configuration(tmp_path):
     Step 1 (same weights): every metric within the two heads' derived bounds (logps ~0.2, rewards ~0.04; measured
     1.3e-3 and 3e-5). Later steps: the gradients differ at bf16 rounding, and Adam's normalised step (lr·sign(g) at
     step 1) moves the components whose gradient is within that rounding in opposite directions: the policies differ
-    by 2·lr in some weights after one step (asserted) and stay within Adam's worst case 2·lr·sum c_t, the
-    references within its blend of that (`reference_bound`). Each logged metric is then within the head bounds plus
-    the exact float64 difference between the two weight sets (measured up to 1.2e-3 on logps at lr 1e-4)."""
-    ours, ours_logs, seen, rows = run_ours(tmp_path, bf16=True, lr=LR_BF16)
-    trl, trl_logs, trl_states = run_trl(tmp_path, rows, lr=LR_BF16)  # bf16, gradient_checkpointing: TRL's defaults
+    by 2·lr in some weights after one step (asserted) and stay within Adam's worst case 2·lr·sum c_t; each
+    reference is the same blend of its run's weights (`_assert_same_blends`). Each logged metric is then within
+    the head bounds plus the exact float64 difference between the two weight sets (up to 1.2e-3 on logps at lr
+    1e-4). Since lr is small here, a wrong sync shows in the blend check, not in the metrics (see the module
+    docstring); the fp32 test covers the optimizer trajectory.
+
+    ref_dtype="bfloat16" (against TRL given a bf16 ref_model): the same, and the blend differs by design in its
+    rounding: fasttrdpo.blend_ rounds ref + alpha·(policy - ref) once into bf16, TRL's mul_ then add_ round twice
+    (22% of 1M normal weights end one bf16 ulp apart per sync), within `_assert_same_blends`' bound."""
+    dtype = torch.bfloat16 if ref_dtype else torch.float32
+    ours, ours_logs, seen, rows = run_ours(tmp_path, bf16=True, lr=LR_BF16, ref_dtype=ref_dtype)
+    # bf16 and gradient_checkpointing: TRL's defaults
+    trl, trl_logs, trl_states = run_trl(tmp_path, rows, lr=LR_BF16, ref_dtype=ref_dtype and dtype)
     assert trl.args.bf16 and trl.args.gradient_checkpointing and ours.config.bf16
-    assert {p.dtype for m in (ours.ref_model, trl.ref_model) for p in m.parameters()} == {torch.float32}
+    assert {p.dtype for m in (ours.ref_model, trl.ref_model) for p in m.parameters()} == {dtype}
     assert [h["ref_updates"] for h in ours_logs] == [0, 1, 1, 2]
     for k, gaps in enumerate(step_gaps(ours_logs, seen, trl_logs, trl_states, bf16=True)):
         for key, (gap, bound, drift) in gaps.items():
@@ -340,4 +370,4 @@ def test_bf16_in_trls_default_configuration(tmp_path):
             assert gap <= bound + drift, (f"step {k + 1}", key, gap, bound, drift)
     # the documented separation: after one step some policy weight differs by ~2·lr (opposite Adam signs)
     assert _max_gap(seen[1][1], trl_states[1][0]) > LR_BF16
-    _assert_weights_within_adam_bounds(ours, trl, LR_BF16)
+    _assert_same_blends(ours, seen, trl, trl_states, lr=LR_BF16)
