@@ -387,6 +387,11 @@ def cmd_train(args) -> int:
         print(f"fasttrdpo: replacing the previous demo run in {config.output_dir}/ (give --output-dir DIR to "
               "keep runs apart)", file=sys.stderr, flush=True)
         config = dataclasses.replace(config, overwrite_output_dir=True)
+    if not (config.resume_from_checkpoint or config.overwrite_output_dir):
+        # before a model or data set is loaded (minutes for a large one); the trainer checks again under its lock
+        from .training.output_dir import refuse_other_runs
+
+        refuse_other_runs(config.output_dir)
     t0 = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(run["model"], seed=config.seed, bf16=config.bf16,
                                                 attn_implementation=run["attn_implementation"])

@@ -249,10 +249,14 @@ def test_the_readme_main_command_reruns_over_its_own_demo_output(tmp_path, capsy
     assert cli.main(demo) == 0
     assert "replacing the previous demo run in outputs/fasttrdpo/" in capsys.readouterr().err
     assert json.load(open("outputs/fasttrdpo/checkpoint-1/trainer_state.json"))["run_id"] != first
-    # another run's checkpoints in the default dir are not the demo's to replace
+    # another run's checkpoints in the default dir are not the demo's to replace; refused before any model or
+    # data is loaded (a large model would take minutes to load only to be refused)
+    loaded = []
+    monkeypatch.setattr(cli, "load_model_and_tokenizer", lambda *a, **k: loaded.append(a) or (None, None))
     rc = cli.main(["train", "--data", _jsonl(tmp_path / "x.jsonl", 20), "--max-steps", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "holds checkpoints of run" in err[-1] and "--overwrite-output-dir" in err[-1]
+    assert loaded == []
 
 
 def test_loss_lists_from_flags_and_config_and_a_short_rpo_run(tmp_path):

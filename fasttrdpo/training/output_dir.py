@@ -90,20 +90,31 @@ def checkpoints(output_dir: str) -> dict[int, str]:
     return found
 
 
+def _names(found: dict[int, str]) -> str:
+    return ", ".join(os.path.basename(found[s]) for s in sorted(found)[:4]) + (", ..." if len(found) > 4 else "")
+
+
+def refuse_other_runs(output_dir: str) -> None:
+    """Read only: raise OutputDirError when output_dir holds checkpoints (a new run without overwrite must not
+    start there). The CLI calls it before loading anything; `check_new_run` again under the lock."""
+    found = checkpoints(output_dir)
+    if found:
+        runs = {checkpoint_run(p).get("run_id") for p in found.values()} - {None}
+        which = f"run {sorted(runs)[0]}" if len(runs) == 1 else "another run"
+        raise OutputDirError(f"{output_dir} holds checkpoints of {which} ({_names(found)}): pass "
+                             "--overwrite-output-dir to replace them, or --resume to continue that run")
+
+
 def check_new_run(output_dir: str, *, overwrite: bool) -> list[str]:
     """Before a new (not resumed) run writes anything: refuse a directory with another run's checkpoints,
     or, with `overwrite`, delete that run's outputs. Returns the notices to log."""
     found = checkpoints(output_dir)
     if not found:
         return []
-    names = ", ".join(os.path.basename(found[s]) for s in sorted(found)[:4]) + (", ..." if len(found) > 4 else "")
     if not overwrite:
-        runs = {checkpoint_run(p).get("run_id") for p in found.values()} - {None}
-        which = f"run {sorted(runs)[0]}" if len(runs) == 1 else "another run"
-        raise OutputDirError(f"{output_dir} holds checkpoints of {which} ({names}): pass --overwrite-output-dir "
-                             "to replace them, or --resume to continue that run")
+        refuse_other_runs(output_dir)
     remove_run_outputs(output_dir)
-    return [f"overwrite_output_dir: removed the previous run's outputs in {output_dir} ({names})"]
+    return [f"overwrite_output_dir: removed the previous run's outputs in {output_dir} ({_names(found)})"]
 
 
 def remove_run_outputs(output_dir: str) -> None:
