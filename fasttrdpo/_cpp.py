@@ -17,6 +17,7 @@ interface the ops call; they do no validation beyond what the C++ side checks ch
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -94,18 +95,39 @@ def is_built() -> bool:
     return (build_dir() / f"{_library_name()}.so").is_file()
 
 
-STALE_LOCK_S = 600  # a cold build takes under a minute; an older lock was left by a killed build
+STALE_LOCK_S = 600  # without flock (not Linux/macOS): a cold build takes under a minute; older = left by a kill
 
 
-def _clear_stale_lock(bdir: Path) -> None:
+@contextlib.contextmanager
+def _build_guard(bdir: Path):
+    """Hold an flock on `<build dir>/fasttrdpo.guard` while torch builds or loads there: fasttrdpo processes
+    take turns, and the kernel drops the flock when its holder dies, however it dies. Yields True when the
+    guard is held (so no other fasttrdpo process is inside cpp_extension.load for this directory), False
+    where flock is not available."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (Windows)
+        yield False
+        return
+    fd = os.open(bdir / "fasttrdpo.guard", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits while another process builds
+        yield True
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _clear_stale_lock(bdir: Path, guarded: bool) -> None:
     """torch's build lock (`<build dir>/lock`) is removed only by the process that took it: a build
-    killed mid-way leaves it behind and every later load would wait on it forever."""
+    killed mid-way leaves it behind and every later load would wait on it forever. Under the build guard
+    any such lock is stale (its builder is gone: the guard would still be held otherwise), so it goes at
+    once; without the guard only once it is STALE_LOCK_S old."""
     lock = bdir / "lock"
     try:
         age = time.time() - lock.stat().st_mtime
     except FileNotFoundError:
         return
-    if age > STALE_LOCK_S:
+    if guarded or age > STALE_LOCK_S:
         print(f"fasttrdpo: removing a stale build lock ({age:.0f} s old, left by an interrupted build): {lock}",
               file=sys.stderr, flush=True)
         lock.unlink(missing_ok=True)
@@ -140,17 +162,18 @@ def load():
         t0 = time.perf_counter()
         try:
             bdir.mkdir(parents=True, exist_ok=True)
-            _clear_stale_lock(bdir)
-            cpp_extension.load(
-                name=_library_name(),
-                sources=[str(src / s) for s in SOURCES],
-                extra_cflags=flags,
-                extra_ldflags=["-fopenmp"],
-                extra_include_paths=[str(src)],
-                build_directory=str(bdir),
-                is_python_module=False,
-                verbose=False,
-            )
+            with _build_guard(bdir) as guarded:
+                _clear_stale_lock(bdir, guarded)
+                cpp_extension.load(
+                    name=_library_name(),
+                    sources=[str(src / s) for s in SOURCES],
+                    extra_cflags=flags,
+                    extra_ldflags=["-fopenmp"],
+                    extra_include_paths=[str(src)],
+                    build_directory=str(bdir),
+                    is_python_module=False,
+                    verbose=False,
+                )
         except Exception as exc:  # compiler missing, ninja missing, compile error
             raise RuntimeError(
                 "backend='cpp': could not build the fasttrdpo C++ extension (the eager backend still works; "

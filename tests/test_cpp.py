@@ -117,16 +117,16 @@ def test_env_switch_loads_cpp(cpp_build):
 
 
 def test_stale_build_lock_is_cleared(cpp_build, tmp_path):
-    """A lock left by a killed build would make torch wait forever: an old one is removed (reported)."""
+    """A lock left by a killed build would make torch wait forever: removed (reported) at once, even when
+    it is seconds old, since no fasttrdpo process holds the build guard (the kernel drops a dead holder's
+    flock); before the guard it took STALE_LOCK_S (10 min) of waiting."""
     import shutil
 
     cache = tmp_path / "cache"
     bdir = cache / _cpp.build_dir().name
     shutil.copytree(_cpp.build_dir(), bdir)  # a built cache (mtimes kept: ninja has nothing to do)
     (bdir / "lock").unlink(missing_ok=True)
-    (bdir / "lock").touch()
-    old = time.time() - 2 * _cpp.STALE_LOCK_S
-    os.utime(bdir / "lock", (old, old))
+    (bdir / "lock").touch()  # fresh: as a build killed a moment ago leaves it
     proc = _run_python("import fasttrdpo._cpp as c; c.load(); print(c.is_loaded())",
                        FASTTRDPO_CACHE=str(cache), _timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
