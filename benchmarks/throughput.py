@@ -60,10 +60,11 @@ MIN_RATIO_BASE = 16 * MB
 # 1e-3 of each quantity's scale sits between the two: a real bug (a missing term, a wrong sign, a
 # gradient off by a factor) shows up as O(1e-2..1) and is caught.
 NUMERICS_RTOL = 1e-3
-# e2e cases: first-step losses of trainers doing the same fp32 computation (same weights, same tokens) differ only
-# by summation order: measured 4.4e-6 (TRL vs padded, HH shape), ~1e-6 between layouts. bf16 autocast in one of
-# them shows as >= 3.7e-4 (measured), so the bound sits between: 1e-4.
-E2E_LOSS_RTOL = 1e-4
+# e2e cases: first-step losses of trainers doing the same fp32 computation (same weights, same tokens) differ by
+# summation order only: measured 3.4e-6 (shared vs padded, HH), 4.4e-6 (TRL vs padded, HH), 9.7e-6 (the HH smoke
+# shape), 1.2e-5 (e2e). One of them in bf16 autocast (TRL's default) differs by 1.8e-4 (smoke) to 2.4e-3 (HH).
+# Not a derived worst case but a separator placed between the two measured populations, ~4x from each: 5e-5.
+E2E_LOSS_RTOL = 5e-5
 # bf16 shapes (the GPU check): gradients are stored in bf16 (0.5 ulp = 2^-9 relative) and an implementation
 # may hold the logits in a bf16 tile, which moves each logit by <= 2^-9·|z| and so each softmax term by a
 # relative ~2^-9·max|z| (logits here have std 2, max|z| over 128k columns ~ 9: 1.8e-2); with the output

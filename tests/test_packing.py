@@ -206,12 +206,18 @@ def test_plan_and_token_counts():
 def test_plan_balances_bins_when_that_narrows_the_widest():
     """Rows 6, 5 | 4, 3 | 2, 2 at max_length 10: first fit decreasing needs 3 bins (6+4, 5+3+2, 2: widest
     10, 30 positions in the mask layout); longest first into the least-filled of 3 bins gives 6+2, 5+2, 4+3
-    (widest 8, 24 positions). When balancing would not narrow the widest bin, first fit's bins stay."""
+    (widest 8, 24 positions). When balancing would exceed max_length (so not narrow the widest bin), first
+    fit's bins stay."""
     pairs = [TokenizedPair([1], [2] * c, [3] * r) for c, r in ((5, 4), (3, 2), (1, 1))]
     plan = plan_packing(pairs, 10)
     assert sorted(plan.bin_lengths) == [7, 7, 8] and plan.width == 8 and plan.computed_tokens == 24
     assert [[(u.pair, u.kind, u.start) for u in b] for b in plan.bins] == [
         [(0, "chosen", 0), (2, "rejected", 6)], [(0, "rejected", 0), (2, "chosen", 5)],
         [(1, "chosen", 0), (1, "rejected", 4)]]
-    even = [TokenizedPair([1], [2] * 4, [3] * 4)] * 2  # four rows of 5: 5+5, 5+5 both ways
-    assert plan_packing(even, 10).bin_lengths == [10, 10]
+    # rows 2, 2 | 2, 3 | 3, 5 at max_length 6: first fit 5 | 3+3 | 2+2+2; balancing would put the last 2 beside
+    # the 5 (7 > 6): first fit's bins stay
+    pairs = [TokenizedPair([1], [2] * c, [3] * r) for c, r in ((1, 1), (1, 2), (2, 4))]
+    plan = plan_packing(pairs, 6)
+    assert plan.bin_lengths == [5, 6, 6]
+    assert [[(u.pair, u.kind) for u in b] for b in plan.bins] == [
+        [(2, "rejected")], [(1, "rejected"), (2, "chosen")], [(0, "chosen"), (0, "rejected"), (1, "chosen")]]

@@ -112,6 +112,33 @@ def test_token_stats_ties_take_the_first_maximal_index(backend):
     assert abs(float(m["entropy"]) - float(exp_ent)) <= tol
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 4096])
+def test_eager_paths_stats_across_row_blocks(monkeypatch, chunk_bytes):
+    """Both eager paths (TRDPOLoss's padded chunks, the token-list middle) work in blocks of EAGER_BLOCK_BYTES
+    rows: forced to 3 rows a block (V = 67; chunks of 4 KiB: blocks of chunks), entropy and accuracy still
+    equal float64 (at the default 1 MiB every test shape is one block)."""
+    from fasttrdpo.loss import _chunked
+
+    ph, pw, pb, labels, rh, rw = _inputs(seed=6)
+    monkeypatch.setattr(_chunked, "EAGER_BLOCK_BYTES", 3 * 4 * pw.shape[0])
+    assert _chunked.eager_block_rows(pw.shape[0]) == 3
+    exp_ent, exp_acc, gap, tol = _reference(ph, pw, pb, labels)
+    assert gap > 1e-4 and 0.0 < float(exp_acc) < 1.0
+    B, T = labels.shape
+    mask = labels.reshape(-1) != -100
+    assert int(mask.sum()) > 3 * 3  # several blocks
+    _, padded = TRDPOLoss(backend="eager", token_stats=True, chunk_bytes=chunk_bytes)(ph, pw, labels, rh, rw,
+                                                                                     policy_bias=pb)
+    kw = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
+    _, listed = trdpo_loss_from_tokens(ph.reshape(-1, ph.shape[-1])[mask], pw, rh.reshape(-1, rh.shape[-1])[mask],
+                                       rw, labels.reshape(-1)[mask], torch.arange(B).repeat_interleave(T)[mask],
+                                       torch.arange(B // 2), torch.arange(B // 2, B), policy_bias=pb,
+                                       backend="eager", token_stats=True, **kw)
+    for m in (padded, listed):
+        assert abs(float(m["entropy"]) - float(exp_ent)) <= tol, (float(m["entropy"]), float(exp_ent))
+        assert float(m["mean_token_accuracy"]) == pytest.approx(float(exp_acc), abs=1e-7)
+
+
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_trdpo_loss_from_tokens_token_stats(backend):
     ph, pw, pb, labels, rh, rw = _inputs(seed=4, bias=False)

@@ -342,7 +342,7 @@ def test_bf16_in_trls_default_configuration(tmp_path, ref_dtype):
     it under autocast) and are blended in fp32 at the same steps with the same alpha; gradient checkpointing
     recomputes the same values. What differs, by design: TRL's fused head rounds the hidden states and the lm_head
     weight to bf16 and writes its logits (and, in backward, the gradient tiles) in bf16, while TRDPOLoss does fp32
-    math on the hidden states as stored (fp32 on CPU, where autocast runs the final LayerNorm in fp32).
+    math on the hidden states as stored (fp32 here: GPT-NeoX's residual stream stays fp32 under autocast).
 
     Step 1 (same weights): every metric within the two heads' derived bounds (logps ~0.2, rewards ~0.04; measured
     1.3e-3 and 3e-5). Later steps: the gradients differ at bf16 rounding, and Adam's normalised step (lr·sign(g) at

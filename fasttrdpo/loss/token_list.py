@@ -149,7 +149,8 @@ class _EagerMiddle:
     with stats Σ exp(z − max)·(max − z) and argmax on the same block. Backward = exp(z − lse) in place per
     block. (Whole-tile torch ops allocate [n, V] temporaries and stream each pass from memory: 3-5x slower.)
     entropy = log S + T/S with S = Σ e^(z−m), T = Σ e^(z−m)·(m − z): two non-negative terms, no cancellation;
-    a −inf logit contributes 0 (its 0·inf is set to 0)."""
+    a −inf logit contributes 0 (its 0·inf is set to 0). A row of all −inf or with a NaN or +inf logit (its
+    log-prob already NaN or infinite) gets a NaN or +inf entropy, not the 0 the whole-tile code gave."""
 
     @staticmethod
     def forward(zp, zr, y, logp, lse, rlogp, entropy=None, correct=None):
