@@ -82,6 +82,18 @@ def _label_masks(labels: Tensor, V: int, ignore_index: int):
 # One logits buffer per call, reused by every chunk, and in-place math on it: no other [chunk, V]
 # temporary is allocated (fresh chunk-sized temporaries also fragment the CPU heap, which keeps
 # freed memory resident).
+def _logit_chunks(hidden, w32, b32, scale, softcap):
+    """(s, e, h32, z) per chunk of rows: h32 = hidden[s:e] in fp32, z its transformed fp32 logits, held in the
+    one buffer every chunk reuses (valid until the next chunk)."""
+    N, V = hidden.shape[0], w32.shape[0]
+    step = min(N, _eager_chunk_rows(V))
+    buf = torch.empty((step, V), dtype=torch.float32, device=hidden.device)
+    for s in range(0, N, step):
+        e = min(N, s + step)
+        h32 = hidden[s:e].float()
+        yield s, e, h32, _eager_logits(buf[: e - s], h32, w32, b32, scale, softcap)
+
+
 def _eager_forward(hidden, weight, bias, labels, ignore_index, scale, softcap):
     N = hidden.shape[0]
     V = weight.shape[0]
@@ -90,15 +102,10 @@ def _eager_forward(hidden, weight, bias, labels, ignore_index, scale, softcap):
     ignored, in_range, safe = _label_masks(labels, V, ignore_index)
     z_label = torch.empty(N, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
-    step = min(N, _eager_chunk_rows(V))
-    buf = torch.empty((step, V), dtype=torch.float32, device=hidden.device)
-    for s in range(0, N, step):
-        e = min(N, s + step)
-        z = _eager_logits(buf[: e - s], hidden[s:e].float(), w32, b32, scale, softcap)
+    for s, e, _, z in _logit_chunks(hidden, w32, b32, scale, softcap):
         z_label[s:e] = z.gather(1, safe[s:e, None])[:, 0]
         m = z.amax(dim=1)
         lse[s:e] = m + z.sub_(m[:, None]).exp_().sum(dim=1).log_()
-    del buf
     logp = torch.where(ignored, torch.zeros_like(lse),
                        torch.where(in_range, z_label - lse, torch.full_like(lse, math.nan)))
     return logp, lse
@@ -119,12 +126,8 @@ def _eager_backward(grad, hidden, weight, bias, labels, lse, ignore_index, scale
     gw = torch.zeros((V, H), dtype=torch.float32, device=dev) if need_weight else None
     gb = torch.zeros((V,), dtype=torch.float32, device=dev) if need_bias else None
     step = min(N, _eager_chunk_rows(V))
-    buf = torch.empty((step, V), dtype=torch.float32, device=dev)
     deriv_buf = torch.empty((step, V), dtype=torch.float32, device=dev) if softcap is not None else None
-    for s in range(0, N, step):
-        e = min(N, s + step)
-        h32 = hidden[s:e].float()
-        dz = _eager_logits(buf[: e - s], h32, w32, b32, scale, softcap)  # transformed logits
+    for s, e, h32, dz in _logit_chunks(hidden, w32, b32, scale, softcap):  # dz: transformed logits
         if softcap is not None:  # scale·(1 − tanh²), tanh = zt / softcap
             deriv = torch.div(dz, softcap, out=deriv_buf[: e - s]).square_().neg_().add_(1.0).mul_(scale)
         dz.sub_(lse[s:e, None]).exp_().mul_(-g[s:e, None])  # −g·softmax
@@ -430,16 +433,11 @@ def paired_linear_token_logprobs(policy_hidden: Tensor, policy_weight: Tensor, r
 def _eager_stats(hidden, weight, bias, labels, scale, softcap):
     """(entropy, correct) fp32 [n] for compacted rows, chunk by chunk over one reused fp32 logits buffer."""
     N = hidden.shape[0]
-    V = weight.shape[0]
     w32 = weight.float()
     b32 = bias.float() if bias is not None else None
     entropy = torch.empty(N, dtype=torch.float32, device=hidden.device)
     correct = torch.empty(N, dtype=torch.float32, device=hidden.device)
-    step = min(N, _eager_chunk_rows(V))
-    buf = torch.empty((step, V), dtype=torch.float32, device=hidden.device)
-    for s in range(0, N, step):
-        e = min(N, s + step)
-        z = _eager_logits(buf[: e - s], hidden[s:e].float(), w32, b32, scale, softcap)
+    for s, e, _, z in _logit_chunks(hidden, w32, b32, scale, softcap):
         correct[s:e] = (z.argmax(1) == labels[s:e]).to(torch.float32)  # first maximal index on ties
         torch._log_softmax(z, 1, False, out=z)
         # −Σ p·log p; p = 0 where log p = −inf contributes 0 (not 0·−inf)
