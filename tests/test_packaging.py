@@ -47,3 +47,25 @@ def test_installed_copy_imports_kernels_and_finds_csrc(wheel, tmp_path):
     assert out[0].startswith(str(target)), out
     assert out[1].startswith(str(target)) and all((target / "fasttrdpo" / "csrc" / f).exists() for f in CSRC_FILES)
     assert out[2] == "None", "a top-level `kernels` module is importable"
+
+
+def test_from_a_checkout_import_kernels_reaches_the_installed_package_of_that_name(tmp_path):
+    """From the repository root (`python -m` / `-c` put it first on sys.path) `import kernels` would find this
+    repo's kernels/ folder instead of the PyPI `kernels` package, which transformers >= 5.25 imports when it loads
+    a model class (`from kernels import ...`: ImportError, every model load failed from a checkout). The folder's
+    __init__ hands the top-level name over to an installed package; fasttrdpo.kernels is unaffected."""
+    other = tmp_path / "site" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("MARK = 'the installed kernels package'\n")
+    (other / "layers.py").write_text("VALUE = 7\n")
+    code = ("import kernels, kernels.layers, fasttrdpo.kernels.token_logprobs as t\n"
+            "print(kernels.MARK); print(kernels.layers.VALUE); print(t.__name__)\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=REPO,
+                         env=env).stdout.split("\n")
+    assert out[:3] == ["the installed kernels package", "7", "fasttrdpo.kernels.token_logprobs"], out
+    # without another package of that name, `import kernels` from the root still finds the folder, harmlessly
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"], check=True,
+                         capture_output=True, text=True, cwd=REPO, env=env).stdout.strip()
+    assert out == os.path.join(REPO, "kernels", "__init__.py") or "site-packages" in out, out
