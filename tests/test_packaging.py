@@ -46,7 +46,10 @@ def test_installed_copy_imports_kernels_and_finds_csrc(wheel, tmp_path):
                          cwd=str(tmp_path), env=env).stdout.split("\n")
     assert out[0].startswith(str(target)), out
     assert out[1].startswith(str(target)) and all((target / "fasttrdpo" / "csrc" / f).exists() for f in CSRC_FILES)
-    assert out[2] == "None", "a top-level `kernels` module is importable"
+    # no top-level `kernels` from this install (the environment may hold the PyPI package of that name:
+    # transformers >= 5.25 requires it)
+    assert not (target / "kernels").exists()
+    assert out[2] == "None" or str(target) not in out[2], f"a top-level `kernels` comes from this install: {out[2]}"
 
 
 def test_from_a_checkout_import_kernels_reaches_the_installed_package_of_that_name(tmp_path):
